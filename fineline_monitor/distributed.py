@@ -1,0 +1,91 @@
+"""The monitor's view of the job's ranks: who logs, which group is data-parallel.
+
+Framework adapters build a DistContext from their own parallel state (DeepSpeed's
+groups, megatron's parallel_state); plain torch gets `DistContext.detect()`. Every
+helper here is a collective over a group and must be called on every rank of it,
+from step-derived decisions only.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_group: Any = None  # torch.distributed ProcessGroup over data-parallel replicas, None = WORLD
+    is_logging_rank: bool = True  # the rank that owns the loss: logs, pages, writes the store
+    timeout_s: float = 300.0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def detect(cls, timeout_s: float = 300.0) -> "DistContext":
+        """Plain data parallelism over the default group, rank 0 logs."""
+        try:
+            import torch.distributed as dist
+        except ImportError:  # pragma: no cover - torch is a core dependency
+            return cls(timeout_s=timeout_s)
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls(timeout_s=timeout_s)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return cls(rank=rank, world_size=world, dp_rank=rank, dp_size=world, dp_group=None,
+                   is_logging_rank=(rank == 0), timeout_s=timeout_s)
+
+    # ---- collectives (no-ops on one process) -----------------------------------------
+    def _dist(self):
+        import torch.distributed as dist
+
+        return dist
+
+    def any_true(self, flag: bool, group: Any = "world") -> bool:
+        """True on every rank if `flag` is true on any rank of the group."""
+        if not self.distributed:
+            return bool(flag)
+        import torch
+
+        dist = self._dist()
+        t = torch.tensor([1.0 if flag else 0.0])
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=None if group == "world" else group,
+                               async_op=True)
+        # A bounded wait: a missing rank must not hang the job forever.
+        if not work.wait(timeout=datetime.timedelta(seconds=self.timeout_s)):  # pragma: no cover
+            raise TimeoutError(f"monitor all_reduce did not complete in {self.timeout_s:.0f}s")
+        return bool(t.item() > 0)
+
+    def broadcast_from_logger(self, obj: Any) -> Any:
+        """The logging rank's `obj` on every rank (world group)."""
+        if not self.distributed:
+            return obj
+        dist = self._dist()
+        src = self._logging_rank_global()
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def _logging_rank_global(self) -> int:
+        if not self.distributed:
+            return 0
+        import torch
+
+        dist = self._dist()
+        t = torch.tensor([float(self.rank) if self.is_logging_rank else float(self.world_size)])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def all_gather_dp(self, obj: Any) -> List[Any]:
+        """Gather a picklable object from every data-parallel rank (in dp-rank order)."""
+        if self.dp_size <= 1:
+            return [obj]
+        dist = self._dist()
+        out: List[Optional[Any]] = [None] * self.dp_size
+        dist.all_gather_object(out, obj, group=self.dp_group)
+        return out

