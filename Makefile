@@ -1,0 +1,42 @@
+# The two commands of the README. Each creates or reuses .venv and installs what it needs.
+#   make demo   train a tiny GPT on the CPU with the monitor attached (writes demo-out/)
+#   make test   the whole test suite
+# torch is pinned (TORCH_SPEC) and installed first, so pip never pulls a multi-GB CUDA build.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT   ?= demo-out
+DEMO_ARGS  ?=
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+
+.PHONY: demo test install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamps: re-install only when pyproject.toml or the torch pin changes.
+$(VENV)/.installed-runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[prometheus]"
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[dev]"
+	touch $@ $(VENV)/.installed-runtime
+
+install: $(VENV)/.installed-runtime
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed-runtime
+	$(BIN)/fineline-monitor demo --out $(DEMO_OUT) $(DEMO_ARGS)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,283 @@
+"""`fineline-monitor demo`: pretrain a tiny GPT on the CPU with the monitor attached.
+
+The loop below is an ordinary pretraining loop (a nanoGPT-sized GPT-2, AdamW, a
+warmup-stable-decay schedule, gradient clipping) plus the three lines a user adds:
+build the monitor, call `monitor.step(...)` after each optimizer step, close it.
+At about 60% of the run an instability is injected on purpose, so the monitor has
+something to catch:
+
+  lr_spike@STEP         the learning rate is multiplied by 40 for 10 steps;
+  data_corruption@STEP  20 batches of uniformly random tokens replace the data;
+  grad_explosion@STEP   gradients are scaled by 1e4 for 3 steps with clipping off.
+  none                  a healthy run.
+
+Writes OUT/run.db, OUT/alerts.jsonl, OUT/report.html and OUT/metrics.prom.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+INJECTION_KINDS = ("lr_spike", "data_corruption", "grad_explosion")
+DEMO_MARKER = ".fineline-demo"
+DEMO_FILES = ("run.db", "run.db-wal", "run.db-shm", "alerts.jsonl", "report.html", "metrics.prom",
+              "summary.json", DEMO_MARKER)
+DEMO_DIRS = ("tokenizer",)
+
+
+@dataclass
+class DemoArgs:
+    out: str = "demo-out"
+    steps: int = 400
+    inject: str = "auto"  # KIND@STEP, KIND (at 60%), "auto" (lr_spike at 60%) or "none"
+    probe_every: int = 40
+    docs_per_task: int = 16
+    tasks: str = "default"
+    batch_size: int = 8
+    seq_len: int = 128
+    n_layer: int = 4
+    n_embd: int = 192
+    vocab_size: int = 2048
+    lr: float = 2e-3
+    seed: int = 0
+    threads: int = 0
+
+
+def parse_injection(spec: str, steps: int) -> Optional[Tuple[str, int]]:
+    """`KIND@STEP`, `KIND` (at 60% of the run), `auto` (lr_spike at 60%) or `none`."""
+    spec = spec.strip()
+    if spec in ("none", ""):
+        return None
+    if spec == "auto":
+        return ("lr_spike", int(steps * 0.6))
+    kind, _, at = spec.partition("@")
+    if kind not in INJECTION_KINDS:
+        import difflib
+
+        close = difflib.get_close_matches(kind, INJECTION_KINDS, n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        raise ValueError(f"--inject {spec!r}: unknown kind `{kind}`{hint}; allowed: "
+                         f"{', '.join(INJECTION_KINDS)}, or `none`")
+    if not at:
+        return (kind, int(steps * 0.6))
+    if not at.isdigit() or not (0 < int(at) < steps):
+        raise ValueError(f"--inject {spec!r}: STEP must be an integer between 1 and {steps - 1}")
+    return (kind, int(at))
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Refuse to write into a folder that holds anything but a previous demo run."""
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a folder; choose another --out")
+        entries = [p.name for p in out.iterdir()]
+        if entries and DEMO_MARKER not in entries:
+            raise FileExistsError(f"{out} exists, is not empty and is not a previous demo run "
+                                  f"(no {DEMO_MARKER} in it): refusing to overwrite; choose another --out")
+        foreign = [e for e in entries if e not in DEMO_FILES and e not in DEMO_DIRS]
+        if foreign:
+            raise FileExistsError(f"{out} is a previous demo run but also holds {sorted(foreign)[:5]}: "
+                                  "refusing to overwrite them; move them or choose another --out")
+        for name in DEMO_FILES:
+            if (out / name).exists():
+                (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("fineline-monitor demo output; safe to delete\n")
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    """Warmup-stable-decay: 10% linear warmup, flat, last 20% linear decay to 10%."""
+    warm = max(1, int(0.1 * steps))
+    decay_start = int(0.8 * steps)
+    if step < warm:
+        return peak * (step + 1) / warm
+    if step < decay_start:
+        return peak
+    frac = (step - decay_start) / max(1, steps - decay_start)
+    return peak * (1.0 - 0.9 * frac)
+
+
+def run_demo(args: DemoArgs, stream=None) -> dict:
+    import numpy as np
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fineline_monitor import FineLineMonitor, MonitorConfig
+    from fineline_monitor.demo_data import CORPUS_SOURCE, load_corpus, train_tokenizer
+
+    stream = stream or sys.stderr
+
+    def say(msg: str) -> None:
+        print(f"[demo] {msg}", file=stream, flush=True)
+
+    injection = parse_injection(args.inject, args.steps)
+    out = Path(args.out)
+    prepare_out_dir(out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+
+    say(f"corpus: {CORPUS_SOURCE}")
+    docs = load_corpus(seed=args.seed)
+    tok = train_tokenizer(docs, args.vocab_size, out / "tokenizer")
+    eos = tok.eos_token_id
+    ids: List[int] = []
+    for d in docs:
+        ids.extend(tok(d)["input_ids"])
+        ids.append(eos)
+    data = torch.tensor(ids, dtype=torch.long)
+    say(f"{len(docs):,} documents, {len(data):,} tokens, vocab {len(tok):,} ({time.time() - t_start:.1f}s)")
+
+    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=args.n_embd, n_layer=args.n_layer,
+                        n_head=max(1, args.n_embd // 64), bos_token_id=eos, eos_token_id=eos,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1, "name": "matrices"},
+                                   {"params": no_decay, "weight_decay": 0.0, "name": "vectors"}],
+                                  lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    say(f"model: GPT-2 {args.n_layer} layers x {args.n_embd}, {n_params / 1e6:.2f}M parameters; "
+        f"{args.steps} steps of {args.batch_size}x{args.seq_len} tokens")
+
+    monitor_cfg = MonitorConfig(
+        run_name=f"demo-{'none' if injection is None else injection[0]}",
+        out_dir=str(out),
+        probe_every=args.probe_every,
+        probes={"tasks": [t for t in args.tasks.split(",") if t], "docs_per_task": args.docs_per_task,
+                "batch_size": 32},
+        indicators={"collect_every": 5},
+        sinks={"enabled": ["store", "console", "prometheus"], "prometheus_mode": "textfile",
+               "console_every": 25},
+    )
+    monitor = FineLineMonitor(model=model, optimizer=optimizer, config=monitor_cfg, tokenizer=tok,
+                              run_meta={"demo": True, "corpus": CORPUS_SOURCE, "params": n_params,
+                                        "injection": None if injection is None else f"{injection[0]}@{injection[1]}"})
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    tokens_seen = 0
+    t_train = time.time()
+    losses: List[float] = []
+    for step in range(args.steps):
+        lr = lr_at(step, args.steps, args.lr)
+        kind = _active_injection(injection, step)
+        if kind == "lr_spike":
+            lr *= 40.0
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        starts = torch.randint(0, len(data) - args.seq_len - 1, (args.batch_size,), generator=gen)
+        batch = torch.stack([data[s:s + args.seq_len] for s in starts.tolist()])
+        if kind == "data_corruption":
+            batch = torch.randint(0, len(tok), batch.shape, generator=gen)
+        model.train()
+        out_ = model(input_ids=batch, labels=batch)
+        loss = out_.loss
+        loss.backward()
+        if kind == "grad_explosion":
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(1e4)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        tokens_seen += batch.numel()
+        # The one line a user adds to the loop (before zero_grad, so gradients are still there):
+        monitor.step(step=step, loss=loss.detach(), tokens=tokens_seen, lr=lr, grad_norm=grad_norm,
+                     batch_tokens=batch.numel())
+        optimizer.zero_grad(set_to_none=True)
+        if step % 5 == 0:
+            losses.append(float(loss.detach()))
+        if monitor.should_stop:
+            say(f"monitor asked to stop at step {step}")
+            break
+    train_seconds = time.time() - t_train
+    monitor.close()
+
+    from fineline_monitor.report import render_report
+
+    report = render_report(out)
+    summary = _summarize(out, monitor, injection, args, n_params, train_seconds, time.time() - t_start, losses)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary, report, say)
+    return summary
+
+
+def _active_injection(injection: Optional[Tuple[str, int]], step: int) -> Optional[str]:
+    if injection is None:
+        return None
+    kind, at = injection
+    length = {"lr_spike": 10, "data_corruption": 20, "grad_explosion": 3}[kind]
+    return kind if at <= step < at + length else None
+
+
+def _summarize(out: Path, monitor, injection, args: DemoArgs, n_params: int, train_seconds: float,
+               total_seconds: float, losses: List[float]) -> dict:
+    from fineline_monitor.core.store import RunStore
+
+    store = RunStore(out / "run.db", readonly=True)
+    run = monitor.run
+    alerts = store.alerts(run)
+    rounds = store.probe_rounds(run)
+    probe_steps = [r["step"] for r in rounds]
+    first_alert_after = None
+    criticals_before = 0
+    if injection is not None:
+        at = injection[1]
+        after = [a for a in alerts if a["step"] >= at]
+        first_alert_after = after[0] if after else None
+        criticals_before = sum(1 for a in alerts if a["step"] < at and a["severity"] == "critical")
+    rounds_to_detect = None
+    if first_alert_after is not None:
+        rounds_to_detect = sum(1 for s in probe_steps if injection[1] <= s <= first_alert_after["step"])
+    summary = {
+        "run": run, "out": str(out), "steps": args.steps, "params": n_params,
+        "injection": None if injection is None else {"kind": injection[0], "step": injection[1]},
+        "train_seconds": round(train_seconds, 1), "total_seconds": round(total_seconds, 1),
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "probe_rounds": len(rounds),
+        "capabilities_first": rounds[0]["capabilities"] if rounds else {},
+        "capabilities_last": rounds[-1]["capabilities"] if rounds else {},
+        "alerts": {s: sum(1 for a in alerts if a["severity"] == s) for s in ("info", "warning", "critical")},
+        "first_alert_after_injection": first_alert_after,
+        "probe_rounds_to_detect": rounds_to_detect,
+        "criticals_before_injection": criticals_before,
+        "disabled_parts": monitor.disabled_parts,
+        "rows": store.row_counts(run),
+    }
+    store.close()
+    return summary
+
+
+def _print_summary(s: dict, report: Path, say) -> None:
+    say("=" * 72)
+    say(f"run {s['run']}: {s['steps']} steps, {s['params'] / 1e6:.2f}M params, "
+        f"train {s['train_seconds']}s, total {s['total_seconds']}s")
+    if s["loss_first"] is not None:
+        say(f"loss {s['loss_first']:.3f} -> {s['loss_last']:.3f}; {s['probe_rounds']} probe rounds")
+    for cap in sorted(s["capabilities_last"]):
+        first = s["capabilities_first"].get(cap, math.nan)
+        say(f"  {cap:<12} {first:+.4f} -> {s['capabilities_last'][cap]:+.4f}")
+    a = s["alerts"]
+    say(f"alerts: {a['critical']} critical, {a['warning']} warning, {a['info']} info")
+    if s["injection"]:
+        inj = s["injection"]
+        fa = s["first_alert_after_injection"]
+        if fa:
+            say(f"injected {inj['kind']} at step {inj['step']}: first alert `{fa['rule']}` ({fa['severity']}) "
+                f"at step {fa['step']}, after {s['probe_rounds_to_detect']} probe round(s); "
+                f"criticals before injection: {s['criticals_before_injection']}")
+        else:
+            say(f"injected {inj['kind']} at step {inj['step']}: NO alert raised")
+    if s["disabled_parts"]:
+        say(f"monitor parts disabled by errors: {s['disabled_parts']}")
+    say(f"wrote {s['out']}/run.db, alerts.jsonl, metrics.prom, {report}")
