@@ -1,0 +1,90 @@
+"""The demo, end to end, in a short mode: the CLI trains a tiny GPT on the CPU with the
+monitor attached and writes run.db, alerts.jsonl, report.html and metrics.prom."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fineline_monitor.core.store import RunStore
+from fineline_monitor.core.types import CAPABILITIES
+
+ALERT_KEYS = {"run", "source", "model", "step", "tokens", "severity", "rule", "capability", "task", "metric",
+              "observed", "expected", "band", "phase", "message"}
+
+
+def _demo(out, *extra, check=True, timeout=600):
+    cmd = [sys.executable, "-m", "fineline_monitor.cli", "demo", "--out", str(out), *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    p = _demo(out, "--steps", "60", "--probe-every", "20", "--docs-per-task", "4",
+              "--inject", "data_corruption@36", "--threads", "2")
+    return out, p
+
+
+def test_demo_writes_all_outputs(short_demo):
+    out, p = short_demo
+    for name in ("run.db", "alerts.jsonl", "report.html", "metrics.prom"):
+        assert (out / name).exists() and (out / name).stat().st_size > 0 or name == "alerts.jsonl", name
+    # progress and a closing summary on stderr
+    assert "[fineline] step" in p.stderr and "probe step" in p.stderr
+    assert "injected data_corruption at step 36" in p.stderr
+
+
+def test_demo_store_has_steps_probes_for_every_capability(short_demo):
+    out, _ = short_demo
+    s = RunStore(out / "run.db", readonly=True)
+    (run,) = s.runs()
+    info = s.run_info(run)
+    assert info["meta"]["versions"]["torch"] and info["config"]["probe_every"] == 20
+    loss = s.series("train/loss", run)
+    assert len(loss) >= 10 and loss[-1][2] < loss[0][2]
+    rounds = s.probe_rounds(run)
+    assert [r["step"] for r in rounds] == [0, 20, 40]
+    caps = {r["capability"] for r in s.probe_results(run)}
+    assert caps == set(CAPABILITIES)
+    assert s.row_counts(run)["probe_docs"] > 0
+
+
+def test_demo_alerts_file_follows_contract(short_demo):
+    out, _ = short_demo
+    lines = [json.loads(x) for x in (out / "alerts.jsonl").read_text().splitlines() if x.strip()]
+    for a in lines:
+        assert set(a) == ALERT_KEYS and a["severity"] in ("info", "warning", "critical")
+
+
+def test_metrics_prom_is_an_exposition(short_demo):
+    out, _ = short_demo
+    text = (out / "metrics.prom").read_text()
+    assert "# TYPE" in text and "fineline_" in text
+
+
+def test_demo_refuses_foreign_folder_and_reuses_its_own(tmp_path, short_demo):
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("do not delete")
+    p = _demo(foreign, "--steps", "5", check=False)
+    assert p.returncode == 2 and "refusing to overwrite" in p.stderr
+    assert (foreign / "thesis.tex").read_text() == "do not delete"
+
+
+def test_demo_rejects_bad_injection(tmp_path):
+    p = _demo(tmp_path / "x", "--inject", "lr_spik@3", "--steps", "10", check=False)
+    assert p.returncode == 2 and "did you mean `lr_spike`" in p.stderr
+
+
+def test_demo_reruns_over_its_own_output(tmp_path):
+    out = tmp_path / "again"
+    for _ in range(2):
+        _demo(out, "--steps", "6", "--probe-every", "0", "--inject", "none")
+    s = RunStore(out / "run.db", readonly=True)
+    assert len(s.runs()) == 1 and len(s.series("train/loss", s.runs()[0])) >= 1
