@@ -110,6 +110,12 @@ class SinkConfig:
     webhook_url_env: str = _f("FINELINE_WEBHOOK_URL", help="Env var holding the webhook URL (never logged).")
     pagerduty_key_env: str = _f("FINELINE_PAGERDUTY_ROUTING_KEY", help="Env var holding the PagerDuty routing key.")
     webhook_min_severity: str = _f("warning", choices=("info", "warning", "critical"), help="Lowest severity sent to the webhook.")
+    prometheus_alert_hold_s: float = _f(1800.0, min=1.0, help=(
+        "A monitor alert stays active in `fineline_alert_active` this long after it last fired, so "
+        "Prometheus scrapes it and Alertmanager pages even for one-shot events; then it resolves."))
+    webhook_url_allowlist: List[str] = _f(factory=list, help=(
+        "If non-empty, the webhook URL's host must be one of these (guards against a mistyped env var "
+        "sending alerts elsewhere)."))
 
 
 @dataclass
