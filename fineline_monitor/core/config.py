@@ -62,6 +62,9 @@ class IndicatorConfig:
         "At probe rounds, a Hutchinson estimate of the Hessian trace (costs hessian_samples "
         "extra forward+double-backward passes on one small batch)."))
     hessian_samples: int = _f(4, min=1, help="Rademacher vectors for the Hessian trace estimate.")
+    update_ratio: bool = _f(True, help=(
+        "Update/param ratio at collect steps: holds one device copy of the parameters for one "
+        "step in every collect_every; turn off where that memory is too tight."))
 
 
 @dataclass
