@@ -11,6 +11,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 
+def _on(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """t on `dev`; no call at all when it is already there (keeps the path free of copies)."""
+    return t if t.device == dev else t.to(dev, non_blocking=True)
+
+
 def stacked_norm(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     """Global L2 norm of a list of tensors as a 0-d float32 tensor (None if the list is empty).
 
@@ -24,7 +29,7 @@ def stacked_norm(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
     dev = norms[0].device
     if any(n.device != dev for n in norms):
-        norms = [n.to(dev, non_blocking=True) for n in norms]
+        norms = [_on(n, dev) for n in norms]
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -34,7 +39,7 @@ def group_norms(per_tensor: List[torch.Tensor], groups: List[List[int]]) -> torc
     out = []
     for idx in groups:
         if idx:
-            out.append(torch.linalg.vector_norm(torch.stack([per_tensor[i].to(dev) for i in idx])))
+            out.append(torch.linalg.vector_norm(torch.stack([_on(per_tensor[i], dev) for i in idx])))
         else:
             out.append(torch.zeros((), dtype=torch.float32, device=dev))
     return torch.stack(out)
@@ -85,7 +90,7 @@ def adam_group_stats(optimizer: Any, group_names: List[str]) -> Dict[str, Any]:
         dev = vs[0].device
         # exp_avg_sq >= 0, so its L1 norm is its sum: one fused kernel.
         sums = torch._foreach_norm(vs, 1, dtype=torch.float32)
-        total = torch.stack([s.to(dev) for s in sums]).sum()
+        total = torch.stack([_on(s, dev) for s in sums]).sum()
         out["exp_avg_sq_mean"][name] = total / n
         # Bias correction 1 - beta2^t, kept on the device when `step` is a tensor
         # (torch Adam keeps it as a tensor; capturable/fused on the GPU).
@@ -93,10 +98,10 @@ def adam_group_stats(optimizer: Any, group_names: List[str]) -> Dict[str, Any]:
         below = torch.zeros((), dtype=torch.float32, device=dev)
         for v, s, (step, beta2) in zip(vs, sums, bcs):
             bc = _bias_correction(step, beta2, dev)
-            corr_sum = corr_sum + s.to(dev) / bc
+            corr_sum = corr_sum + _on(s, dev) / bc
             if name in out["eps"]:
                 thr = (out["eps"][name] ** 2) * bc  # sqrt(v / bc) < eps  <=>  v < eps^2 * bc
-                below = below + (v < thr).sum(dtype=torch.float32).to(dev)
+                below = below + _on((v < thr).sum(dtype=torch.float32), dev)
         if name in out["eps"]:
             out["v_below_eps_frac"][name] = below / n
         if name not in out["grad_rms"]:
@@ -109,8 +114,7 @@ def _bias_correction(step: Any, beta2: Optional[float], dev: torch.device) -> An
     if beta2 is None or step is None:
         return 1.0
     if isinstance(step, torch.Tensor):
-        return (1.0 - torch.pow(torch.tensor(beta2, dtype=torch.float32, device=step.device),
-                                step.float())).to(dev).clamp_min(1e-12)
+        return _on(1.0 - torch.pow(float(beta2), step.float()), dev).clamp_min(1e-12)
     return max(1e-12, 1.0 - beta2 ** float(step))
 
 
@@ -146,7 +150,7 @@ def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: List[torch.Ten
             if hv is None:
                 continue
             term = (v.float() * hv.float()).sum()
-            est = term if est is None else est + term.to(est.device)
+            est = term if est is None else est + _on(term, est.device)
         if est is None:
             raise ValueError("hessian trace: the loss does not depend on the parameters twice-differentiably")
         total = est.detach() if total is None else total + est.detach()

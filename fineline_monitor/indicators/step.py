@@ -90,6 +90,7 @@ class StepIndicators:
         self._cells: List[List[torch.Tensor]] = []  # views buf[row, col], built once
         self._host = np.full((self.K, NCOLS), np.nan)  # values that came as Python numbers
         self._is_dev = np.zeros((self.K, NCOLS), dtype=bool)  # which source holds (row, col)
+        self._present = np.zeros((self.K, NCOLS), dtype=bool)  # a value was given (NaN is a value)
         self._skipped = np.zeros(self.K, dtype=bool)
         self._steps = np.full(self.K, -1, dtype=np.int64)
         self._times = np.zeros(self.K)
@@ -136,6 +137,7 @@ class StepIndicators:
         return torch.device("cpu")
 
     def _put(self, row: int, col: int, value: Any) -> None:
+        self._present[row, col] = value is not None
         if value is None:
             self._host[row, col] = np.nan
             self._is_dev[row, col] = False
@@ -222,6 +224,7 @@ class StepIndicators:
         start = self._n % self.K if self._n >= self.K else 0
         order = [(start + i) % self.K for i in range(n)] if self._n >= self.K else list(range(n))
         vals = np.where(self._is_dev, dev_rows, self._host)[order]
+        present = self._present[order]
         skipped = self._skipped[order]
         times = self._times[order]
         toks = [self._tokens[r] for r in order]
@@ -229,11 +232,12 @@ class StepIndicators:
         # -- loss: latest, rolling mean, z-score of each new loss vs. the window before it
         losses = vals[:, LOSS]
         finite = np.isfinite(losses)
-        have_loss = np.any(~np.isnan(losses))
+        has = present[:, LOSS]
+        have_loss = bool(np.any(has))
         if have_loss:
-            out["optim/nonfinite_loss"] = float(np.sum(~finite & ~np.isnan(losses)))
+            out["optim/nonfinite_loss"] = float(np.sum(has & ~finite))
         zs = []
-        for x, ok in zip(losses, finite):
+        for x, ok in zip(losses, finite & has):
             if not ok:
                 continue
             hist = self._loss_hist[-self.window:]
@@ -243,7 +247,7 @@ class StepIndicators:
                     zs.append((x - float(np.mean(hist))) / sd)
             self._loss_hist.append(float(x))
         self._loss_hist = self._loss_hist[-self.window:]
-        if have_loss and np.isfinite(losses[-1]):
+        if has[-1] and np.isfinite(losses[-1]):
             out["train/loss"] = float(losses[-1])
         if self._loss_hist:
             out["train/loss_mean"] = float(np.mean(self._loss_hist))
@@ -254,14 +258,14 @@ class StepIndicators:
 
         # -- gradient norm: latest and window max; non-finite counts
         gns = vals[:, GRAD_NORM]
-        have_gn = ~np.isnan(gns)
+        have_gn = present[:, GRAD_NORM]
         if np.any(have_gn):
             bad = have_gn & ~np.isfinite(gns) & ~skipped
             # Overflow steps that the framework skipped (fp16 loss scaling) are expected
             # and counted in optim/skipped_steps, not here.
             out["optim/nonfinite_grad"] = float(np.sum(bad))
-            fin = gns[np.isfinite(gns)]
-            if np.isfinite(gns[-1]):
+            fin = gns[have_gn & np.isfinite(gns)]
+            if have_gn[-1] and np.isfinite(gns[-1]):
                 out["optim/grad_norm"] = float(gns[-1])
             if fin.size:
                 out["optim/grad_norm_max"] = float(np.max(fin))
@@ -300,6 +304,7 @@ class StepIndicators:
         # reset the window
         self._n = 0
         self._is_dev[:] = False
+        self._present[:] = False
         self._host[:] = np.nan
         self._extra_valid = False
         self._extra_has_ratio = False
