@@ -1,0 +1,216 @@
+"""`fineline-monitor analyze TRAJ.csv [--reference REF.csv] --out DIR`: offline replay.
+
+A table of checkpoint evaluations (the trajectory CSV of DESIGN.md, or lm-eval-harness
+output folders) is replayed run by run, step by step, through the same AlertEngine the
+live monitor uses (`AlertEngine.observe_curves` is what `observe_probe` calls), so the
+phases, expectations and rules are the live ones. Every evaluation step of a run is one
+round; every curve `(task, metric)` of that step is judged before it is learnt.
+
+Rows whose `task` is `train`, `optim` or `stability` are per-step indicators
+(`train/loss`, `train/lr`, `optim/grad_norm`, ...): they go through `observe_metrics`
+first, so a table with an LR column gets inferred phases. Without one, phases are
+`stable` unless declared with `--phases warmup@0,stable@2000,decay@90000`.
+
+Writes DIR/alerts.jsonl (DESIGN.md's alert rows, with the `source` and `model` of the
+curve; run-wide alerts leave task/metric null) and DIR/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from fineline_monitor.core.alerts import AlertEngine
+from fineline_monitor.core.config import AlertConfig, ConfigError, MonitorConfig
+from fineline_monitor.core.expectations import ACC, ReferenceCurves, capability_for, chance_for, metric_kind
+from fineline_monitor.core.trajectory import Curve, TrajectoryError, read_trajectory
+from fineline_monitor.core.types import Alert
+
+STEP_NAMESPACES = ("train", "optim", "stability")
+
+
+def replay_run(curves: List[Curve], cfg: AlertConfig, *, reference: Optional[ReferenceCurves] = None,
+               run_name: Optional[str] = None) -> Tuple[List[Alert], Dict[str, Any]]:
+    """Replay one run's curves through a fresh AlertEngine; returns (alerts, run summary)."""
+    if not curves:
+        return [], {}
+    source, model = curves[0].source, curves[0].model
+    eng = AlertEngine(cfg, run=run_name or f"{source}/{model}", source=source, model=model,
+                      reference=reference, emit_expectations=False)
+    probe, step_curves = [], []
+    too_short, untracked = [], []
+    for c in curves:
+        if c.task in STEP_NAMESPACES:
+            step_curves.append(c)
+        elif len(c) < 2:
+            too_short.append(f"{c.task}/{c.metric}")
+            probe.append(c)
+        else:
+            if metric_kind(c.metric) is None:
+                untracked.append(f"{c.task}/{c.metric}")
+            probe.append(c)
+    keys = [f"probe/{c.task}/{c.metric}" for c in probe]
+    tasks = [c.task for c in probe]
+    metrics = [c.metric for c in probe]
+    caps = [capability_for(c.task) for c in probe]
+    chance = [chance_for(c.task) if metric_kind(c.metric) == ACC else None for c in probe]
+    # all points of the run, grouped by step
+    ci = np.concatenate([np.full(len(c), i) for i, c in enumerate(probe)]) if probe else np.zeros(0, int)
+    st = np.concatenate([c.steps for c in probe]) if probe else np.zeros(0, np.int64)
+    tk = np.concatenate([c.tokens for c in probe]) if probe else np.zeros(0)
+    va = np.concatenate([c.values for c in probe]) if probe else np.zeros(0)
+    se = np.concatenate([c.stderr for c in probe]) if probe else np.zeros(0)
+    var = se * se
+    order = np.argsort(st, kind="stable")
+    ci, st, tk, va, var = ci[order], st[order], tk[order], va[order], var[order]
+    bounds = np.flatnonzero(np.diff(st)) + 1
+    starts = np.concatenate([[0], bounds]) if st.size else np.zeros(0, int)
+    ends = np.concatenate([bounds, [st.size]]) if st.size else np.zeros(0, int)
+    step_rows: Dict[int, Dict[str, float]] = {}
+    step_tokens: Dict[int, float] = {}
+    for c in step_curves:
+        for s, t, v in zip(c.steps.tolist(), c.tokens.tolist(), c.values.tolist()):
+            step_rows.setdefault(s, {})[f"{c.task}/{c.metric}"] = v
+            if not math.isnan(t):
+                step_tokens[s] = t
+    probe_steps = st[starts].tolist() if st.size else []
+    all_steps = sorted(set(probe_steps) | set(step_rows))
+    pos = {s: k for k, s in enumerate(probe_steps)}
+    alerts: List[Alert] = []
+    rounds = 0
+    for s in all_steps:
+        if s in step_rows:
+            m = step_rows[s]
+            t = step_tokens.get(s)
+            alerts += eng.observe_metrics(s, None if t is None else int(t), m.get("train/lr"), m)
+        k = pos.get(s)
+        if k is None:
+            continue
+        a, b = starts[k], ends[k]
+        idx = ci[a:b].tolist()
+        t = tk[a:b]
+        t_ok = t[np.isfinite(t)]
+        tokens = float(t_ok[0]) if t_ok.size else step_tokens.get(s)
+        alerts += eng.observe_curves(s, tokens, [keys[i] for i in idx], [tasks[i] for i in idx],
+                                     [metrics[i] for i in idx], [caps[i] for i in idx], va[a:b].tolist(),
+                                     var[a:b].tolist(), [chance[i] for i in idx])
+        rounds += 1
+    summary = {"source": source, "model": model, "rounds": rounds, "curves": len(probe),
+               "points": int(st.size), "too_short": too_short, "untracked_metrics": len(untracked),
+               "phase_changes": eng.phases.history, "alerts": _count(alerts)}
+    return alerts, summary
+
+
+def _count(alerts: List[Alert]) -> Dict[str, Any]:
+    by_sev: Dict[str, int] = {}
+    by_rule: Dict[str, int] = {}
+    for a in alerts:
+        by_sev[a.severity] = by_sev.get(a.severity, 0) + 1
+        by_rule[a.rule] = by_rule.get(a.rule, 0) + 1
+    return {"total": len(alerts), "by_severity": by_sev, "by_rule": by_rule}
+
+
+def analyze(path: str, out: str, *, reference: Optional[str] = None, reference_model: str = "",
+            cfg: Optional[AlertConfig] = None) -> Dict[str, Any]:
+    """Replay a whole table; write DIR/alerts.jsonl and DIR/summary.json; return the summary."""
+    t0 = time.perf_counter()
+    cfg = cfg or AlertConfig()
+    traj = read_trajectory(path)
+    ref = None
+    if reference:
+        ref = ReferenceCurves.from_csv(reference, reference_model or cfg.reference_model,
+                                       align=getattr(cfg, "reference_align", "tokens"),
+                                       total_tokens=float(getattr(cfg, "total_tokens", 0) or 0))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = traj.runs()
+    all_alerts: List[Alert] = []
+    run_summaries = []
+    for (source, model), curves in runs.items():
+        alerts, summ = replay_run(curves, cfg, reference=ref)
+        all_alerts += alerts
+        run_summaries.append(summ)
+    with open(out_dir / "alerts.jsonl", "w") as fh:
+        for a in all_alerts:
+            fh.write(a.to_jsonl() + "\n")
+    summary = {
+        "input": str(path), "reference": reference or None,
+        "reference_run": ref.name if ref else None,
+        "rows": traj.n_rows, "runs": len(runs), "curves": len(traj.curves),
+        "rounds": int(sum(s["rounds"] for s in run_summaries)),
+        "alerts": _count(all_alerts),
+        "criticals": [{"source": a.source, "model": a.model, "step": a.step, "rule": a.rule, "task": a.task,
+                       "metric": a.metric} for a in all_alerts if a.severity == "critical"][:100],
+        "settings": {"band_sigma": cfg.band_sigma, "hysteresis": cfg.hysteresis,
+                     "cooldown_rounds": cfg.cooldown_rounds, "phases": list(cfg.phases),
+                     "warmup_steps": cfg.warmup_steps},
+        "per_run": run_summaries,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `analyze` on the `fineline-monitor` CLI."""
+    p = subparsers.add_parser("analyze", help="replay a trajectory table through phases, expectations and rules",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_args(p)
+    p.set_defaults(func=run_cli)
+    return p
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trajectory", help="trajectory CSV (.csv/.csv.gz), or an lm-eval-harness output folder / "
+                                      "results_*.json")
+    p.add_argument("--reference", default=None, help="trajectory CSV of a reference run")
+    p.add_argument("--reference-model", default="", help="which `model` or `source/model` of the reference CSV")
+    p.add_argument("--out", required=True, help="output folder for alerts.jsonl and summary.json")
+    p.add_argument("--config", default=None, help="MonitorConfig YAML; its `alerts` section is used")
+    p.add_argument("--phases", default="", help="declared phases for every run, e.g. warmup@0,stable@2000")
+    p.add_argument("--warmup-steps", type=int, default=None, help="declared warmup length in steps")
+    p.add_argument("--band-sigma", type=float, default=None, help="band width in standard deviations")
+    p.add_argument("--hysteresis", type=int, default=None, help="consecutive out-of-band rounds before firing")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        base = MonitorConfig.from_yaml(args.config).alerts if args.config else AlertConfig()
+        over: Dict[str, Any] = {}
+        if args.phases:
+            over["phases"] = [s.strip() for s in args.phases.split(",") if s.strip()]
+        if args.warmup_steps is not None:
+            over["warmup_steps"] = args.warmup_steps
+        if args.band_sigma is not None:
+            over["band_sigma"] = args.band_sigma
+        if args.hysteresis is not None:
+            over["hysteresis"] = args.hysteresis
+        cfg = MonitorConfig(alerts={**base.__dict__, **over}).alerts if over else base
+        summary = analyze(args.trajectory, args.out, reference=args.reference,
+                          reference_model=args.reference_model, cfg=cfg)
+    except (TrajectoryError, ConfigError, ValueError) as e:
+        print(f"fineline-monitor analyze: error: {e}", file=sys.stderr)
+        return 2
+    a = summary["alerts"]
+    print(f"analyzed {summary['rows']} rows, {summary['runs']} runs, {summary['curves']} curves, "
+          f"{summary['rounds']} rounds in {summary['seconds']:.1f} s: {a['total']} alerts "
+          f"{a['by_severity']} -> {args.out}/alerts.jsonl, {args.out}/summary.json")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="fineline-monitor analyze", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_args(p)
+    return run_cli(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

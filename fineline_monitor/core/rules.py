@@ -1,0 +1,257 @@
+"""Alert rules on plain numbers: per-step optimisation indicators and probe-round stability.
+
+Each rule returns `Finding`s (rule, severity, metric, observed, expected, band, what to look
+at first); `alerts.py` adds hysteresis, cooldown, de-duplication and the phase, and turns
+them into `Alert`s. Capability rules (regression, stall, sibling divergence) live in
+alerts.py because they need the expectation bank of all curves of a round.
+
+Per-step rules are built for short noisy runs as well as long ones: every statistic is
+robust (medians, MAD of first differences) and a rule is only armed after `min_points`
+collections, so the first steps of a tiny CPU demo do not page anyone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from fineline_monitor.core.history import ScalarWindow
+
+RULES = {
+    "capability_regression": "a capability curve fell below its expected band (several tasks of the capability)",
+    "capability_stall": "a curve stopped improving while its expected trajectory still grows",
+    "sibling_divergence": "one task fell out of its band while the other tasks of its capability did not",
+    "loss_spike": "training loss jumped far above its recent level (robust z-score)",
+    "loss_divergence": "training loss stayed far above its recent level for several collections",
+    "grad_norm_spike": "gradient norm jumped above a multiple of its rolling median",
+    "nonfinite": "NaN/inf loss or gradients",
+    "attention_logit_growth": "max attention logit above 1e3 (warning) / 1e4 (critical)",
+    "output_logit_divergence": "output log-partition drifting far from 0",
+    "grad_rms_near_eps": "gradient RMS of a parameter group close to Adam epsilon",
+    "update_ratio": "update/parameter ratio out of range or jumped",
+}
+
+
+@dataclass
+class Finding:
+    rule: str
+    severity: str
+    metric: Optional[str]
+    observed: Optional[float]
+    expected: Optional[float]
+    band: Optional[List[float]]
+    detail: str  # what happened and what to look at first
+    key: str = ""  # de-duplication key within the rule (e.g. the metric or group)
+
+
+def _f(x: Any) -> Optional[float]:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v
+
+
+class StepRules:
+    """Per-step indicator rules with their rolling state."""
+
+    def __init__(self, cfg: Any, window: int = 64, min_points: int = 8):
+        self.cfg = cfg
+        self.min_points = min_points
+        self.loss = ScalarWindow(window)
+        self.grad = ScalarWindow(window)
+        self.ratio: Dict[str, ScalarWindow] = {}
+        self.loss_high = 0  # consecutive collections with the loss far above its level
+        self.nonfinite_seen = 0
+        self.skipped_last: Optional[float] = None
+        self.last_expectation: Optional[Dict[str, Any]] = None
+
+    def observe(self, step: int, metrics: Dict[str, float], phase: str) -> List[Finding]:
+        out: List[Finding] = []
+        out += self._nonfinite(metrics)
+        out += self._loss(step, metrics, phase)
+        out += self._grad(step, metrics, phase)
+        out += self._update_ratio(step, metrics, phase)
+        return out
+
+    # ---- non-finite: critical, immediately ---------------------------------------------
+    def _nonfinite(self, m: Dict[str, float]) -> List[Finding]:
+        out = []
+        loss = _f(m.get("train/loss"))
+        nf_loss = _f(m.get("optim/nonfinite_loss")) or 0.0
+        nf_grad = _f(m.get("optim/nonfinite_grad")) or 0.0
+        gn = _f(m.get("optim/grad_norm"))
+        scaler = m.get("optim/loss_scale") is not None
+        if (loss is not None and not math.isfinite(loss)) or nf_loss > 0:
+            out.append(Finding("nonfinite", "critical", "train/loss", loss, None, None,
+                               "the training loss is NaN/inf. Look first at: the batch of this step (data "
+                               "corruption), the LR at this step, and the last grad_norm / attention-logit "
+                               "values; restore from the last good checkpoint.", key="loss"))
+        grad_bad = nf_grad > 0 or (gn is not None and not math.isfinite(gn))
+        if grad_bad:
+            skipped = _f(m.get("optim/skipped_steps"))
+            if scaler:
+                # Mixed precision with a dynamic loss scale skips overflowing steps by design;
+                # only a scaler that keeps skipping is a problem.
+                new_skips = None if skipped is None or self.skipped_last is None else skipped - self.skipped_last
+                if new_skips is not None and new_skips >= 3:
+                    out.append(Finding("nonfinite", "warning", "optim/nonfinite_grad", nf_grad, 0.0, None,
+                                       f"{new_skips:.0f} steps skipped for overflowing gradients since the last "
+                                       "collection (loss scale "
+                                       f"{_f(m.get('optim/loss_scale'))}). Look first at: the loss scale trend, "
+                                       "grad_norm, attention logits.", key="grad-scaler"))
+            else:
+                out.append(Finding("nonfinite", "critical", "optim/nonfinite_grad", nf_grad if gn is None else gn,
+                                   0.0, None,
+                                   "gradients are NaN/inf without a loss scaler to skip them. Look first at: "
+                                   "the batch of this step, the LR, the grad_norm history, attention logits.",
+                                   key="grad"))
+        s = _f(m.get("optim/skipped_steps"))
+        if s is not None:
+            self.skipped_last = s
+        return out
+
+    # ---- loss spike (robust z) and divergence ------------------------------------------
+    def _loss(self, step: int, m: Dict[str, float], phase: str) -> List[Finding]:
+        loss = _f(m.get("train/loss"))
+        if loss is None or not math.isfinite(loss):
+            return []
+        out: List[Finding] = []
+        w = self.loss
+        thr = self.cfg.loss_spike_z * (2.0 if phase in ("warmup", "rewarm") else 1.0)
+        if len(w) >= self.min_points:
+            level = w.median(last=16)
+            noise = w.robust_noise(last=32)
+            # relative floor: a loss that moves by 0.2% is not a spike whatever the noise says
+            noise = max(noise if math.isfinite(noise) else 0.0, 2e-3 * abs(level), 1e-6)
+            z = (loss - level) / noise
+            self.last_expectation = {"name": "train/loss", "expected": level, "low": level - thr * noise,
+                                     "high": level + thr * noise}
+            if z > thr:
+                self.loss_high += 1
+                out.append(Finding("loss_spike", "warning", "train/loss", loss, level,
+                                   [level - thr * noise, level + thr * noise],
+                                   f"robust z = {z:.1f} (threshold {thr:g}). Look first at: the LR at this step, "
+                                   "the data batch (corruption, a repeated or out-of-domain shard), grad_norm.",
+                                   key="loss"))
+                if self.loss_high >= 5:
+                    out.append(Finding("loss_divergence", "critical", "train/loss", loss, level,
+                                       [level - thr * noise, level + thr * noise],
+                                       f"the loss has stayed {z:.1f} sigma above its recent level for "
+                                       f"{self.loss_high} collections: training is diverging. Look first at: the LR "
+                                       "schedule, attention logits (stability/attn_logit_max), grad_norm; consider "
+                                       "restoring the last good checkpoint with a lower LR.", key="loss"))
+                # a spike is not learnt into the level (the median would adapt anyway)
+                w.append(step, loss)
+                return out
+        self.loss_high = 0
+        w.append(step, loss)
+        return out
+
+    # ---- grad-norm spike -----------------------------------------------------------------
+    def _grad(self, step: int, m: Dict[str, float], phase: str) -> List[Finding]:
+        g = _f(m.get("optim/grad_norm"))
+        if g is None or not math.isfinite(g):
+            return []
+        out: List[Finding] = []
+        w = self.grad
+        factor = self.cfg.grad_spike_factor * (2.0 if phase in ("warmup",) else 1.0)
+        if len(w) >= self.min_points:
+            med = w.median(last=32)
+            if med > 0 and g > factor * med:
+                out.append(Finding("grad_norm_spike", "warning", "optim/grad_norm", g, med, [0.0, factor * med],
+                                   f"grad norm {g:.3g} is {g / med:.1f}x its rolling median {med:.3g} (threshold "
+                                   f"{factor:g}x). Look first at: the loss at the same step, the LR, the batch; "
+                                   "with gradient clipping the update is bounded but the batch may be bad.",
+                                   key="grad_norm"))
+        w.append(step, g)
+        return out
+
+    # ---- update/param ratio ------------------------------------------------------------
+    def _update_ratio(self, step: int, m: Dict[str, float], phase: str) -> List[Finding]:
+        out: List[Finding] = []
+        lo, hi = self.cfg.update_ratio_min, self.cfg.update_ratio_max
+        lr = _f(m.get("train/lr"))
+        for name, v in m.items():
+            if not (name == "optim/update_ratio" or name.startswith("optim/update_ratio/")):
+                continue
+            r = _f(v)
+            if r is None or not math.isfinite(r):
+                continue
+            w = self.ratio.setdefault(name, ScalarWindow(64))
+            group = name[len("optim/update_ratio/"):] or "all"
+            if r > hi:
+                out.append(Finding("update_ratio", "warning", name, r, None, [lo, hi],
+                                   f"update/param ratio {r:.3g} of group `{group}` is above {hi:g}: each step "
+                                   "rewrites too much of the weights. Look first at: the LR (a spike?), the "
+                                   "optimizer state after a restart, weight decay.", key=name))
+            elif r < lo and phase not in ("warmup",) and (lr is None or lr > 0):
+                out.append(Finding("update_ratio", "warning", name, r, None, [lo, hi],
+                                   f"update/param ratio {r:.3g} of group `{group}` is below {lo:g}: this group "
+                                   "has stopped learning. Look first at: frozen parameters, LR of the group, "
+                                   "grad RMS vs Adam eps.", key=name))
+            elif len(w) >= self.min_points:
+                med = w.median(last=32)
+                jump = self.cfg.grad_spike_factor * (2.0 if phase in ("warmup", "rewarm") else 1.0)
+                if med > 0 and r > jump * med:
+                    out.append(Finding("update_ratio", "warning", name, r, med, [lo, jump * med],
+                                       f"update/param ratio of group `{group}` jumped to {r:.3g}, {r / med:.1f}x its "
+                                       f"rolling median. Look first at: the LR at this step (a spike?), "
+                                       "the loss and grad norm.", key=name))
+            w.append(step, r)
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"loss": self.loss.state_dict(), "grad": self.grad.state_dict(),
+                "ratio": {k: v.state_dict() for k, v in self.ratio.items()}, "loss_high": self.loss_high,
+                "skipped_last": self.skipped_last}
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.loss = ScalarWindow.from_state(sd["loss"])
+        self.grad = ScalarWindow.from_state(sd["grad"])
+        self.ratio = {k: ScalarWindow.from_state(v) for k, v in sd.get("ratio", {}).items()}
+        self.loss_high = int(sd.get("loss_high", 0))
+        self.skipped_last = sd.get("skipped_last")
+
+
+def probe_extra_rules(cfg: Any, extra: Dict[str, float]) -> List[Finding]:
+    """Stability indicators measured during probe rounds (Wortsman et al. 2023)."""
+    out: List[Finding] = []
+    attn = _f(extra.get("stability/attn_logit_max"))
+    if attn is not None:
+        layers = {k.rsplit("/", 1)[-1]: _f(v) for k, v in extra.items()
+                  if k.startswith("stability/attn_logit_max/")}
+        worst = max(((v, k) for k, v in layers.items() if v is not None and math.isfinite(v)), default=None)
+        where = f" (worst layer {worst[1]}: {worst[0]:.3g})" if worst else ""
+        if not math.isfinite(attn) or attn > cfg.attn_logit_critical:
+            out.append(Finding("attention_logit_growth", "critical", "stability/attn_logit_max", attn, None,
+                               [0.0, cfg.attn_logit_warning],
+                               f"max attention logit {attn:.3g} above {cfg.attn_logit_critical:g}{where}: attention "
+                               "entropy collapse, loss divergence follows. Look first at: QK-layernorm / "
+                               "qk-clip, the LR, that layer's query/key weight norms.", key="attn"))
+        elif attn > cfg.attn_logit_warning:
+            out.append(Finding("attention_logit_growth", "warning", "stability/attn_logit_max", attn, None,
+                               [0.0, cfg.attn_logit_warning],
+                               f"max attention logit {attn:.3g} above {cfg.attn_logit_warning:g}{where}. Look first "
+                               "at: its growth over the last rounds, QK-layernorm, the LR.", key="attn"))
+    lse = _f(extra.get("stability/output_logsumexp_mean"))
+    if lse is not None and (not math.isfinite(lse) or abs(lse) > cfg.output_logit_warning):
+        sev = "critical" if (not math.isfinite(lse) or abs(lse) > 10 * cfg.output_logit_warning) else "warning"
+        out.append(Finding("output_logit_divergence", sev, "stability/output_logsumexp_mean", lse, 0.0,
+                           [-cfg.output_logit_warning, cfg.output_logit_warning],
+                           f"mean output log-partition {lse:.3g} (|.| above {cfg.output_logit_warning:g}): output "
+                           "logits are drifting. Look first at: stability/output_logit_max, adding z-loss, "
+                           "the LR and weight decay of the output layer.", key="lse"))
+    ratio = _f(extra.get("optim/grad_rms_over_eps_min"))
+    if ratio is not None and math.isfinite(ratio) and ratio < cfg.grad_rms_eps_factor:
+        groups = {k.rsplit("/", 1)[-1]: _f(v) for k, v in extra.items() if k.startswith("optim/grad_rms/")}
+        worst = min(((v, k) for k, v in groups.items() if v is not None and math.isfinite(v)), default=None)
+        eps = _f(extra.get("optim/adam_eps"))
+        where = f" (smallest: group {worst[1]}, grad RMS {worst[0]:.3g}, eps {eps:g})" if worst and eps else ""
+        out.append(Finding("grad_rms_near_eps", "warning", "optim/grad_rms_over_eps_min", ratio,
+                           None, [cfg.grad_rms_eps_factor, math.inf],
+                           f"gradient RMS is only {ratio:.3g}x Adam eps{where}: updates of that group shrink "
+                           "and stop being scale-free (Wortsman et al.). Look first at: lowering Adam eps "
+                           "(e.g. 1e-15), the group's LR.", key="eps"))
+    return out
