@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fineline_monitor.core.expectations import (ACC, LOSS, NEG, ReferenceCurves, capability_for, chance_for,
+from fineline_monitor.core.expectations import (ACC, LOSS, NEG, ReferenceCurves, base_task, capability_for, chance_for,
                                                  fit_predict, metric_kind)
 from fineline_monitor.core.history import CurveWindows
 from fineline_monitor.core.phases import PhaseTracker
@@ -108,6 +108,7 @@ class AlertEngine:
                                                  total_tokens=float(getattr(cfg, "total_tokens", 0) or 0))
             self.reference = reference
         self.alert_counts: Dict[str, int] = {}
+        self._reset_arrays()
 
     # ---- the monitor's interface ----------------------------------------------------------
     @property
@@ -200,36 +201,37 @@ class AlertEngine:
             kind = metric_kind(metric) if not key.startswith("capability/") else ACC
             ch = chance[j]
             self.meta.append({"key": key, "task": tasks[j], "metric": metrics[j], "cap": caps[j],
+                              "base_task": base_task(tasks[j]) if tasks[j] else key,
                               "kind": -1 if kind is None else kind, "lo": ch, "base": None, "taken": kind != ACC,
                               "above": 0, "seg": None, "n": 0, "calib": [], "offset": None, "s_cal": None,
                               "x_cal": None})
+        self._grow()
         y = np.asarray(values, dtype=np.float64)
         v = np.asarray(var, dtype=np.float64)
         x_val = math.log(tokens + 1.0) if tokens is not None and math.isfinite(tokens) else math.log(step + 1.0)
         fit_x = (tokens is not None and tokens > 0) or (tokens is None and step > 0)
         meta = [self.meta[r] for r in rows]
-        kind = np.array([mt["kind"] for mt in meta])
-        lo = np.array([mt["lo"] if mt["lo"] is not None else 0.0 for mt in meta], dtype=np.float64)
+        kind = self._kind[rows]
+        lo = self._lo_fit[rows]
 
         # new phase segment: a new fit. Decay/anneal keep their last accepted points as level
         # anchors (a regression right after the LR starts decaying is still visible).
-        for i, mt in enumerate(meta):
-            if mt["seg"] != seg:
-                r = rows[i:i + 1]
-                if mt["seg"] is not None and phase in ("decay", "anneal"):
-                    used = np.flatnonzero(self.win.use[r[0]])
-                    keep = used[-4:]
-                    self.win.use[r[0]] = False
-                    self.win.use[r[0], keep] = True
-                else:
-                    self.win.clear(r)
-                mt["seg"] = seg
+        for i in np.flatnonzero(self._seg[rows] != seg):
+            r = rows[i:i + 1]
+            if self._seg[r[0]] >= 0 and phase in ("decay", "anneal"):
+                used = np.flatnonzero(self.win.use[r[0]])
+                keep = used[-4:]
+                self.win.use[r[0]] = False
+                self.win.use[r[0], keep] = True
+            else:
+                self.win.clear(r)
+            self._seg[r[0]] = seg
+            meta[i]["seg"] = seg
 
         # take-off: accuracy curves at chance are not judged
         finite = np.isfinite(y)
-        for i, mt in enumerate(meta):
-            if mt["taken"] or not finite[i]:
-                continue
+        for i in np.flatnonzero(~self._taken[rows] & finite):
+            mt = meta[i]
             if mt["base"] is None:
                 mt["base"] = max(mt["lo"], y[i]) if mt["lo"] is not None else y[i]
             p = min(max(mt["base"], 0.02), 0.98)
@@ -238,15 +240,24 @@ class AlertEngine:
                 mt["above"] += 1
                 if mt["above"] >= 2:
                     mt["taken"] = True
+                    self._taken[rows[i]] = True
             else:
                 mt["above"] = 0
 
-        X, Y, V, U = self.win.x[rows], self.win.y[rows], self.win.var[rows], self.win.use[rows]
         known_kind = kind >= 0
-        pred = fit_predict(X, Y, V, U, np.where(known_kind, kind, ACC), lo, np.full(len(rows), x_val), v,
-                           band_sigma=self.k, min_points=MIN_POINTS)
-        ok = pred.ok & known_kind & finite
-        expected, low, high, sigma = pred.expected.copy(), pred.low.copy(), pred.high.copy(), pred.sigma.copy()
+        # only curves that can be judged are fitted (curves at chance cost nothing)
+        judged = self._taken[rows] & known_kind & finite & (phase != "warmup")
+        nr = len(rows)
+        expected, low, high, sigma = (np.full(nr, np.nan) for _ in range(4))
+        growth = np.zeros(nr)
+        ok = np.zeros(nr, dtype=bool)
+        jr = np.flatnonzero(judged)
+        if jr.size:
+            rj = rows[jr]
+            pr = fit_predict(self.win.x[rj], self.win.y[rj], self.win.var[rj], self.win.use[rj], kind[jr], lo[jr],
+                             np.full(jr.size, x_val), v[jr], band_sigma=self.k, min_points=MIN_POINTS)
+            expected[jr], low[jr], high[jr], sigma[jr], growth[jr], ok[jr] = (
+                pr.expected, pr.low, pr.high, pr.sigma, pr.growth, pr.ok)
         source = np.array(["own"] * len(rows), dtype=object)
 
         # paired per-document differences (live): a fixed document set makes round-to-round
@@ -266,7 +277,7 @@ class AlertEngine:
                 se = float(d.std(ddof=1) / math.sqrt(len(d)))
                 anchor_mean = float(np.mean([anc[str(c)] for c in common]))
                 cur_mean = float(np.mean([cur[c] for c in common]))
-                g = pred.growth[i]
+                g = growth[i]
                 sp = math.sqrt(se * se + (0.25 * sigma[i]) ** 2)
                 # expressed on this round's value scale: the anchor's level plus the expected change
                 expected[i] = y[i] - (cur_mean - anchor_mean) + g
@@ -314,7 +325,7 @@ class AlertEngine:
             bad_side = np.where(sgn > 0, y < low, y > high)
             good_side = np.where(sgn > 0, y > high, y < low)
             z = sgn * (y - expected) / sigma
-        eligible = np.array([mt["taken"] for mt in meta]) & (phase != "warmup") & known_kind & finite
+        eligible = self._taken[rows] & (phase != "warmup") & known_kind & finite
         bad = eligible & have & bad_side
         # own fit in band but a calibrated reference says the curve drifted away: also bad
         # when the own fit agrees on the direction (protects against a schedule mismatch)
@@ -328,8 +339,7 @@ class AlertEngine:
                 use_new[i] = True
                 self.win.unquarantine(rows[i:i + 1])
         self.win.push(rows, np.full(len(rows), x_val), y, v, use_new)
-        for i, mt in enumerate(meta):
-            mt["n"] += 1
+        self._n[rows] += 1
         if paired:
             for i, mt in enumerate(meta):
                 if mt["metric"] == "gold_logprob" and use_new[i] and mt["task"] in paired:
@@ -342,33 +352,67 @@ class AlertEngine:
 
         # sibling context per (capability, metric): how many siblings are out of band
         groups: Dict[Tuple[Any, Any], List[int]] = {}
-        for i, mt in enumerate(meta):
-            if mt["cap"] and mt["task"] is not None and eligible[i] and have[i]:
-                groups.setdefault((mt["cap"], mt["metric"]), []).append(i)
+        if bad.any():
+            for i in np.flatnonzero(eligible & have):
+                mt = meta[i]
+                if mt["cap"] and mt["task"] is not None:
+                    groups.setdefault((mt["cap"], mt["metric"]), []).append(i)
 
         alerts: List[Alert] = []
-        for i, mt in enumerate(meta):
+        book = self.book.s
+        for i in np.flatnonzero(bad):
+            mt = meta[i]
             key = self._cap_key(mt)
-            if not (eligible[i] and have[i]):
-                self.book.update(key, False, self.n_probe, hysteresis=self.m, cooldown=self.cooldown,
-                                 severity="warning")
-                continue
             sib = [j for j in groups.get((mt["cap"], mt["metric"]), []) if j != i]
-            n_sib_bad = int(sum(bad[j] for j in sib))
-            rule, severity = self._classify(i, mt, y, expected, sigma, pred.growth, bad, sib, n_sib_bad, z)
-            if not self.book.update(key, bool(bad[i]), self.n_probe, hysteresis=self.m, cooldown=self.cooldown,
+            sib_bases = {meta[j]["base_task"] for j in sib} - {mt["base_task"]}
+            bad_bases = {meta[j]["base_task"] for j in sib if bad[j]} - {mt["base_task"]}
+            rule, severity = self._classify(i, mt, y, expected, sigma, growth, len(sib_bases),
+                                            len(bad_bases), z)
+            if not self.book.update(key, True, self.n_probe, hysteresis=self.m, cooldown=self.cooldown,
                                     severity=severity):
                 continue
             alerts.append(self._curve_alert(rule, severity, step, tokens, mt, y[i], expected[i], low[i], high[i],
-                                            z[i], source[i], sib, n_sib_bad, pred.growth[i]))
+                                            z[i], source[i], len(sib_bases), len(bad_bases), growth[i]))
+        # conditions that cleared this round
+        for i in np.flatnonzero(~bad):
+            key = "curve|" + meta[i]["key"]
+            if key in book:
+                st = book[key]
+                if st[0] and not bad[i]:
+                    # back in band after a short excursion: the excluded points were noise,
+                    # let the fit learn them so its scatter estimate stays honest
+                    self.win.unquarantine(rows[i:i + 1])
+                self.book.update(key, False, self.n_probe, hysteresis=self.m, cooldown=self.cooldown,
+                                 severity="warning")
         for a in alerts:
             self.alert_counts[a.rule] = self.alert_counts.get(a.rule, 0) + 1
         return alerts
 
+    def _grow(self) -> None:
+        """Per-row arrays of what every round reads (kept in step with self.meta)."""
+        n0 = self._seg.shape[0]
+        n = len(self.meta)
+        if n == n0:
+            return
+        new = self.meta[n0:]
+        self._seg = np.concatenate([self._seg, [-1 if m["seg"] is None else m["seg"] for m in new]]).astype(np.int64)
+        self._taken = np.concatenate([self._taken, [bool(m["taken"]) for m in new]]).astype(bool)
+        self._kind = np.concatenate([self._kind, [m["kind"] for m in new]]).astype(np.int64)
+        self._lo_fit = np.concatenate([self._lo_fit, [0.0 if m["lo"] is None else m["lo"] for m in new]])
+        self._n = np.concatenate([self._n, [m["n"] for m in new]]).astype(np.int64)
+
+    def _reset_arrays(self) -> None:
+        self._seg = np.zeros(0, np.int64)
+        self._taken = np.zeros(0, bool)
+        self._kind = np.zeros(0, np.int64)
+        self._lo_fit = np.zeros(0)
+        self._n = np.zeros(0, np.int64)
+        self._grow()
+
     def _cap_key(self, mt: Dict[str, Any]) -> str:
         return f"curve|{mt['key']}"
 
-    def _classify(self, i, mt, y, expected, sigma, growth, bad, sib, n_sib_bad, z) -> Tuple[str, str]:
+    def _classify(self, i, mt, y, expected, sigma, growth, n_sib, n_sib_bad, z) -> Tuple[str, str]:
         k = self.k
         # a stall: the curve holds its last accepted level, the expectation moved on
         used = self.win.y[self.win.index[mt["key"]]][self.win.use[self.win.index[mt["key"]]]]
@@ -377,13 +421,15 @@ class AlertEngine:
         held = math.isfinite(last) and sgn * (y[i] - last) > -1.0 * sigma[i]
         if held and growth[i] > 0.5 * k * sigma[i] / max(self.m, 1):
             return "capability_stall", "warning"
-        if len(sib) >= 2 and n_sib_bad * 2 < len(sib):
+        if n_sib >= 2 and n_sib_bad * 2 < n_sib:
             return "sibling_divergence", "warning"
         deep = np.isfinite(z[i]) and z[i] < -2 * k
-        wide = (len(sib) >= 1 and n_sib_bad * 2 >= len(sib) and n_sib_bad >= 1) or mt["key"].startswith("capability/")
+        # critical = a capability-wide collapse: deep, and at least two other distinct tasks
+        # of the capability (not just other formats of the same task) out of band too
+        wide = (n_sib >= 2 and n_sib_bad >= 2 and n_sib_bad * 2 >= n_sib) or mt["key"].startswith("capability/")
         return "capability_regression", "critical" if (deep and wide) else "warning"
 
-    def _curve_alert(self, rule, severity, step, tokens, mt, obs, exp, low, high, z, src, sib, n_sib_bad,
+    def _curve_alert(self, rule, severity, step, tokens, mt, obs, exp, low, high, z, src, n_sib, n_sib_bad,
                      growth) -> Alert:
         name = mt["task"] or mt["key"]
         what = f"{name} {mt['metric']}" if mt["metric"] else name
@@ -394,13 +440,13 @@ class AlertEngine:
                                      "other tasks dropped too",
             "sibling_divergence": "this task's probe/eval itself (prompt format, tokenizer, truncation) and data "
                                   "specific to its domain (removed, deduplicated or contaminated); the other "
-                                  f"{len(sib)} tasks of {cap} are on track",
+                                  f"{n_sib} tasks of {cap} are mostly on track",
             "capability_stall": "the LR (decayed too early or too low?), data repetition or an exhausted domain, "
                                 "and the update/param ratio",
         }[rule]
         src_txt = {"own": "own-run fit", "paired": "paired per-document change", "reference":
                    f"reference run {self.reference.name if self.reference else ''}"}.get(src, src)
-        sib_txt = f"; {n_sib_bad}/{len(sib)} sibling tasks also out of band" if sib else ""
+        sib_txt = f"; {n_sib_bad}/{n_sib} sibling tasks also out of band" if n_sib else ""
         rounds = self.book.consec(self._cap_key(mt))
         msg = (f"{what} ({cap}) is {obs:.4g}, expected {exp:.4g} from the {src_txt} (band [{low:.4g}, {high:.4g}], "
                f"{self.k:g} sigma, z={z:.1f}) in phase {self.phase}, out of band for {rounds} rounds{sib_txt}. "
@@ -456,6 +502,7 @@ class AlertEngine:
         self.book.load_state_dict(sd["book"])
         self.win = CurveWindows.from_state(sd["windows"])
         self.meta = [dict(m) for m in sd["meta"]]
+        self._reset_arrays()
         self.paired_anchor = {k: dict(v) for k, v in sd.get("paired_anchor", {}).items()}
         self.n_probe = int(sd["n_probe"])
         self.n_collect = int(sd["n_collect"])

@@ -92,6 +92,20 @@ _CAPS = [
 ]
 
 
+_VARIANT = re.compile(r"(_(rc|mc|val|test|var|train|\d+shot|cot|gen))+$")
+
+
+def base_task(task: str) -> str:
+    """`arc_easy_rc_5shot` and `arc_easy_val_rc_5shot` are formats of one task: siblings must
+    be distinct tasks, or one bad task would look like a whole capability failing."""
+    t = task.lower().replace("-", "_")
+    prev = None
+    while prev != t:
+        prev = t
+        t = _VARIANT.sub("", t)
+    return {"openbook_qa": "openbookqa", "social_iqa": "socialiqa", "commonsense_qa": "csqa"}.get(t, t)
+
+
 def capability_for(task: str) -> Optional[str]:
     t = task.lower()
     for cap, pat in _CAPS:
@@ -152,6 +166,8 @@ def fit_predict(X: np.ndarray, Y: np.ndarray, V: np.ndarray, U: np.ndarray, kind
     low = np.full(m, np.nan)
     high = np.full(m, np.nan)
     growth = np.zeros(m)
+    V = np.where(np.isfinite(V), np.maximum(V, 1e-8), np.nan)  # a zero stderr is not infinite precision
+    var_new = np.where(np.isfinite(var_new), np.maximum(var_new, 1e-8), np.nan)
     known = np.isfinite(V) & use
     v_known = np.where(known, V, 0.0)
     has_known = known.sum(1) >= max(2, min_points // 2)
@@ -170,6 +186,10 @@ def fit_predict(X: np.ndarray, Y: np.ndarray, V: np.ndarray, U: np.ndarray, kind
         xn, vns, los = x_new[sel], vn[sel], lo[sel]
         Xz = np.where(Us, Xs, 0.0)
         if k == ACC:
+            # the sigmoid's floor may not sit above points it must explain (boolq-like
+            # curves dip below their nominal chance level)
+            ymin = np.min(np.where(Us, Ys, np.inf), axis=1)
+            los = np.clip(np.minimum(los, ymin - 0.02), 0.0, None)
             span = np.maximum(1.0 - los, 1e-6)
             p = np.clip((np.where(Us, Ys, los[:, None] + 0.5 * span[:, None]) - los[:, None]) / span[:, None],
                         P_CLIP, 1 - P_CLIP)
@@ -304,4 +324,4 @@ class ReferenceCurves:
 
 
 __all__ = ["ACC", "LOSS", "NEG", "metric_kind", "chance_for", "capability_for", "fit_predict", "Prediction",
-           "ReferenceCurves"]
+           "ReferenceCurves", "base_task"]

@@ -1,0 +1,202 @@
+"""Alert quality on real pretraining trajectories with injected faults.
+
+    .venv/bin/python benchmarks/alert_quality.py --data ../shared/reference-trajectories/dev.csv.gz
+
+Everything goes through `fineline_monitor.analyze.replay_run`, i.e. the live AlertEngine
+with default AlertConfig (no benchmark-specific settings).
+
+Hold-out split (deterministic, by model size, so no run of a held-out size was looked at
+while tuning): HELD OUT = OLMo ladder 370M, 1B and 3B runs (final, const and decay) and
+Pythia 410m and 1.4b (standard, deduped, batch-size variants); TUNE = everything else
+(OLMo 190M, 600M, 760M; Pythia 70m, 160m, 1b). Figures are reported for `--split heldout`
+(default); `--split tune` shows the tuning side.
+
+Healthy figures: every run of the split replayed as is.
+- criticals on healthy runs (target 0);
+- warnings per 50 healthy rounds, counted two ways: per curve-round (one evaluation of
+  one (task, metric) curve; the unit faults are injected into) and per run-round (one
+  checkpoint evaluation of a whole run, all its ~200 curves at once; much stricter).
+
+Injected faults (one per selected curve and kind, applied from round t0 on, on the
+bad side: accuracy down, bpb/ppl up). Magnitudes are relative to the curve's own noise
+and range, because a fault smaller than the noise is detectable by nobody:
+- sigma = 1.4826 * MAD(first differences) / sqrt(2): the round-to-round noise of the
+  healthy curve (differences cancel the trend);
+- R = the 5-95% range of the curve after a running median of 5 (its real movement);
+- drop:  a sustained offset of max(6 sigma, 0.10 R) from t0 on;
+- drift: a deficit growing linearly, reaching max(8 sigma, 0.15 R) at round t0+2 and
+  continuing at the same rate;
+- stall: the curve holds its smoothed level of round t0-1 (its noise kept) while the
+  healthy curve would have improved; only injected where the healthy smoothed curve
+  gains at least 6 sigma over rounds t0-1..t0+2 (a stall that cannot be told from noise
+  in three rounds is not counted).
+Curves eligible: metric with a direction (acc, acc_norm, len_norm, bpb, ppl), >= 12
+points; t0 is drawn (seeded) after the curve left chance level (accuracy smoothed above
+its start by 3 sigma) plus 8 rounds, with at least 3 rounds left. Recall: an alert of any
+severity on the faulted curve within 3 rounds (t0, t0+1, t0+2); delay in rounds from t0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fineline_monitor.analyze import replay_run  # noqa: E402
+from fineline_monitor.core.config import AlertConfig  # noqa: E402
+from fineline_monitor.core.expectations import ACC, LOSS, metric_kind  # noqa: E402
+from fineline_monitor.core.trajectory import Curve, read_trajectory  # noqa: E402
+
+HELDOUT_SIZES = {"370M", "1B", "3B", "410m", "1.4b"}
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference-trajectories" / "dev.csv.gz"
+
+
+def model_size(model: str) -> str:
+    m = re.search(r"-(\d+(?:\.\d+)?[MmBb])(?:-|$)", model)
+    return m.group(1) if m else ""
+
+
+def split_of(model: str) -> str:
+    return "heldout" if model_size(model) in HELDOUT_SIZES else "tune"
+
+
+def running_median(y: np.ndarray, k: int = 5) -> np.ndarray:
+    h = k // 2
+    pad = np.concatenate([np.full(h, y[0]), y, np.full(h, y[-1])])
+    win = np.lib.stride_tricks.sliding_window_view(pad, k)
+    return np.median(win, axis=1)
+
+
+def curve_noise(y: np.ndarray) -> float:
+    d = np.diff(y)
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2))
+
+
+def inject(c: Curve, kind: str, rng: random.Random) -> Optional[Tuple[Curve, int]]:
+    """Return (faulted curve truncated at t0+2, t0) or None when the curve is not eligible."""
+    k = metric_kind(c.metric)
+    if k not in (ACC, LOSS) or len(c) < 12:
+        return None
+    y = c.values.astype(float)
+    sig = curve_noise(y)
+    if not np.isfinite(sig) or sig <= 0:
+        return None
+    sm = running_median(y)
+    R = float(np.percentile(sm, 95) - np.percentile(sm, 5))
+    bad = -1.0 if k == ACC else 1.0
+    start = 0
+    if k == ACC:
+        above = np.flatnonzero(sm > sm[: 3].mean() + 3 * sig)
+        if not above.size:
+            return None
+        start = int(above[0])
+    lo_t0 = max(start + 8, 8)
+    hi_t0 = len(y) - 3
+    cands = list(range(lo_t0, hi_t0 + 1))
+    if kind == "stall":
+        gain = lambda t: -bad * (sm[t + 2] - sm[t - 1])  # noqa: E731 - improvement in the good direction
+        cands = [t for t in cands if gain(t) >= 6 * sig]
+    if not cands:
+        return None
+    t0 = rng.choice(cands)
+    yf = y.copy()
+    if kind == "drop":
+        yf[t0:] += bad * max(6 * sig, 0.10 * R)
+    elif kind == "drift":
+        D = max(8 * sig, 0.15 * R)
+        j = np.arange(len(y) - t0)
+        yf[t0:] += bad * D * (j + 1) / 3.0
+    elif kind == "stall":
+        yf[t0:] = sm[t0 - 1] + (y[t0:] - sm[t0:])
+    if k == ACC:
+        yf = np.clip(yf, 0.0, 1.0)
+    n = t0 + 3
+    fc = replace(c, steps=c.steps[:n], tokens=c.tokens[:n], values=yf[:n], stderr=c.stderr[:n])
+    return fc, t0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.environ.get("FINELINE_DEV_TRAJECTORIES", str(DEFAULT_DATA)))
+    ap.add_argument("--split", choices=("heldout", "tune", "all"), default="heldout")
+    ap.add_argument("--faults-per-kind", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if not Path(args.data).exists():
+        print(f"SKIP: trajectory data not found at {args.data} (pass --data or set FINELINE_DEV_TRAJECTORIES)")
+        return 0
+    t0 = time.perf_counter()
+    traj = read_trajectory(args.data)
+    cfg = AlertConfig()
+    runs = {k: v for k, v in traj.runs().items() if args.split == "all" or split_of(k[1]) == args.split}
+    print(f"split={args.split}: {len(runs)} runs: {sorted({model_size(m) for _, m in runs})} sizes")
+
+    # ---- healthy runs ----
+    n_warn = n_crit = curve_rounds = run_rounds = 0
+    crit_examples = []
+    warn_by_rule: Dict[str, int] = {}
+    for (src, model), curves in runs.items():
+        alerts, summ = replay_run(curves, cfg)
+        run_rounds += summ["rounds"]
+        curve_rounds += summ["points"]
+        for a in alerts:
+            if a.severity == "critical":
+                n_crit += 1
+                crit_examples.append(f"{model} step {a.step} {a.rule} {a.task}/{a.metric}")
+            elif a.severity == "warning":
+                n_warn += 1
+                warn_by_rule[a.rule] = warn_by_rule.get(a.rule, 0) + 1
+    print(f"healthy: {run_rounds} run-rounds, {curve_rounds} curve-rounds")
+    print(f"  criticals on healthy runs: {n_crit}" + (f" e.g. {crit_examples[:3]}" if crit_examples else ""))
+    print(f"  warnings: {n_warn} ({warn_by_rule}); per 50 curve-rounds: {50 * n_warn / max(curve_rounds, 1):.4f}; "
+          f"per 50 run-rounds: {50 * n_warn / max(run_rounds, 1):.3f}")
+
+    # ---- injected faults ----
+    rng = random.Random(args.seed)
+    curves = [c for cs in runs.values() for c in cs if metric_kind(c.metric) in (ACC, LOSS) and len(c) >= 12]
+    curves.sort(key=lambda c: (c.source, c.model, c.task, c.metric))
+    results = {}
+    for kind in ("drop", "drift", "stall"):
+        order = list(range(len(curves)))
+        random.Random(f"{args.seed}-{kind}").shuffle(order)
+        caught, delays, n, n_inel = 0, [], 0, 0
+        for idx in order:
+            if n >= args.faults_per_kind:
+                break
+            got = inject(curves[idx], kind, rng)
+            if got is None:
+                n_inel += 1
+                continue
+            fc, t0i = got
+            n += 1
+            alerts, _ = replay_run([fc], cfg)
+            steps = fc.steps.tolist()
+            hit = [steps.index(a.step) - t0i for a in alerts if a.step in steps and steps.index(a.step) >= t0i]
+            if hit and min(hit) <= 2:
+                caught += 1
+                delays.append(min(hit))
+        results[kind] = (caught, n, delays, n_inel)
+        rec = caught / max(n, 1)
+        d = np.array(delays) if delays else np.array([np.nan])
+        print(f"fault {kind:5s}: recall within 3 rounds {rec:.3f} ({caught}/{n}); delay rounds mean "
+              f"{np.nanmean(d):.2f}, median {np.nanmedian(d):.0f}; curves not eligible: {n_inel}")
+    tot_c = sum(r[0] for r in results.values())
+    tot_n = sum(r[1] for r in results.values())
+    print(f"all faults: recall within 3 rounds {tot_c / max(tot_n, 1):.3f} ({tot_c}/{tot_n})")
+    print(f"seconds: {time.perf_counter() - t0:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
