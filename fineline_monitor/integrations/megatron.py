@@ -369,3 +369,109 @@ def gather_tp_state_dict(model: Any) -> Dict[str, Any]:
         else:
             out[name] = t.detach().cpu().clone()
     return out
+
+
+# ---- the adapter ----------------------------------------------------------------------------------
+
+class MegatronMonitor:
+    """FineLineMonitor wired to a megatron-core model (GPTModel, possibly wrapped in
+    megatron's DDP / Float16Module, or a one-chunk list as Megatron-LM keeps it).
+
+    Call `step(step=iteration, loss=..., tokens=..., grad_norm=...)` once per optimizer step
+    on every rank. `loss` only matters on the loss-owning rank (the last PP stage).
+    """
+
+    def __init__(self, model: Any, optimizer: Any = None, config: Any = None, *, tokenizer: Any = None,
+                 scorer: Any = None, sinks: Optional[List[Any]] = None,
+                 checkpoint_fn: Optional[Callable[[int], None]] = None, run_meta: Optional[Dict[str, Any]] = None,
+                 micro_batch_size: Optional[int] = None, around_forward: Optional[Callable[[], Any]] = None,
+                 grad_norm_fn: Optional[Callable[[], float]] = None):
+        from megatron.core import parallel_state as ps
+
+        from fineline_monitor.integrations._scoring import backend_scorer
+        from fineline_monitor.monitor import FineLineMonitor, _as_config
+
+        cfg = _as_config(config)
+        self.model = model
+        self.optimizer = optimizer
+        self.dist = megatron_dist_context(cfg.dist_timeout_s)
+        self.grad_norm_fn = grad_norm_fn
+        core = unwrap_megatron(model)
+        if scorer is None and tokenizer is not None and (cfg.probe_every > 0 or cfg.probe_every_tokens > 0):
+            backend = MegatronTokenScorer(model, micro_batch_size=micro_batch_size, around_forward=around_forward)
+            # TP and PP forwards are collectives: every rank runs the same number of batches.
+            scorer = backend_scorer(backend, tokenizer, cfg.probes, self.dist,
+                                    max_length=backend.max_sequence_length or 2048, equal_batches=True)
+        meta = {"framework": "megatron-core", "tp": ps.get_tensor_model_parallel_world_size(),
+                "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
+        meta.update(run_meta or {})
+        # The indicators read torch optimizers' param_groups; megatron's optimizer wrappers
+        # expose them too (over the rank's own shard under the distributed optimizer).
+        self.monitor = FineLineMonitor(model=core, optimizer=_torch_optimizer(optimizer), config=cfg,
+                                       tokenizer=tokenizer, scorer=scorer, dist=self.dist, sinks=sinks,
+                                       checkpoint_fn=checkpoint_fn, run_meta=meta)
+        self._wrap_probe_round_for_tp()
+
+    def _wrap_probe_round_for_tp(self) -> None:
+        """After each probe round, on every rank, MAX-reduce the attention-logit maxima over
+        the TP group (each TP rank saw only its own heads)."""
+        probes = getattr(self.monitor, "probes", None)
+        run = getattr(probes, "run", None)
+        if run is None:
+            return
+
+        def run_and_reduce(*args: Any, **kwargs: Any) -> Any:
+            result = run(*args, **kwargs)
+            ctx = kwargs.get("hooks")
+            rec = getattr(getattr(ctx, "attn", None), "recorder", None)
+            if rec is not None:
+                _reduce_attention_max(rec.max)
+            return result
+
+        probes.run = run_and_reduce
+
+    def step(self, step: int, loss: Any = None, tokens: Optional[int] = None, lr: Optional[float] = None, *,
+             grad_norm: Any = None, loss_scale: Optional[float] = None, skipped: bool = False,
+             batch_tokens: Optional[int] = None) -> list:
+        opt = self.optimizer
+        if lr is None and opt is not None:
+            groups = getattr(opt, "param_groups", None)
+            if groups:
+                lr = float(groups[0]["lr"])
+        if loss_scale is None and opt is not None and hasattr(opt, "get_loss_scale"):
+            try:
+                ls = opt.get_loss_scale()
+                loss_scale = float(ls.item() if hasattr(ls, "item") else ls)
+            except Exception:  # noqa: BLE001
+                loss_scale = None
+        if grad_norm is None and self.grad_norm_fn is not None:
+            grad_norm = self.grad_norm_fn()
+        return self.monitor.step(step=step, loss=loss, tokens=tokens, lr=lr, grad_norm=grad_norm,
+                                 loss_scale=loss_scale, skipped=skipped, batch_tokens=batch_tokens)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.monitor.should_stop
+
+    def probe_now(self, **kw: Any) -> Any:
+        return self.monitor.probe_now(**kw)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.monitor.load_state_dict(sd)
+
+    def close(self) -> None:
+        self.monitor.close()
+
+
+def _torch_optimizer(optimizer: Any) -> Any:
+    """megatron's MegatronOptimizer wraps a torch optimizer in `.optimizer`; ChainedOptimizer
+    has `chained_optimizers`. The indicators want something with torch-style param_groups."""
+    if optimizer is None:
+        return None
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is not None and getattr(inner, "param_groups", None) is not None:
+        return inner
+    return optimizer if getattr(optimizer, "param_groups", None) is not None else None

@@ -178,6 +178,11 @@ class _Collector:
             if fam is None:
                 fam = families[family] = g(family, helps.get(family, "FineLine monitor metric."), label_names)
             fam.add_metric([run] + [v for _, v in labels], value)
+        # Known families are declared even before their first sample (e.g. the Hessian trace is
+        # off by default), so dashboards and rules refer to names the exposition always has.
+        for family, doc in [v for v in SIMPLE.values()] + [(f, d) for f, _, d in PER_ITEM.values()]:
+            if family not in families:
+                families[family] = g(family, doc, [])
         yield from families.values()
 
         # ---- probes ---------------------------------------------------------------------

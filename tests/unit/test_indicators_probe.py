@@ -402,9 +402,9 @@ def test_hutchinson_trace_matches_exact_trace_on_a_small_net():
 
     H = torch.autograd.functional.hessian(f, flat.double().float())
     exact = float(torch.diagonal(H).sum())
-    S = 400
+    S = 2000
     sigma = math.sqrt(2 * float((H.pow(2).sum() - torch.diagonal(H).pow(2).sum())) / S)
     ind = StepIndicators(net, None, IndicatorConfig(hessian_trace=True, hessian_samples=S, attention_hooks=False))
     ind.set_hessian_batch(loss_fn)
     est = ind.probe_round_metrics(ind.probe_context())["optim/hessian_trace"]
-    assert abs(est - exact) < 5 * sigma + 1e-6, (est, exact, sigma)
+    assert abs(est - exact) < 4 * sigma + 1e-6, (est, exact, sigma)

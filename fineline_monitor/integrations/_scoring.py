@@ -1,0 +1,233 @@
+"""Bridge from framework token backends to the probe scorer, and the collective-safety
+wrapper every distributed adapter puts around its scorer.
+
+A *token backend* has `token_logprobs(input_ids [b, s], targets [b, s]) -> (logprob [b, s],
+greedy [b, s])` over right-padded batches (megatron-core: labels passed, per-token loss
+reduced over TP, no logit gather; DeepSpeed pipeline: eval_batch). `TokenBackendScorer`
+is the probe package's `Scorer` over such a backend: tokenization, truncation,
+batching and the reduction into request scores stay in `fineline_monitor.probes.scoring`.
+
+`CollectiveSafeScorer` wraps any Scorer for a job where a probe forward is a collective
+(ZeRO-3 parameter gathers, tensor-parallel all-reduces, pipeline sends):
+
+* Equal forwards: before the first batch the ranks agree (all-reduce MAX over the whole
+  job) on the number of batches; a rank with fewer runs dummy one-token batches whose
+  results are dropped. Without this, the rank with fewer documents' rows would leave
+  the round while its peers wait inside a ZeRO-3 all-gather for it.
+* Agreement before every batch: an all-reduce MIN of an ok-flag over the whole job. A rank
+  whose host-side work failed (encoding, collation, an injected fault, an exception in
+  the previous batch's post-processing) still joins that one small collective with
+  ok = 0; every rank then raises `ProbeAborted` at the same point, the monitor's
+  round-level agreement disables probes on every rank, and training goes on. Nobody is
+  left waiting inside a model collective for a rank that is no longer coming.
+* What it cannot catch: a rank that raises *inside* the model's own collectives (half-way
+  through a forward). Its peers are then blocked in that collective; the bound is the
+  process group's timeout (`init_process_group(timeout=...)`, gloo raises when it
+  expires), which makes the job fail instead of hanging. The examples and tests set it.
+Both waits of the agreement itself are bounded by `DistContext.timeout_s`.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from fineline_monitor.probes.scoring import IGNORE_INDEX, Row, Scorer, TokenBatch, batches_of, collate
+
+
+class ProbeAborted(RuntimeError):
+    """Raised on every rank when any rank failed during a probe round."""
+
+
+def _bounded_all_reduce(value: float, op: str, timeout_s: float, group: Any = None) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    work = dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=group, async_op=True)
+    if not work.wait(timeout=datetime.timedelta(seconds=timeout_s)):  # pragma: no cover - gloo raises
+        raise TimeoutError(f"probe agreement did not complete in {timeout_s:.0f}s")
+    return float(t.item())
+
+
+class CollectiveSafeScorer(Scorer):
+    """Delegates to `inner`; equal batch counts and per-batch agreement across ranks."""
+
+    def __init__(self, inner: Scorer, dist: Any, *, equal_batches: bool = True, agree_every_batch: bool = True):
+        # No super().__init__: every attribute the driver reads comes from `inner`.
+        self.inner = inner
+        self.dist = dist
+        self.equal_batches = equal_batches
+        self.agree_every_batch = agree_every_batch
+        self.fail_at_batch: Optional[int] = None  # tests: this rank raises before batch k
+        self.batches_run = 0  # forwards of the last round (dummies included)
+
+    # the driver reads these from the scorer
+    @property
+    def tok(self):  # type: ignore[override]
+        return self.inner.tok
+
+    @property
+    def max_length(self):  # type: ignore[override]
+        return self.inner.max_length
+
+    @property
+    def device(self):  # type: ignore[override]
+        return self.inner.device
+
+    @property
+    def mask_dtype(self):  # type: ignore[override]
+        return self.inner.mask_dtype
+
+    @property
+    def supports_packing(self):  # type: ignore[override]
+        return self.inner.supports_packing
+
+    def __getattr__(self, name: str) -> Any:  # anything else the runner may read (check_report...)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def modules(self) -> List[torch.nn.Module]:
+        return self.inner.modules()
+
+    def prepare(self) -> None:
+        with _no_inference_mode():
+            self.inner.prepare()
+
+    def score_tokens(self, batch: TokenBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.score_tokens(batch)
+
+    # -- collectives ------------------------------------------------------------------------
+    @property
+    def _distributed(self) -> bool:
+        return self.dist is not None and self.dist.distributed
+
+    def _agree_ok(self, ok: bool, where: str) -> None:
+        if not self._distributed:
+            return
+        if _bounded_all_reduce(1.0 if ok else 0.0, "MIN", self.dist.timeout_s) < 0.5:
+            raise ProbeAborted(f"a rank failed during the probe round ({where}); every rank stops here")
+
+    def score_rows(self, rows: List[Row], batch_size: int,
+                   progress: Optional[Callable[[int], None]] = None) -> Dict[int, Tuple[float, int, bool]]:
+        with _no_inference_mode():
+            return self._score_rows(rows, batch_size, progress)
+
+    def _score_rows(self, rows: List[Row], batch_size: int,
+                    progress: Optional[Callable[[int], None]]) -> Dict[int, Tuple[float, int, bool]]:
+        err: Optional[BaseException] = None
+        chunks: List[List[Row]] = []
+        try:
+            self.inner.prepare()  # HF self-check forwards: the same count on every rank
+            chunks = batches_of(rows, batch_size)
+        except Exception as e:  # noqa: BLE001 - agreed on, then re-raised
+            err = e
+        self._agree_ok(err is None, "planning")
+        if err is not None:
+            raise err
+        n = len(chunks)
+        if self.equal_batches and self._distributed:
+            n = int(_bounded_all_reduce(float(n), "MAX", self.dist.timeout_s))
+        sums: Dict[int, float] = {}
+        counts: Dict[int, int] = {}
+        greedy: Dict[int, bool] = {}
+        self.batches_run = 0
+        for bi in range(n):
+            real = bi < len(chunks)
+            batch = None
+            try:
+                if self.fail_at_batch is not None and bi == self.fail_at_batch:
+                    raise RuntimeError(f"injected probe failure before batch {bi}")
+                chunk = chunks[bi] if real else [_dummy_row()]
+                batch = collate(chunk, packed=self.supports_packing, device=self.device, mask_dtype=self.mask_dtype)
+            except Exception as e:  # noqa: BLE001
+                err = e
+            if self.agree_every_batch:
+                self._agree_ok(err is None, f"batch {bi}")  # before the model's collectives
+            if err is not None:
+                raise err
+            lp, gr = self.inner.score_tokens(batch)
+            self.batches_run += 1
+            if not real:
+                continue
+            owners = [o for r in chunk for o in r.owners]
+            lp_np = lp.detach().to("cpu", torch.float64).numpy()
+            gr_np = gr.detach().to("cpu").numpy().astype(bool)
+            if len(lp_np) != len(owners):
+                err = RuntimeError(f"score_tokens returned {len(lp_np)} values for {len(owners)} scored tokens")
+                continue  # agreed on before the next batch (or below)
+            for o, v, g in zip(owners, lp_np, gr_np):
+                sums[o] = sums.get(o, 0.0) + float(v)
+                counts[o] = counts.get(o, 0) + 1
+                greedy[o] = greedy.get(o, True) and bool(g)
+            if progress is not None:
+                progress(len(set(owners)))
+        if self.agree_every_batch:
+            self._agree_ok(err is None, "end of round")
+        if err is not None:
+            raise err
+        return {k: (sums[k], counts[k], greedy[k]) for k in sums}
+
+
+def _no_inference_mode():
+    """no_grad instead of the runner's inference_mode. Why: ZeRO-3 all-gathers parameters
+    into buffers during the forward; made under inference_mode they become inference
+    tensors, and the next training forward fails ("Inference tensors cannot be saved for
+    backward"). Megatron's and DeepSpeed's own evaluation loops use no_grad as well."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
+def _dummy_row() -> Row:
+    """A two-token row with one scored position: the cheapest forward every backend accepts."""
+    r = Row(capacity=2)
+    r.tokens, r.positions, r.segment, r.branch = [0, 0], [0, 1], [0, 0], [-1, 0]
+    r.labels, r.owners = [IGNORE_INDEX, 0], [-1]
+    return r
+
+
+class TokenBackendScorer(Scorer):
+    """The probe `Scorer` over a token backend (no packing: one request per padded row).
+
+    `labels` positions equal to IGNORE_INDEX are sent to the backend as token 0 and
+    dropped from its output; the backend returns per-position results for the whole
+    [b, s] batch and this selects the scored ones, row-major, as the contract asks."""
+
+    supports_packing = False
+
+    def __init__(self, backend: Any, tokenizer: Any, max_length: int, *, modules: Optional[List[Any]] = None,
+                 device: Any = None, prefix_token_id: Optional[int] = None):
+        super().__init__(tokenizer, max_length, device=device or "cpu", prefix_token_id=prefix_token_id)
+        self.backend = backend
+        self._modules = list(modules or [])
+
+    def modules(self) -> List[torch.nn.Module]:
+        return self._modules
+
+    def score_tokens(self, batch: TokenBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+        labels = batch.labels.cpu()
+        sel = labels != IGNORE_INDEX
+        targets = torch.where(sel, labels, torch.zeros_like(labels))
+        lp, gr = self.backend.token_logprobs(batch.input_ids.cpu(), targets)
+        return lp[sel], gr[sel]
+
+
+def hf_scorer(model: Any, tokenizer: Any, probe_cfg: Any, dist: Any, *, equal_batches: bool) -> Scorer:
+    """The built-in scorer for `model` (HF causal LM or torch module), collective-safe."""
+    from fineline_monitor.probes.scoring import build_scorer
+
+    inner = build_scorer(model, tokenizer, getattr(probe_cfg, "max_length", 0))
+    return CollectiveSafeScorer(inner, dist, equal_batches=equal_batches)
+
+
+def backend_scorer(backend: Any, tokenizer: Any, probe_cfg: Any, dist: Any, *, max_length: int,
+                   modules: Optional[List[Any]] = None, equal_batches: bool = True) -> Scorer:
+    ml = int(getattr(probe_cfg, "max_length", 0) or 0) or int(max_length)
+    inner = TokenBackendScorer(backend, tokenizer, ml, modules=modules)
+    return CollectiveSafeScorer(inner, dist, equal_batches=equal_batches)

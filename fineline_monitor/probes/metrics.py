@@ -1,0 +1,101 @@
+"""Per-task metrics from request scores (plain numpy: testable with plain lists).
+
+Definitions (lm-eval-harness 0.4.x where it has one):
+
+- ``acc``: 1 if ``argmax_i logprob_i`` is the gold choice (first index wins ties, np.argmax).
+- ``acc_norm``: the same with ``logprob_i / n_chars_i``, ``n_chars`` the length in characters
+  of the choice text, i.e. the continuation without the one leading target-delimiter space
+  (lm-eval divides by ``len(doc_to_choice(doc)[i])``, and requests carry ``" " + choice``).
+- ``bpb``: bits per UTF-8 byte of the gold continuation (as given in the request, leading
+  space included): ``-logprob_gold / (ln 2 * n_bytes)``, averaged over documents (so its
+  stderr is the sample stderr of the per-document values).
+- ``gold_logprob``: mean log-probability (nats) of the gold continuation.
+- stderr: sample standard deviation / sqrt(n) of the per-document values (lm-eval's
+  ``mean_stderr``; for 0/1 accuracies this is the binomial sqrt(p(1-p)/(n-1))). Omitted
+  for n < 2.
+
+Capability score (``ProbeRound.capability_scores``): the mean over the capability's
+multiple-choice tasks of (primary metric - random baseline), so 0 is chance for every
+task and the tasks are comparable; a capability with only gold-bpb tasks (e.g. a suite
+of code bpb tasks) scores ``-mean(bpb)`` instead (higher is better in both cases, and bpb
+moves long before accuracy takes off). The per-task bpb of every task is logged too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from fineline_monitor.core.types import RequestScore, TaskResult
+
+LN2 = math.log(2.0)
+
+
+def n_chars_of(continuation: str) -> int:
+    """Characters of the choice text: the continuation minus one leading delimiter space."""
+    return len(continuation) - 1 if continuation.startswith(" ") and len(continuation) > 1 else len(continuation)
+
+
+def _mean_stderr(xs: Sequence[float]) -> Tuple[float, float]:
+    a = np.asarray(xs, dtype=np.float64)
+    mean = float(a.mean()) if a.size else float("nan")
+    se = float(a.std(ddof=1) / math.sqrt(a.size)) if a.size >= 2 else float("nan")
+    return mean, se
+
+
+def doc_outcome(scores: Sequence[RequestScore], gold: int) -> Dict[str, float]:
+    """acc / acc_norm / gold bpb / gold logprob of one document (choices in index order)."""
+    lls = np.array([s.logprob for s in scores], dtype=np.float64)
+    out = {"gold_logprob": float(lls[gold])}
+    g = scores[gold]
+    out["bpb"] = -g.logprob / (LN2 * g.n_bytes) if g.n_bytes > 0 else float("nan")
+    if len(scores) > 1:
+        chars = np.array([float(s.n_chars) for s in scores])
+        out["acc"] = 1.0 if int(np.argmax(lls)) == gold else 0.0
+        out["acc_norm"] = 1.0 if int(np.argmax(lls / chars)) == gold else 0.0
+    return out
+
+
+def task_result(name: str, capability: str, kind: str, primary: str,
+                docs: List[Tuple[int, int, List[RequestScore]]]) -> Tuple[TaskResult, Dict[int, float]]:
+    """``docs``: (doc_id, gold, choice scores). Returns the TaskResult and doc_id -> gold logprob."""
+    per: Dict[str, List[float]] = {}
+    gold_lp: Dict[int, float] = {}
+    baseline = []
+    for doc_id, gold, scores in docs:
+        o = doc_outcome(scores, gold)
+        gold_lp[doc_id] = o["gold_logprob"]
+        baseline.append(1.0 / len(scores))
+        for k, v in o.items():
+            per.setdefault(k, []).append(v)
+    keys = ("acc", "acc_norm", "bpb", "gold_logprob") if kind == "mc" else ("bpb", "gold_logprob")
+    metrics, stderr = {}, {}
+    for k in keys:
+        if k in per:
+            m, se = _mean_stderr(per[k])
+            metrics[k] = m
+            if math.isfinite(se):
+                stderr[k] = se
+    rb = float(np.mean(baseline)) if (kind == "mc" and baseline) else 0.0
+    return TaskResult(task=name, capability=capability, n_docs=len(docs), metrics=metrics, stderr=stderr,
+                      random_baseline=rb, primary_metric=primary), gold_lp
+
+
+def capability_scores(results: Dict[str, TaskResult]) -> Dict[str, float]:
+    """See the module docstring: mean of (primary - baseline) over MC tasks, else -mean(bpb)."""
+    mc: Dict[str, List[float]] = {}
+    bpb: Dict[str, List[float]] = {}
+    for r in results.values():
+        if r.n_docs == 0:
+            continue
+        if r.primary_metric in ("acc", "acc_norm") and r.primary_metric in r.metrics:
+            mc.setdefault(r.capability, []).append(r.metrics[r.primary_metric] - r.random_baseline)
+        elif "bpb" in r.metrics and math.isfinite(r.metrics["bpb"]):
+            bpb.setdefault(r.capability, []).append(-r.metrics["bpb"])
+    out = {}
+    for cap in sorted(set(mc) | set(bpb)):
+        vals = mc.get(cap) or bpb.get(cap)
+        out[cap] = float(np.mean(vals))
+    return out
