@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from fineline_monitor.probes.scoring import IGNORE_INDEX, Row, Scorer, TokenBatch, batches_of, collate
+from fineline_monitor.probes.scoring import IGNORE_INDEX, Row, Scorer, TokenBatch
 
 
 class ProbeAborted(RuntimeError):
@@ -54,9 +54,18 @@ def _bounded_all_reduce(value: float, op: str, timeout_s: float, group: Any = No
 class CollectiveSafeScorer(Scorer):
     """Delegates to `inner`; equal batch counts and per-batch agreement across ranks."""
 
-    def __init__(self, inner: Scorer, dist: Any, *, equal_batches: bool = True, agree_every_batch: bool = True):
+    def __init__(self, inner: Scorer, dist: Any, *, equal_batches: bool = True, agree_every_batch: bool = True,
+                 plain_rows: bool = False):
         # No super().__init__: every attribute the driver reads comes from `inner`.
         self.inner = inner
+        if plain_rows and hasattr(inner, "_verified"):
+            # ZeRO-3: HFScorer's one-time self-check (trees/packing/fast head vs the plain
+            # forward) runs under torch.inference_mode, which ZeRO-3's parameter gathers do
+            # not survive (the gathered buffers become inference tensors and training then
+            # fails). Use the plain right-padded rows with full logits, exact by construction.
+            inner.supports_packing = False
+            inner.fast_head = False
+            inner._verified = True
         self.dist = dist
         self.equal_batches = equal_batches
         self.agree_every_batch = agree_every_batch
@@ -84,6 +93,10 @@ class CollectiveSafeScorer(Scorer):
     def supports_packing(self):  # type: ignore[override]
         return self.inner.supports_packing
 
+    @property
+    def pack_tokens(self):  # type: ignore[override]
+        return getattr(self.inner, "pack_tokens", 256)
+
     def __getattr__(self, name: str) -> Any:  # anything else the runner may read (check_report...)
         if name == "inner":
             raise AttributeError(name)
@@ -110,65 +123,49 @@ class CollectiveSafeScorer(Scorer):
         if _bounded_all_reduce(1.0 if ok else 0.0, "MIN", self.dist.timeout_s) < 0.5:
             raise ProbeAborted(f"a rank failed during the probe round ({where}); every rank stops here")
 
-    def score_rows(self, rows: List[Row], batch_size: int,
-                   progress: Optional[Callable[[int], None]] = None) -> Dict[int, Tuple[float, int, bool]]:
+    def score_batches(self, batches: List[Any],
+                      progress: Optional[Callable[[int], None]] = None) -> Dict[int, Tuple[float, int, bool]]:
         with _no_inference_mode():
-            return self._score_rows(rows, batch_size, progress)
+            return self._score_batches(batches, progress)
 
-    def _score_rows(self, rows: List[Row], batch_size: int,
-                    progress: Optional[Callable[[int], None]]) -> Dict[int, Tuple[float, int, bool]]:
+    def _score_batches(self, batches: List[Any],
+                       progress: Optional[Callable[[int], None]]) -> Dict[int, Tuple[float, int, bool]]:
+        from fineline_monitor.probes.scoring import prepare_batches
+
         err: Optional[BaseException] = None
-        chunks: List[List[Row]] = []
         try:
             self.inner.prepare()  # HF self-check forwards: the same count on every rank
-            chunks = batches_of(rows, batch_size)
         except Exception as e:  # noqa: BLE001 - agreed on, then re-raised
             err = e
-        self._agree_ok(err is None, "planning")
+        self._agree_ok(err is None, "preparation")
         if err is not None:
             raise err
-        n = len(chunks)
+        n = len(batches)
         if self.equal_batches and self._distributed:
             n = int(_bounded_all_reduce(float(n), "MAX", self.dist.timeout_s))
-        sums: Dict[int, float] = {}
-        counts: Dict[int, int] = {}
-        greedy: Dict[int, bool] = {}
+        merged: Dict[int, Tuple[float, int, bool]] = {}
         self.batches_run = 0
         for bi in range(n):
-            real = bi < len(chunks)
-            batch = None
+            real = bi < len(batches)
             try:
                 if self.fail_at_batch is not None and bi == self.fail_at_batch:
                     raise RuntimeError(f"injected probe failure before batch {bi}")
-                chunk = chunks[bi] if real else [_dummy_row()]
-                batch = collate(chunk, packed=self.supports_packing, device=self.device, mask_dtype=self.mask_dtype)
+                pb = batches[bi] if real else prepare_batches([_dummy_row()], 1)[0]
             except Exception as e:  # noqa: BLE001
                 err = e
             if self.agree_every_batch:
                 self._agree_ok(err is None, f"batch {bi}")  # before the model's collectives
             if err is not None:
                 raise err
-            lp, gr = self.inner.score_tokens(batch)
+            # One batch at a time through the inner scorer's own driver: a request's scored
+            # positions all lie in one row, so per-batch results merge exactly.
+            part = self.inner.score_batches([pb])
             self.batches_run += 1
-            if not real:
-                continue
-            owners = [o for r in chunk for o in r.owners]
-            lp_np = lp.detach().to("cpu", torch.float64).numpy()
-            gr_np = gr.detach().to("cpu").numpy().astype(bool)
-            if len(lp_np) != len(owners):
-                err = RuntimeError(f"score_tokens returned {len(lp_np)} values for {len(owners)} scored tokens")
-                continue  # agreed on before the next batch (or below)
-            for o, v, g in zip(owners, lp_np, gr_np):
-                sums[o] = sums.get(o, 0.0) + float(v)
-                counts[o] = counts.get(o, 0) + 1
-                greedy[o] = greedy.get(o, True) and bool(g)
-            if progress is not None:
-                progress(len(set(owners)))
-        if self.agree_every_batch:
-            self._agree_ok(err is None, "end of round")
-        if err is not None:
-            raise err
-        return {k: (sums[k], counts[k], greedy[k]) for k in sums}
+            if real:
+                merged.update(part)
+                if progress is not None:
+                    progress(len(part))
+        return merged
 
 
 def _no_inference_mode():
@@ -218,12 +215,13 @@ class TokenBackendScorer(Scorer):
         return lp[sel], gr[sel]
 
 
-def hf_scorer(model: Any, tokenizer: Any, probe_cfg: Any, dist: Any, *, equal_batches: bool) -> Scorer:
+def hf_scorer(model: Any, tokenizer: Any, probe_cfg: Any, dist: Any, *, equal_batches: bool,
+              plain_rows: bool = False) -> Scorer:
     """The built-in scorer for `model` (HF causal LM or torch module), collective-safe."""
     from fineline_monitor.probes.scoring import build_scorer
 
     inner = build_scorer(model, tokenizer, getattr(probe_cfg, "max_length", 0))
-    return CollectiveSafeScorer(inner, dist, equal_batches=equal_batches)
+    return CollectiveSafeScorer(inner, dist, equal_batches=equal_batches, plain_rows=plain_rows)
 
 
 def backend_scorer(backend: Any, tokenizer: Any, probe_cfg: Any, dist: Any, *, max_length: int,

@@ -286,7 +286,8 @@ class DeepSpeedMonitor:
             return backend_scorer(DeepSpeedPipeTokenScorer(self.engine), tokenizer, cfg.probes, self.dist,
                                   max_length=max_len, modules=[])
         # ZeRO-3 forwards are collectives: every rank runs the same number of batches.
-        return hf_scorer(self.engine.module, tokenizer, cfg.probes, self.dist, equal_batches=self.zero_stage >= 3)
+        return hf_scorer(self.engine.module, tokenizer, cfg.probes, self.dist, equal_batches=self.zero_stage >= 3,
+                         plain_rows=self.zero_stage >= 3)
 
     def _zero3_param_norm(self) -> Dict[str, Any]:
         import torch
