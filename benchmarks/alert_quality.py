@@ -23,17 +23,22 @@ and range, because a fault smaller than the noise is detectable by nobody:
 - sigma = 1.4826 * MAD(first differences) / sqrt(2): the round-to-round noise of the
   healthy curve (differences cancel the trend);
 - R = the 5-95% range of the curve after a running median of 5 (its real movement);
-- drop:  a sustained offset of max(6 sigma, 0.10 R) from t0 on;
-- drift: a deficit growing linearly, reaching max(8 sigma, 0.15 R) at round t0+2 and
+- drop:  a sustained offset of max(8 sigma, 0.10 R) from t0 on;
+- drift: a deficit growing linearly, reaching max(10 sigma, 0.15 R) at round t0+2 and
   continuing at the same rate;
 - stall: the curve holds its smoothed level of round t0-1 (its noise kept) while the
   healthy curve would have improved; only injected where the healthy smoothed curve
-  gains at least 6 sigma over rounds t0-1..t0+2 (a stall that cannot be told from noise
+  gains at least 8 sigma over rounds t0-1..t0+2 (a stall that cannot be told from noise
   in three rounds is not counted).
 Curves eligible: metric with a direction (acc, acc_norm, len_norm, bpb, ppl), >= 12
 points; t0 is drawn (seeded) after the curve left chance level (accuracy smoothed above
-its start by 3 sigma) plus 8 rounds, with at least 3 rounds left. Recall: an alert of any
+max(its start, the task's chance accuracy) by 3 sigma) plus 8 rounds, with at least 3 rounds left. Recall: an alert of any
 severity on the faulted curve within 3 rounds (t0, t0+1, t0+2); delay in rounds from t0.
+`--scale 0.75` multiplies every magnitude (sensitivity: how recall falls for smaller faults).
+Why 8 sigma: the band is band_sigma=4 prediction sigmas wide below the expectation, a
+one-step-ahead prediction sigma is ~1.2-1.5x the round-to-round noise (fit uncertainty),
+and hysteresis needs 2 rounds out of band, so a fault must clear ~6 noise sigmas on two
+draws; 8 sigma is the smallest round number that does so reliably.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fineline_monitor.analyze import replay_run  # noqa: E402
 from fineline_monitor.core.config import AlertConfig  # noqa: E402
-from fineline_monitor.core.expectations import ACC, LOSS, metric_kind  # noqa: E402
+from fineline_monitor.core.expectations import ACC, LOSS, chance_for, metric_kind  # noqa: E402
 from fineline_monitor.core.trajectory import Curve, read_trajectory  # noqa: E402
 
 HELDOUT_SIZES = {"370M", "1B", "3B", "410m", "1.4b"}
@@ -83,7 +88,7 @@ def curve_noise(y: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2))
 
 
-def inject(c: Curve, kind: str, rng: random.Random) -> Optional[Tuple[Curve, int]]:
+def inject(c: Curve, kind: str, rng: random.Random, scale: float = 1.0) -> Optional[Tuple[Curve, int]]:
     """Return (faulted curve truncated at t0+2, t0) or None when the curve is not eligible."""
     k = metric_kind(c.metric)
     if k not in (ACC, LOSS) or len(c) < 12:
@@ -97,7 +102,9 @@ def inject(c: Curve, kind: str, rng: random.Random) -> Optional[Tuple[Curve, int
     bad = -1.0 if k == ACC else 1.0
     start = 0
     if k == ACC:
-        above = np.flatnonzero(sm > sm[: 3].mean() + 3 * sig)
+        ch = chance_for(c.task)
+        base = max(sm[:3].mean(), ch if ch is not None else -np.inf)
+        above = np.flatnonzero(sm > base + 3 * sig)
         if not above.size:
             return None
         start = int(above[0])
@@ -106,15 +113,15 @@ def inject(c: Curve, kind: str, rng: random.Random) -> Optional[Tuple[Curve, int
     cands = list(range(lo_t0, hi_t0 + 1))
     if kind == "stall":
         gain = lambda t: -bad * (sm[t + 2] - sm[t - 1])  # noqa: E731 - improvement in the good direction
-        cands = [t for t in cands if gain(t) >= 6 * sig]
+        cands = [t for t in cands if gain(t) >= 8 * scale * sig]
     if not cands:
         return None
     t0 = rng.choice(cands)
     yf = y.copy()
     if kind == "drop":
-        yf[t0:] += bad * max(6 * sig, 0.10 * R)
+        yf[t0:] += bad * scale * max(8 * sig, 0.10 * R)
     elif kind == "drift":
-        D = max(8 * sig, 0.15 * R)
+        D = scale * max(10 * sig, 0.15 * R)
         j = np.arange(len(y) - t0)
         yf[t0:] += bad * D * (j + 1) / 3.0
     elif kind == "stall":
@@ -132,6 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--split", choices=("heldout", "tune", "all"), default="heldout")
     ap.add_argument("--faults-per-kind", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every fault magnitude")
     args = ap.parse_args(argv)
     if not Path(args.data).exists():
         print(f"SKIP: trajectory data not found at {args.data} (pass --data or set FINELINE_DEV_TRAJECTORIES)")
@@ -174,7 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for idx in order:
             if n >= args.faults_per_kind:
                 break
-            got = inject(curves[idx], kind, rng)
+            got = inject(curves[idx], kind, rng, args.scale)
             if got is None:
                 n_inel += 1
                 continue

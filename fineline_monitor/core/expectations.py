@@ -151,7 +151,7 @@ def _wls2(f: np.ndarray, y: np.ndarray, w: np.ndarray, f_new: np.ndarray):
 
 def fit_predict(X: np.ndarray, Y: np.ndarray, V: np.ndarray, U: np.ndarray, kind: np.ndarray,
                 lo: np.ndarray, x_new: np.ndarray, var_new: np.ndarray, *, band_sigma: float,
-                min_points: int = 6, prior_dof: float = 3.0) -> Prediction:
+                min_points: int = 6, prior_dof: float = 1.0) -> Prediction:
     """One-step-ahead expectation for each row (curve) of the window arrays.
 
     X, Y, V (known variance, nan unknown), U (usable) are (m, W); kind, lo, x_new and
@@ -263,7 +263,7 @@ def _pooled(sse: np.ndarray, n: np.ndarray, has_known: np.ndarray, prior_dof: fl
     dof = np.maximum(n - 2, 1).astype(float)
     s2 = sse / dof
     s2 = np.where(has_known, (dof * s2 + prior_dof * 1.0) / (dof + prior_dof), s2)
-    return s2 * (1.0 + 3.0 / dof)
+    return s2 * (1.0 + 2.0 / dof)
 
 
 # ---- reference runs ----------------------------------------------------------------------
