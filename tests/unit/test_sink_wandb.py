@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,15 @@ def test_offline_run_has_axes_metrics_config_and_no_alerts(tmp_path, monkeypatch
 
     files = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
-    recs = read_records(files[0])
-    kinds = [r.WhichOneof("record_type") for r in recs]
+    # wandb-core writes the transaction log asynchronously; finish() may return before the
+    # last records hit the disk on a loaded machine. Wait (bounded) for the exit record.
+    deadline = time.monotonic() + 60
+    while True:
+        recs = read_records(files[0])
+        kinds = [r.WhichOneof("record_type") for r in recs]
+        if "exit" in kinds or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     metric_defs = {(m.metric.name or m.metric.glob_name): m.metric.step_metric for m in recs if m.HasField("metric")}
     assert "train/tokens" in metric_defs and "train/step" in metric_defs
     assert metric_defs["*"] == "train/tokens"
