@@ -37,7 +37,7 @@ import numpy as np
 
 # kind codes
 ACC, LOSS, NEG = 0, 1, 2
-ALPHAS = np.array([0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0])
+ALPHAS = np.array([0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0])
 P_CLIP = 0.02
 NOISE_FLOOR = {ACC: 0.004, LOSS: 0.002, NEG: 0.002}  # absolute (ACC) or relative (LOSS/NEG) sigma floor
 

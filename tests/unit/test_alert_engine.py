@@ -1,0 +1,185 @@
+"""AlertEngine: each rule on synthetic data, hysteresis/cooldown/dedup, restart, monitor interface."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fineline_monitor.core.alerts import AlertEngine
+from fineline_monitor.core.config import AlertConfig
+
+from _alert_helpers import healthy_run, make_round
+
+CAPS = {"hellaswag": "commonsense", "piqa": "commonsense", "winogrande": "commonsense", "sciq": "knowledge"}
+
+
+def feed(eng, rounds, drop=None, drop_tasks=("hellaswag",), from_round=10 ** 9):
+    fired = []
+    for r, (step, tokens, accs) in enumerate(rounds):
+        if r >= from_round:
+            accs = {t: (a - drop if t in drop_tasks else a) for t, a in accs.items()}
+        fired.append(eng.observe_probe(make_round(step, tokens, accs, CAPS), {}))
+    return fired
+
+
+def test_healthy_synthetic_run_is_silent_and_emits_bands():
+    eng = AlertEngine(AlertConfig(), run="r")
+    fired = feed(eng, healthy_run(np.random.default_rng(0), 60))
+    assert sum(len(f) for f in fired) == 0
+    rows = eng.pop_expectations()
+    assert rows and {"name", "expected", "low", "high"} <= set(rows[0])
+    assert any(r["name"] == "probe/hellaswag/acc" for r in rows)
+
+
+def test_single_task_drop_is_sibling_divergence_within_three_rounds():
+    eng = AlertEngine(AlertConfig(), run="r")
+    fired = feed(eng, healthy_run(np.random.default_rng(1), 40), drop=0.08, from_round=30)
+    first = next(i for i, f in enumerate(fired) if f)
+    assert 30 <= first <= 32
+    a = fired[first][0]
+    assert a.rule == "sibling_divergence" and a.severity == "warning" and a.task == "hellaswag"
+    assert a.observed < a.band[0] and "expected" in a.message and "Look first at" in a.message
+    assert a.phase == "stable" and a.capability == "commonsense"
+    # de-duplicated: the sustained drop does not page every round
+    assert sum(len(f) for f in fired[first + 1:first + 4]) == 0
+
+
+def test_capability_wide_collapse_is_critical():
+    eng = AlertEngine(AlertConfig(), run="r")
+    fired = feed(eng, healthy_run(np.random.default_rng(2), 40, tasks=("hellaswag", "piqa", "winogrande")),
+                 drop=0.2, drop_tasks=("hellaswag", "piqa", "winogrande"), from_round=30)
+    alerts = [a for f in fired for a in f]
+    assert any(a.rule == "capability_regression" and a.severity == "critical" for a in alerts)
+
+
+def test_no_alert_at_chance_and_warmup_suppresses():
+    eng = AlertEngine(AlertConfig(warmup_steps=10 ** 9), run="r")
+    fired = feed(eng, healthy_run(np.random.default_rng(4), 40), drop=0.2, from_round=30)
+    assert sum(len(f) for f in fired) == 0  # all of it declared warmup
+    eng = AlertEngine(AlertConfig(), run="r")
+    rng = np.random.default_rng(5)
+    out = []
+    for r in range(1, 40):  # a task that never leaves chance, with a "drop" inside the noise
+        a = 0.25 + rng.normal(0, 0.02) - (0.03 if r > 30 else 0)
+        out += eng.observe_probe(make_round(r * 100, r * 10 ** 8, {"sciq": a}, CAPS), {})
+    assert out == []
+
+
+def test_hysteresis_and_cooldown_from_config():
+    base = list(healthy_run(np.random.default_rng(6), 40))
+    e1 = AlertEngine(AlertConfig(hysteresis=1), run="r")
+    e3 = AlertEngine(AlertConfig(hysteresis=3), run="r")
+    f1 = feed(e1, base, drop=0.1, from_round=30)
+    f3 = feed(e3, base, drop=0.1, from_round=30)
+    assert next(i for i, f in enumerate(f1) if f) == 30
+    assert next(i for i, f in enumerate(f3) if f) == 32
+
+
+def test_restart_does_not_refire_and_state_is_json_bounded():
+    rounds = list(healthy_run(np.random.default_rng(7), 60))
+    eng = AlertEngine(AlertConfig(), run="r")
+    fired = feed(eng, rounds[:34], drop=0.1, from_round=30)
+    assert sum(len(f) for f in fired) == 1
+    sd = json.loads(json.dumps(eng.state_dict()))
+    assert len(json.dumps(sd)) < 200_000
+    eng2 = AlertEngine(AlertConfig(), run="r")
+    eng2.load_state_dict(sd)
+    assert eng2.phase == eng.phase
+    more = []
+    for step, tokens, accs in rounds[34:36]:
+        accs = {t: (a - 0.1 if t == "hellaswag" else a) for t, a in accs.items()}
+        more += eng2.observe_probe(make_round(step, tokens, accs, CAPS), {})
+    assert more == []  # still the same condition: no second page after restart
+
+
+def _metrics(loss, gn=1.0, ratio=1e-3, lr=1e-3, **extra):
+    m = {"train/loss": loss, "train/lr": lr, "optim/grad_norm": gn, "optim/update_ratio": ratio}
+    m.update(extra)
+    return m
+
+
+def test_per_step_rules_on_short_noisy_run():
+    rng = np.random.default_rng(8)
+    eng = AlertEngine(AlertConfig(), run="r")
+    out = []
+    for i in range(30):  # a noisy falling loss with warmup: nothing fires
+        lr = 1e-3 * min(1.0, (i + 1) / 5)
+        loss = 4.0 * math.exp(-i / 40) + rng.normal(0, 0.05)
+        out += eng.observe_metrics(i * 10, i * 10 * 4096, lr, _metrics(loss, gn=1 + rng.normal(0, 0.1), lr=lr))
+    assert out == [] and eng.phase == "stable"
+    # an LR spike: loss, grad norm and update ratio jump
+    spike = eng.observe_metrics(300, 0, 1e-2, _metrics(6.0, gn=40.0, ratio=3e-2, lr=1e-2))
+    rules = {a.rule for a in spike}
+    assert {"loss_spike", "grad_norm_spike", "update_ratio"} <= rules
+    assert all(a.severity == "warning" for a in spike)
+    # a loss that stays up becomes a critical divergence
+    crit = []
+    for j in range(6):
+        crit += eng.observe_metrics(310 + 10 * j, 0, 1e-3, _metrics(6.0 + j * 0.1))
+    assert any(a.rule == "loss_divergence" and a.severity == "critical" for a in crit)
+    assert eng.pop_expectations()[-1]["name"] == "train/loss"
+
+
+def test_nonfinite_is_critical_immediately_but_scaler_skips_are_not():
+    eng = AlertEngine(AlertConfig(), run="r")
+    a = eng.observe_metrics(10, 0, 1e-3, _metrics(float("nan")))
+    assert [x.severity for x in a if x.rule == "nonfinite"] == ["critical"]
+    eng = AlertEngine(AlertConfig(), run="r")
+    out = eng.observe_metrics(10, 0, 1e-3, _metrics(3.0, **{"optim/nonfinite_grad": 1.0, "optim/loss_scale": 1024.0,
+                                                            "optim/skipped_steps": 1.0}))
+    assert out == []
+    out = eng.observe_metrics(20, 0, 1e-3, _metrics(3.0, **{"optim/nonfinite_grad": 1.0, "optim/loss_scale": 64.0,
+                                                            "optim/skipped_steps": 8.0}))
+    assert [x.severity for x in out] == ["warning"]
+
+
+def test_stability_rules_at_probe_rounds():
+    eng = AlertEngine(AlertConfig(), run="r")
+    r = make_round(100, 10 ** 8, {"piqa": 0.6}, CAPS)
+    w = eng.observe_probe(r, {"stability/attn_logit_max": 2e3, "stability/attn_logit_max/3": 2e3})
+    assert [(a.rule, a.severity) for a in w] == [("attention_logit_growth", "warning")]
+    assert "layer 3" in w[0].message
+    c = eng.observe_probe(make_round(200, 2 * 10 ** 8, {"piqa": 0.6}, CAPS), {"stability/attn_logit_max": 2e4})
+    assert [(a.rule, a.severity) for a in c] == [("attention_logit_growth", "critical")]  # escalation
+    o = eng.observe_probe(make_round(300, 3 * 10 ** 8, {"piqa": 0.6}, CAPS),
+                          {"stability/output_logsumexp_mean": 250.0, "optim/grad_rms_over_eps_min": 2.0,
+                           "optim/grad_rms/embed": 2e-8, "optim/adam_eps": 1e-8})
+    assert {a.rule for a in o} == {"output_logit_divergence", "grad_rms_near_eps"}
+    assert "embed" in [a for a in o if a.rule == "grad_rms_near_eps"][0].message
+
+
+def test_paired_per_document_differences_tighten_the_band():
+    rng = np.random.default_rng(9)
+    docs = {i: -3.0 - rng.gamma(2.0) for i in range(200)}
+    eng = AlertEngine(AlertConfig(), run="r")
+    out = []
+    for r in range(1, 30):
+        # every document improves a little each round; from round 22 all get worse by 0.15 nats
+        shift = 0.02 * r - (0.15 if r >= 22 else 0.0)
+        gold = {"piqa": {d: v + shift + rng.normal(0, 0.01) for d, v in docs.items()}}
+        rnd = make_round(r * 100, r * 10 ** 8, {"piqa": 0.7}, CAPS, gold=gold)
+        out += [a for a in eng.observe_probe(rnd, {}) if a.metric == "gold_logprob"]
+    assert out and 22 <= out[0].step // 100 <= 24
+    assert "paired" in out[0].message
+
+
+def test_reference_run_expectation(tmp_path):
+    from fineline_monitor.core.trajectory import write_trajectory_csv
+
+    rows = []
+    for s in range(1, 60):
+        t = s * 10 ** 8
+        rows.append({"source": "pilot", "model": "small", "params": 1, "step": s, "tokens": t, "task": "piqa",
+                     "metric": "acc", "value": 0.5 + 0.35 * math.log(s + 1) / math.log(60), "stderr": None})
+    ref = tmp_path / "ref.csv"
+    write_trajectory_csv(ref, rows)
+    eng = AlertEngine(AlertConfig(reference_csv=str(ref)), run="r")
+    assert eng.reference is not None and eng.reference.name == "pilot/small"
+    out = []
+    for s in range(1, 40):
+        v = 0.52 + 0.35 * math.log(s + 1) / math.log(60)
+        out += eng.observe_probe(make_round(s, s * 10 ** 8, {"piqa": v}, CAPS), {})
+        exp = [r for r in eng.pop_expectations() if r["name"] == "probe/piqa/acc"]
+    assert out == []
+    assert exp and abs(exp[-1]["expected"] - v) < 0.02
