@@ -144,13 +144,14 @@ class CollectiveSafeScorer(Scorer):
         if self.equal_batches and self._distributed:
             n = int(_bounded_all_reduce(float(n), "MAX", self.dist.timeout_s))
         merged: Dict[int, Tuple[float, int, bool]] = {}
+        seen: set = set()
         self.batches_run = 0
         for bi in range(n):
             real = bi < len(batches)
             try:
                 if self.fail_at_batch is not None and bi == self.fail_at_batch:
                     raise RuntimeError(f"injected probe failure before batch {bi}")
-                pb = batches[bi] if real else prepare_batches([_dummy_row()], 1)[0]
+                pb = _without_repeated_rows(batches[bi], seen) if real else prepare_batches([_dummy_row()], 1)[0]
             except Exception as e:  # noqa: BLE001
                 err = e
             if self.agree_every_batch:
@@ -166,6 +167,33 @@ class CollectiveSafeScorer(Scorer):
                 if progress is not None:
                     progress(len(part))
         return merged
+
+
+def _without_repeated_rows(pb: Any, seen: set) -> Any:
+    """The runner pads short ranks by repeating a row (same number of forwards everywhere).
+    A repeated row inside one round would add its requests' log-probabilities twice, so
+    its labels are masked here: it still runs (the forward count stays equal) but scores
+    nothing."""
+    import dataclasses
+
+    import numpy as np
+
+    scored = (pb.labels != IGNORE_INDEX).sum(dim=1).tolist()
+    owners = list(pb.owners)
+    keep_rows, keep_owners, k = [], [], 0
+    for i, n in enumerate(scored):
+        mine = owners[k:k + n]
+        k += n
+        if mine and set(mine) <= seen:
+            continue
+        seen.update(mine)
+        keep_rows.append(i)
+        keep_owners.extend(mine)
+    if len(keep_rows) == len(scored):
+        return pb
+    labels = torch.full_like(pb.labels, IGNORE_INDEX)
+    labels[keep_rows] = pb.labels[keep_rows]
+    return dataclasses.replace(pb, labels=labels, owners=np.asarray(keep_owners, dtype=np.int64))
 
 
 def _no_inference_mode():
