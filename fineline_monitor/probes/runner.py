@@ -33,7 +33,8 @@ import torch
 from fineline_monitor.core.types import ProbeRound, RequestScore, TaskResult
 from fineline_monitor.distributed import DistContext
 from fineline_monitor.probes import metrics as M
-from fineline_monitor.probes.scoring import EncodedRequest, Row, Scorer, ScoringError, build_scorer
+from fineline_monitor.probes.scoring import (EncodedRequest, Row, Scorer, ScoringError, build_scorer, prepare_batches,
+                                             preserved_state)
 from fineline_monitor.probes.tasks import Doc, Task, TaskError, load_requests_file, load_task, resolve_names
 
 log = logging.getLogger("fineline_monitor.probes")
@@ -84,6 +85,7 @@ class ProbeRunner:
         self.rows: List[Row] = self.scorer.plan(self._encoded)
         self.n_truncated = sum(1 for e in self._encoded if e.truncated)
         self.tokens_per_round = sum(len(r) for r in self.rows)  # real tokens through the model
+        self._batches = None
 
     # ---- construction -------------------------------------------------------------------
     def _select_and_encode(self, n_docs: Optional[int], selection: str, seed: int) -> None:
@@ -132,13 +134,14 @@ class ProbeRunner:
     def run(self, step: int, tokens: Optional[int] = None, hooks: Any = None,
             progress: Optional[Callable[[int], None]] = None) -> ProbeRound:
         t0 = time.perf_counter()
-        mine = self._my_rows()
+        if self._batches is None:  # built once, reused every round
+            self._batches = prepare_batches(self._my_rows(), self.batch_size)
         error: Optional[str] = None
         local: Dict[int, Tuple[float, int, bool]] = {}
         try:
             with preserved_state(self.scorer.modules()), torch.inference_mode():
                 with (hooks if hooks is not None else contextlib.nullcontext()):
-                    local = self.scorer.score_rows(mine, self.batch_size, progress=progress)
+                    local = self.scorer.score_batches(self._batches, progress=progress)
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank together
             if not self.dist.distributed:
                 raise
@@ -205,27 +208,3 @@ def _encode_tolerant(scorer: Scorer, items: Sequence[Tuple[Any, str, str]]) -> L
             except ScoringError:
                 out.append(None)
         return out
-
-
-@contextlib.contextmanager
-def preserved_state(modules: Sequence[torch.nn.Module]):
-    """eval() inside; afterwards every submodule's mode and every RNG stream as before."""
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    cpu_state = torch.get_rng_state()
-    cuda_states = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda_states = torch.cuda.get_rng_state_all()
-    modes = [(m, m.training) for root in modules for m in root.modules()]
-    try:
-        for root in modules:
-            root.eval()
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)

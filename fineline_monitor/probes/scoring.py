@@ -51,7 +51,9 @@ done here once for every backend. Also set ``max_length`` and a tokenizer, and o
 from __future__ import annotations
 
 import abc
+import contextlib
 import inspect
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -245,8 +247,11 @@ def _segment_len(seg: Tuple[List[int], List[EncodedRequest]]) -> int:
     return len(trunk) + sum(len(m.tokens) - len(trunk) for m in members)
 
 
-def pack_rows(reqs: List[EncodedRequest], *, share_prefix: bool, pack: bool, max_length: int) -> List[Row]:
-    """Trees sorted longest first, first-fit into rows sized by their first (longest) tree."""
+def pack_rows(reqs: List[EncodedRequest], *, share_prefix: bool, pack: bool, max_length: int,
+              pack_tokens: int = 256) -> List[Row]:
+    """Trees sorted longest first, first-fit into rows of ``max(longest tree, pack_tokens)``
+    tokens. ``pack_tokens`` trades padding and call count against attention cost: a packed
+    row of T tokens pays T x T attention (masked entries included), so rows stay short."""
     segs = build_segments(reqs, share_prefix, max_length) if share_prefix else [
         (r.tokens[:len(r.tokens) - r.n_scored], [r]) for r in reqs]
     segs.sort(key=lambda s: (-_segment_len(s), s[1][0].index))
@@ -263,7 +268,7 @@ def pack_rows(reqs: List[EncodedRequest], *, share_prefix: bool, pack: bool, max
                     target = row
                     break
         if target is None:
-            target = Row(capacity=n)
+            target = Row(capacity=max(n, min(pack_tokens, max_length)) if pack else n)
             rows.append(target)
             open_rows.append(target)
         _append_segment(target, seg)
@@ -307,40 +312,74 @@ class TokenBatch:
     n_tokens: int = 0  # real (non-padding) tokens in the batch
 
 
-def collate(rows: List[Row], *, packed: bool, device: Any, mask_dtype: torch.dtype = torch.float32,
-            pad_id: int = 0) -> TokenBatch:
-    B = len(rows)
-    T = max(len(r) for r in rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r)
-        ids[i, :n] = torch.tensor(r.tokens, dtype=torch.long)
-        labels[i, :n] = torch.tensor(r.labels, dtype=torch.long)
-    batch = TokenBatch(input_ids=ids.to(device), labels=labels.to(device),
-                       n_tokens=sum(len(r) for r in rows))
-    if packed:
+@dataclass
+class PreparedBatch:
+    """A batch in compact host form, built once and reused every round (the mask is
+    derived on the device from ``segment``/``branch``, T x T never stays in memory)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor
+    segment: torch.Tensor
+    branch: torch.Tensor
+    owners: np.ndarray  # request index of each scored position, row-major
+    n_tokens: int
+    allowed: Optional[torch.Tensor] = None  # cached bool [B, T, T] mask when small (see to_token_batch)
+
+
+def prepare_batches(rows: List[Row], batch_size: int, pad_id: int = 0) -> List[PreparedBatch]:
+    rows = sorted(rows, key=lambda r: -len(r))  # longest first: memory errors show on batch one
+    out = []
+    for k in range(0, len(rows), batch_size):
+        chunk = rows[k:k + batch_size]
+        B, T = len(chunk), max(len(r) for r in chunk)
+        ids = torch.full((B, T), pad_id, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
         pos = torch.zeros((B, T), dtype=torch.long)
-        seg = torch.arange(T, dtype=torch.long).add(1_000_000).repeat(B, 1)  # padding: itself only
+        seg = torch.arange(T, dtype=torch.long).add(1_000_000).repeat(B, 1)  # padding: attends to itself only
         br = torch.full((B, T), -1, dtype=torch.long)
-        for i, r in enumerate(rows):
+        for i, r in enumerate(chunk):
             n = len(r)
+            ids[i, :n] = torch.tensor(r.tokens, dtype=torch.long)
+            labels[i, :n] = torch.tensor(r.labels, dtype=torch.long)
             pos[i, :n] = torch.tensor(r.positions, dtype=torch.long)
             seg[i, :n] = torch.tensor(r.segment, dtype=torch.long)
             br[i, :n] = torch.tensor(r.branch, dtype=torch.long)
-        causal = torch.ones((T, T), dtype=torch.bool).tril_()
-        allowed = (seg[:, :, None] == seg[:, None, :]) & causal & (
-            (br[:, None, :] == -1) | (br[:, :, None] == br[:, None, :]))
-        mask = torch.zeros((B, 1, T, T), dtype=mask_dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
-        batch.position_ids = pos.to(device)
-        batch.attention_mask = mask.to(device)
+        owners = np.array([o for r in chunk for o in r.owners], dtype=np.int64)
+        out.append(PreparedBatch(ids, labels, pos, seg, br, owners, sum(len(r) for r in chunk)))
+    return out
+
+
+def to_token_batch(pb: PreparedBatch, *, packed: bool, device: Any, mask_dtype: torch.dtype) -> TokenBatch:
+    batch = TokenBatch(input_ids=pb.input_ids.to(device, non_blocking=True),
+                       labels=pb.labels.to(device, non_blocking=True), n_tokens=pb.n_tokens)
+    if packed:
+        if pb.allowed is not None:
+            allowed = pb.allowed.to(device, non_blocking=True)
+        else:
+            T = pb.input_ids.shape[1]
+            seg = pb.segment.to(device, non_blocking=True)
+            br = pb.branch.to(device, non_blocking=True)
+            causal = torch.ones((T, T), dtype=torch.bool, device=device).tril_()
+            allowed = (seg[:, :, None] == seg[:, None, :]) & causal & (
+                (br[:, None, :] == -1) | (br[:, :, None] == br[:, None, :]))
+            # Rounds reuse their batches: keep small masks (<= 16 MiB each) on the host.
+            if allowed.numel() <= (16 << 20):
+                pb.allowed = allowed.to("cpu")
+        if mask_dtype == torch.bool:
+            mask = allowed  # SDPA takes a boolean "may attend" mask as is
+        else:
+            mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=device)
+            mask.masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+        batch.position_ids = pb.positions.to(device, non_blocking=True)
+        batch.attention_mask = mask[:, None]
     return batch
 
 
-def batches_of(rows: List[Row], batch_size: int) -> List[List[Row]]:
-    rows = sorted(rows, key=lambda r: -len(r))  # longest first: memory errors show on batch one
-    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+def collate(rows: List[Row], *, packed: bool, device: Any, mask_dtype: torch.dtype = torch.float32) -> TokenBatch:
+    """One TokenBatch from rows (tests and the self-check)."""
+    (pb,) = prepare_batches(rows, len(rows))
+    return to_token_batch(pb, packed=packed, device=device, mask_dtype=mask_dtype)
 
 
 # ---- scorers ---------------------------------------------------------------------------
@@ -351,6 +390,8 @@ class Scorer(abc.ABC):
 
     #: whether score_tokens honours position_ids and a custom attention mask (trees, packing)
     supports_packing: bool = False
+    #: target length of a packed row (see pack_rows)
+    pack_tokens: int = 256
 
     def __init__(self, tokenizer: Any, max_length: int, *, prefix_token_id: Optional[int] = None,
                  device: Any = None, mask_dtype: torch.dtype = torch.float32):
@@ -379,30 +420,38 @@ class Scorer(abc.ABC):
     def plan(self, reqs: List[EncodedRequest]) -> List[Row]:
         self.prepare()
         packing = self.supports_packing
-        return pack_rows(reqs, share_prefix=packing, pack=packing, max_length=self.max_length)
+        return pack_rows(reqs, share_prefix=packing, pack=packing, max_length=self.max_length,
+                         pack_tokens=self.pack_tokens)
 
     def score_rows(self, rows: List[Row], batch_size: int,
                    progress: Optional[Callable[[int], None]] = None) -> Dict[int, Tuple[float, int, bool]]:
         """Score rows; returns request index -> (sum logprob, n_tokens, is_greedy)."""
+        return self.score_batches(prepare_batches(rows, batch_size), progress)
+
+    def score_batches(self, batches: List[PreparedBatch],
+                      progress: Optional[Callable[[int], None]] = None) -> Dict[int, Tuple[float, int, bool]]:
         self.prepare()
-        sums: Dict[int, float] = {}
-        counts: Dict[int, int] = {}
-        greedy: Dict[int, bool] = {}
-        for chunk in batches_of(rows, batch_size):
-            batch = collate(chunk, packed=self.supports_packing, device=self.device, mask_dtype=self.mask_dtype)
+        owners_all, lp_all, gr_all = [], [], []
+        for pb in batches:
+            batch = to_token_batch(pb, packed=self.supports_packing, device=self.device, mask_dtype=self.mask_dtype)
             lp, gr = self.score_tokens(batch)
-            owners = [o for r in chunk for o in r.owners]
-            lp_np = lp.detach().to("cpu", torch.float64).numpy()
-            gr_np = gr.detach().to("cpu").numpy().astype(bool)
-            if len(lp_np) != len(owners):
-                raise RuntimeError(f"score_tokens returned {len(lp_np)} values for {len(owners)} scored tokens")
-            for o, v, g in zip(owners, lp_np, gr_np):
-                sums[o] = sums.get(o, 0.0) + float(v)
-                counts[o] = counts.get(o, 0) + 1
-                greedy[o] = greedy.get(o, True) and bool(g)
+            if lp.shape[0] != len(pb.owners):
+                raise RuntimeError(f"score_tokens returned {lp.shape[0]} values for {len(pb.owners)} scored tokens")
+            owners_all.append(pb.owners)
+            lp_all.append(lp.detach().to("cpu", torch.float64).numpy())
+            gr_all.append(gr.detach().to("cpu").numpy().astype(bool))
             if progress is not None:
-                progress(len(set(owners)))
-        return {k: (sums[k], counts[k], greedy[k]) for k in sums}
+                progress(len(np.unique(pb.owners)))
+        if not owners_all:
+            return {}
+        owners = np.concatenate(owners_all)
+        lps = np.concatenate(lp_all)
+        grs = np.concatenate(gr_all)
+        keys, inv = np.unique(owners, return_inverse=True)
+        sums = np.bincount(inv, weights=lps, minlength=len(keys))
+        counts = np.bincount(inv, minlength=len(keys))
+        misses = np.bincount(inv, weights=(~grs).astype(np.float64), minlength=len(keys))
+        return {int(k): (float(s_), int(c), bool(m == 0)) for k, s_, c, m in zip(keys, sums, counts, misses)}
 
 
 def _logits_of(out: Any) -> torch.Tensor:
@@ -481,29 +530,39 @@ class HFScorer(Scorer):
         reqs = [EncodedRequest(0, "x", a[:-1], a[-3:], False), EncodedRequest(1, "x", b[:-1], b[-3:], False),
                 EncodedRequest(2, "y", c[:-1], c[-2:], False)]
         ref = {}
-        with torch.inference_mode():
+        # eval mode (no dropout) and every RNG stream restored: the check changes nothing.
+        with preserved_state([self.model]), torch.inference_mode():
             for r in reqs:
                 ids = torch.tensor([r.tokens], device=self.device)
                 logits = _logits_of(self.model(input_ids=ids))[0, -r.n_scored:]
                 lp, _ = _score_logits(logits, torch.tensor(r.targets, device=self.device))
                 ref[r.index] = float(lp.double().sum())
-            tol = 1e-3 if self.mask_dtype == torch.float32 else 5e-2
-            for packing, fast in ((self.supports_packing, self.fast_head), (self.supports_packing, False),
-                                  (False, self.fast_head), (False, False)):
-                self.supports_packing, self.fast_head = packing, fast
+            float_mask = self.mask_dtype
+            tol = 1e-3 if float_mask == torch.float32 else 5e-2
+            sdpa = getattr(getattr(self.model, "config", None), "_attn_implementation", None) == "sdpa"
+            plans = [(self.supports_packing, self.fast_head, torch.bool)] if sdpa else []
+            plans += [(self.supports_packing, self.fast_head, float_mask), (self.supports_packing, False, float_mask),
+                      (False, self.fast_head, float_mask), (False, False, float_mask)]
+            for packing, fast, mdt in plans:
+                self.supports_packing, self.fast_head, self.mask_dtype = packing, fast, mdt
                 try:
-                    rows = pack_rows(reqs, share_prefix=packing, pack=packing, max_length=self.max_length)
-                    got = {}
-                    for row in rows:
-                        batch = collate([row], packed=packing, device=self.device, mask_dtype=self.mask_dtype)
+                    err = 0.0
+                    # Two layouts: one row per document (rows of different lengths: padding)
+                    # and all documents packed into one row.
+                    for pt in (1, self.max_length):
+                        rows = pack_rows(reqs, share_prefix=packing, pack=packing, max_length=self.max_length,
+                                         pack_tokens=pt)
+                        batch = collate(rows, packed=packing, device=self.device, mask_dtype=self.mask_dtype)
                         lp, _ = self.score_tokens(batch)
-                        for o, v in zip(row.owners, lp.double().cpu().tolist()):
+                        owners = [o for r in sorted(rows, key=lambda r: -len(r)) for o in r.owners]
+                        got: Dict[int, float] = {}
+                        for o, v in zip(owners, lp.double().cpu().tolist()):
                             got[o] = got.get(o, 0.0) + v
-                    err = max(abs(got[k] - ref[k]) for k in ref)
+                        err = max([err] + [abs(got[k] - ref[k]) for k in ref])
                 except Exception as e:  # noqa: BLE001 - a model without these features falls back
                     err = float("inf")
                     self.check_report.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
-                self.check_report[f"packing={packing},fast_head={fast}"] = err
+                self.check_report[f"packing={packing},fast_head={fast},mask={str(mdt).replace('torch.', '')}"] = err
                 if err <= tol:
                     return
         raise ScoringError(f"the model's scores disagree with its own forward pass: {self.check_report}")
@@ -520,6 +579,30 @@ class HFScorer(Scorer):
         else:
             logits = _logits_of(self.model(input_ids=batch.input_ids, **kw))[sel]
         return _score_logits(logits, batch.labels[sel])
+
+
+@contextlib.contextmanager
+def preserved_state(modules: Sequence[torch.nn.Module]):
+    """eval() inside; afterwards every submodule's mode and every RNG stream as before."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    cpu_state = torch.get_rng_state()
+    cuda_states = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda_states = torch.cuda.get_rng_state_all()
+    modes = [(m, m.training) for root in modules for m in root.modules()]
+    try:
+        for root in modules:
+            root.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 # ---- helpers --------------------------------------------------------------------------
