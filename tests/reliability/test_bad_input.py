@@ -14,6 +14,7 @@ which reach deeper into the parsers than random noise does.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -51,6 +52,21 @@ class Counter:
     def __init__(self):
         self.tried = 0
         self.rejected = 0
+        self.unexpected = 0  # an undocumented exception type, or a broken check on the result
+
+    @contextlib.contextmanager
+    def track(self):
+        self.tried += 1
+        try:
+            yield
+        except BaseException:
+            self.unexpected += 1
+            raise
+
+    def outcome(self, documented: str) -> str:
+        if self.unexpected:
+            return f"**{self.unexpected} input(s) failed** (undocumented exception or bad result; see tests)"
+        return documented
 
 
 # ---- the config loader --------------------------------------------------------------------------
@@ -117,7 +133,8 @@ def config_counter(fault_table):
     c = Counter()
     yield c
     fault_table.record(AREA, "config: random nested dicts (MonitorConfig.from_dict)",
-                       f"parsed or ConfigError naming the key ({c.rejected} rejected); no other exception type",
+                       c.outcome(f"parsed or ConfigError naming the key ({c.rejected} rejected); "
+                                 "no other exception type"),
                        bad_inputs=c.tried)
 
 
@@ -128,15 +145,15 @@ def config_counter(fault_table):
 @example(data={"sinks": ["store"]})
 @example(data={1: 2})
 def test_config_from_dict(data, config_counter):
-    config_counter.tried += 1
-    try:
-        cfg = MonitorConfig.from_dict(data, where="cfg.yaml")
-    except ConfigError as e:
-        config_counter.rejected += 1
-        _check_config_error(e, "cfg.yaml")
-        return
-    _no_nan(cfg)
-    assert MonitorConfig.from_dict(cfg.to_dict()) == cfg  # what it accepted round-trips
+    with config_counter.track():
+        try:
+            cfg = MonitorConfig.from_dict(data, where="cfg.yaml")
+        except ConfigError as e:
+            config_counter.rejected += 1
+            _check_config_error(e, "cfg.yaml")
+            return
+        _no_nan(cfg)
+        assert MonitorConfig.from_dict(cfg.to_dict()) == cfg  # what it accepted round-trips
 
 
 # random YAML text: mutations of a valid config, and YAML constructs that compose but do not construct
@@ -168,8 +185,8 @@ def yaml_counter(fault_table):
     c = Counter()
     yield c
     fault_table.record(AREA, "config: random YAML text (MonitorConfig.from_yaml)",
-                       f"parsed or ConfigError naming file:line or the key ({c.rejected} rejected); "
-                       "no other exception type", bad_inputs=c.tried)
+                       c.outcome(f"parsed or ConfigError naming file:line or the key ({c.rejected} rejected); "
+                       "no other exception type"), bad_inputs=c.tried)
 
 
 @settings(**SETTINGS)
@@ -178,16 +195,16 @@ def yaml_counter(fault_table):
 @example(text="a: !!python/object:os.system x\n")
 @example(text="probes: !!set {a, b}\n")
 def test_config_from_yaml(text, yaml_counter, tmp_path_factory):
-    yaml_counter.tried += 1
-    path = _scratch(tmp_path_factory) / "monitor.yaml"
-    path.write_text(text)
-    try:
-        cfg = MonitorConfig.from_yaml(path)
-    except ConfigError as e:
-        yaml_counter.rejected += 1
-        _check_config_error(e, str(path))
-        return
-    _no_nan(cfg)
+    with yaml_counter.track():
+        path = _scratch(tmp_path_factory) / "monitor.yaml"
+        path.write_text(text)
+        try:
+            cfg = MonitorConfig.from_yaml(path)
+        except ConfigError as e:
+            yaml_counter.rejected += 1
+            _check_config_error(e, str(path))
+            return
+        _no_nan(cfg)
 
 
 # ---- the requests JSONL parser ------------------------------------------------------------------
@@ -233,8 +250,8 @@ def requests_counter(fault_table):
     c = Counter()
     yield c
     fault_table.record(AREA, "requests JSONL: random lines (probes.tasks.load_requests_file)",
-                       f"parsed or TaskError naming file:line and the field ({c.rejected} rejected); "
-                       "no other exception type", bad_inputs=c.tried)
+                       c.outcome(f"parsed or TaskError naming file:line and the field ({c.rejected} rejected); "
+                       "no other exception type"), bad_inputs=c.tried)
 
 
 @settings(**SETTINGS)
@@ -246,18 +263,18 @@ def requests_counter(fault_table):
 def test_requests_jsonl(text, requests_counter, tmp_path_factory):
     from fineline_monitor.probes.tasks import TaskError, load_requests_file
 
-    requests_counter.tried += 1
-    path = _scratch(tmp_path_factory) / "user_task.jsonl"
-    path.write_bytes(text.encode("utf-8", "surrogatepass"))
-    try:
-        tasks = load_requests_file(str(path))
-    except TaskError as e:
-        requests_counter.rejected += 1
-        msg = str(e)
-        assert msg.startswith(str(path)), msg
-        assert re.match(re.escape(str(path)) + r"(:\d+)?: \S", msg), f"no file[:line]: what: {msg!r}"
-        return
-    assert tasks and all(t for t in tasks)
+    with requests_counter.track():
+        path = _scratch(tmp_path_factory) / "user_task.jsonl"
+        path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        try:
+            tasks = load_requests_file(str(path))
+        except TaskError as e:
+            requests_counter.rejected += 1
+            msg = str(e)
+            assert msg.startswith(str(path)), msg
+            assert re.match(re.escape(str(path)) + r"(:\d+)?: \S", msg), f"no file[:line]: what: {msg!r}"
+            return
+        assert tasks and all(t for t in tasks)
 
 
 # ---- the trajectory CSV parser ------------------------------------------------------------------
@@ -296,8 +313,8 @@ def trajectory_counter(fault_table):
     c = Counter()
     yield c
     fault_table.record(AREA, "trajectory CSV: random tables (core.trajectory.read_trajectory)",
-                       f"parsed or TrajectoryError naming file:line and the column ({c.rejected} rejected); "
-                       "no other exception type", bad_inputs=c.tried)
+                       c.outcome(f"parsed or TrajectoryError naming file:line and the column ({c.rejected} rejected); "
+                       "no other exception type"), bad_inputs=c.tried)
 
 
 @settings(**SETTINGS)
@@ -308,12 +325,12 @@ def trajectory_counter(fault_table):
 def test_trajectory_csv(text, trajectory_counter, tmp_path_factory):
     from fineline_monitor.core.trajectory import TrajectoryError, read_trajectory
 
-    trajectory_counter.tried += 1
-    path = _scratch(tmp_path_factory) / "traj.csv"
-    path.write_text(text)
-    try:
-        read_trajectory(path)
-    except TrajectoryError as e:
-        trajectory_counter.rejected += 1
-        msg = str(e)
-        assert re.match(re.escape(str(path)) + r"(:\d+)?: \S", msg), f"no file[:line]: what: {msg!r}"
+    with trajectory_counter.track():
+        path = _scratch(tmp_path_factory) / "traj.csv"
+        path.write_text(text)
+        try:
+            read_trajectory(path)
+        except TrajectoryError as e:
+            trajectory_counter.rejected += 1
+            msg = str(e)
+            assert re.match(re.escape(str(path)) + r"(:\d+)?: \S", msg), f"no file[:line]: what: {msg!r}"

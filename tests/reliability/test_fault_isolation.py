@@ -112,19 +112,23 @@ def _assert_reported_once(mon, caplog, part, *, store_alive=True):
 
 # ---- in-process faults: reported once, part disabled, training bit-identical ------------------
 
-def _raise_in_probe_forward(model):
-    """A model hook that fails only in no-grad forwards, i.e. inside a probe round (an OOM)."""
+def _raise_in_probe_forward(step, mon):
+    """From step 0 on (after the monitor attached and its scorer checked the model), a model
+    hook fails in no-grad forwards, i.e. inside a probe round: an OOM in the middle of it."""
+    if step != 0:
+        return
+
     def hook(module, args, output):
         if not torch.is_grad_enabled():
             raise RuntimeError("CUDA out of memory (injected in a probe forward)")
 
-    model.transformer.h[0].register_forward_hook(hook)
+    mon.model.transformer.h[0].register_forward_hook(hook)
 
 
 def test_probe_forward_raises(tmp_path, tiny_tokenizer, vocab, baseline, caplog, fault_table):
     rec = Recorder()
     with caplog.at_level(logging.ERROR, logger="fineline_monitor"):
-        losses, mon = _run(tmp_path, tiny_tokenizer, vocab, _cfg(tmp_path), before_build=_raise_in_probe_forward,
+        losses, mon = _run(tmp_path, tiny_tokenizer, vocab, _cfg(tmp_path), inject=_raise_in_probe_forward,
                            recorder=rec)
     assert mon.probes is not None, "the probe runner was not built (is fineline_monitor.probes.ProbeRunner there?)"
     assert losses == baseline
@@ -140,7 +144,7 @@ def test_probe_forward_raises(tmp_path, tiny_tokenizer, vocab, baseline, caplog,
 
 def test_probe_forward_raises_strict(tmp_path, tiny_tokenizer, vocab, fault_table):
     with pytest.raises(RuntimeError, match="out of memory"):
-        _run(tmp_path, tiny_tokenizer, vocab, _cfg(tmp_path, strict=True), before_build=_raise_in_probe_forward)
+        _run(tmp_path, tiny_tokenizer, vocab, _cfg(tmp_path, strict=True), inject=_raise_in_probe_forward)
     fault_table.record(AREA, "same faults with strict=True", "raises to the caller", injected=1, survived=1)
 
 
@@ -195,8 +199,9 @@ def test_store_breaks_mid_run(tmp_path, tiny_tokenizer, vocab, baseline, caplog,
     assert losses == baseline
     _assert_reported_once(mon, caplog, "sink:store", store_alive=False)
     # the other sinks still get every collect step, with the error counted
-    assert [s for s, _ in rec.metrics if "train/loss" in _] == list(range(0, STEPS, COLLECT))
-    assert rec.metrics[-1][1]["fineline/internal_error"] >= 1.0
+    loss_rows = [(s, m) for s, m in rec.metrics if "train/loss" in m]
+    assert [s for s, _ in loss_rows] == list(range(0, STEPS, COLLECT))
+    assert loss_rows[-1][1]["fineline/internal_error"] >= 1.0
     fault_table.record(AREA, "store: SQLite connection closed mid-run", "store sink disabled, reported once "
                        "(log + metric in the other sinks); other sinks get every row; loss bit-identical",
                        injected=1, survived=1)
