@@ -109,3 +109,9 @@ def dump_probe_round(monitor, out: Path, name: str = "probe_round.json") -> None
     if rank() != 0 or monitor.last_probe is None:
         return
     (Path(out) / name).write_text(json.dumps(monitor.last_probe.to_json()))
+
+
+def world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
