@@ -117,10 +117,15 @@ class CollectiveSafeScorer(Scorer):
     def _distributed(self) -> bool:
         return self.dist is not None and self.dist.distributed
 
-    def _agree_ok(self, ok: bool, where: str) -> None:
-        if not self._distributed:
-            return
-        if _bounded_all_reduce(1.0 if ok else 0.0, "MIN", self.dist.timeout_s) < 0.5:
+    def _agree(self, err: Optional[BaseException], where: str) -> None:
+        """Every rank joins; if any rank failed, every rank raises here (the failing rank
+        its own error, the others ProbeAborted)."""
+        ok = err is None
+        if self._distributed:
+            ok = _bounded_all_reduce(1.0 if ok else 0.0, "MIN", self.dist.timeout_s) >= 0.5
+        if err is not None:
+            raise err
+        if not ok:
             raise ProbeAborted(f"a rank failed during the probe round ({where}); every rank stops here")
 
     def score_batches(self, batches: List[Any],
@@ -137,9 +142,7 @@ class CollectiveSafeScorer(Scorer):
             self.inner.prepare()  # HF self-check forwards: the same count on every rank
         except Exception as e:  # noqa: BLE001 - agreed on, then re-raised
             err = e
-        self._agree_ok(err is None, "preparation")
-        if err is not None:
-            raise err
+        self._agree(err, "preparation")
         n = len(batches)
         if self.equal_batches and self._distributed:
             n = int(_bounded_all_reduce(float(n), "MAX", self.dist.timeout_s))
@@ -155,8 +158,8 @@ class CollectiveSafeScorer(Scorer):
             except Exception as e:  # noqa: BLE001
                 err = e
             if self.agree_every_batch:
-                self._agree_ok(err is None, f"batch {bi}")  # before the model's collectives
-            if err is not None:
+                self._agree(err, f"batch {bi}")  # before the model's collectives
+            elif err is not None:
                 raise err
             # One batch at a time through the inner scorer's own driver: a request's scored
             # positions all lie in one row, so per-batch results merge exactly.
