@@ -176,6 +176,9 @@ class FineLineMonitor:
                 metrics["train/tokens"] = float(tokens)
         if self._error_counts:
             metrics["fineline/internal_error"] = float(sum(self._error_counts.values()))
+            for part, n in self._error_counts.items():
+                # e.g. fineline/internal_error/probes feeds the probe-failure alert rule
+                metrics[f"fineline/internal_error/{part.replace(':', '_')}"] = float(n)
         if not self.dist.is_logging_rank:
             return []
         self._emit("log_metrics", step, tokens, metrics)
