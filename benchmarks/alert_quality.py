@@ -59,6 +59,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fineline_monitor.analyze import replay_run  # noqa: E402
+from fineline_monitor.core.alerts import takeoff_index  # noqa: E402
 from fineline_monitor.core.config import AlertConfig  # noqa: E402
 from fineline_monitor.core.expectations import ACC, LOSS, chance_for, metric_kind  # noqa: E402
 from fineline_monitor.core.trajectory import Curve, read_trajectory  # noqa: E402
@@ -108,6 +109,12 @@ def inject(c: Curve, kind: str, rng: random.Random, scale: float = 1.0) -> Optio
         if not above.size:
             return None
         start = int(above[0])
+        # and after the engine's own take-off rule: a curve within 3 binomial sigma of chance
+        # is not judged by design ("no alert at chance"), so a fault there is not scored
+        tk = takeoff_index(y, c.stderr * c.stderr, ch)
+        if tk is None:
+            return None
+        start = max(start, tk)
     lo_t0 = max(start + 8, 8)
     hi_t0 = len(y) - 3
     cands = list(range(lo_t0, hi_t0 + 1))

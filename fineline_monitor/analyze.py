@@ -84,7 +84,11 @@ def replay_run(curves: List[Curve], cfg: AlertConfig, *, reference: Optional[Ref
     all_steps = sorted(set(probe_steps) | set(step_rows))
     pos = {s: k for k, s in enumerate(probe_steps)}
     alerts: List[Alert] = []
-    rounds = 0
+    # Pass 1, in step order: per-step indicator rows (their LR drives the phase tracker)
+    # and the phase/segment in force at each evaluation round, as observe_probe sees them.
+    r_tokens: List[Optional[float]] = []
+    r_phase: List[str] = []
+    r_seg: List[int] = []
     for s in all_steps:
         if s in step_rows:
             m = step_rows[s]
@@ -93,15 +97,32 @@ def replay_run(curves: List[Curve], cfg: AlertConfig, *, reference: Optional[Ref
         k = pos.get(s)
         if k is None:
             continue
-        a, b = starts[k], ends[k]
-        idx = ci[a:b].tolist()
-        t = tk[a:b]
+        t = tk[starts[k]:ends[k]]
         t_ok = t[np.isfinite(t)]
         tokens = float(t_ok[0]) if t_ok.size else step_tokens.get(s)
-        alerts += eng.observe_curves(s, tokens, [keys[i] for i in idx], [tasks[i] for i in idx],
-                                     [metrics[i] for i in idx], [caps[i] for i in idx], va[a:b].tolist(),
-                                     var[a:b].tolist(), [chance[i] for i in idx])
-        rounds += 1
+        eng.phases.observe(s, tokens, None)
+        r_tokens.append(tokens)
+        r_phase.append(eng.phases.phase)
+        r_seg.append(eng.phases.segment)
+    rounds = len(probe_steps)
+    if reference is None:
+        # Pass 2: every curve and round at once (same detector and firing as live)
+        rnd = np.repeat(np.arange(rounds), ends - starts) if rounds else np.zeros(0, np.int64)
+        alerts += eng.observe_table(probe_steps, r_tokens, r_phase, r_seg, keys, tasks, metrics, caps, chance,
+                                    ci, rnd, va, var)
+    else:
+        # a reference run is calibrated point by point: the live path, round by round
+        eng2 = AlertEngine(cfg, run=run_name or f"{source}/{model}", source=source, model=model,
+                           reference=reference, emit_expectations=False)
+        for k, s in enumerate(probe_steps):
+            eng2.phases.observe(s, r_tokens[k], None)
+            eng2.phases.phase, eng2.phases.segment = r_phase[k], r_seg[k]
+            a, b = starts[k], ends[k]
+            idx = ci[a:b].tolist()
+            alerts += eng2.observe_curves(s, r_tokens[k], [keys[i] for i in idx], [tasks[i] for i in idx],
+                                          [metrics[i] for i in idx], [caps[i] for i in idx], va[a:b].tolist(),
+                                          var[a:b].tolist(), [chance[i] for i in idx])
+    alerts.sort(key=lambda a: a.step)
     summary = {"source": source, "model": model, "rounds": rounds, "curves": len(probe),
                "points": int(st.size), "too_short": too_short, "untracked_metrics": len(untracked),
                "phase_changes": eng.phases.history, "alerts": _count(alerts)}

@@ -325,3 +325,128 @@ class ReferenceCurves:
 
 __all__ = ["ACC", "LOSS", "NEG", "metric_kind", "chance_for", "capability_for", "fit_predict", "Prediction",
            "ReferenceCurves", "base_task"]
+
+
+# ---- lagged ("frozen") fit and window change detection -----------------------------------
+@dataclass
+class LagDetection:
+    """Per-curve results of `lagged_detect` (N rows; K lags in the 2-D arrays).
+
+    `z[:, k-1]` is the standardised mean residual of the k newest points against a fit
+    that stopped k points ago (nan when it cannot be formed); `zpt[:, k-1]` the least
+    bad standardised residual among those k points (all of them must be out for a
+    sustained fault). `expected`/`sigma` describe the newest point under the lag-K fit,
+    `level_last` is that fit at its own last point, `noise` the curve's noise sigma."""
+
+    z: np.ndarray
+    zpt: np.ndarray
+    expected: np.ndarray
+    sigma: np.ndarray
+    pred_k: np.ndarray  # (N, K) prediction of the newest point by the lag-k fit (good-direction units)
+    sig_k: np.ndarray  # (N, K) its one-sigma error
+    level_last: np.ndarray
+    noise: np.ndarray
+
+
+def _masked_median(a: np.ndarray, m: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Row medians of `a` over the entries where `m` is true (nan where none); also counts."""
+    s = np.sort(np.where(m, a, np.inf), axis=1)
+    c = m.sum(1)
+    r = np.arange(a.shape[0])
+    lo_i = np.clip((c - 1) // 2, 0, max(a.shape[1] - 1, 0))
+    hi_i = np.clip(c // 2, 0, max(a.shape[1] - 1, 0))
+    med = 0.5 * (s[r, lo_i] + s[r, hi_i]) if a.shape[1] else np.full(a.shape[0], np.nan)
+    return np.where(c > 0, med, np.nan), c
+
+
+def lagged_detect(X: np.ndarray, G: np.ndarray, V: np.ndarray, U: np.ndarray, floor: np.ndarray, *,
+                  K: int = 3, F: int = 8, growth_unc: float = 0.35, min_fit: int = 5) -> LagDetection:
+    """Forward prediction from fits frozen before the newest points, for many curves.
+
+    X (log tokens), G (values signed so that higher is better), V (known sampling variance,
+    nan unknown), U (usable: finite and in the current phase segment) are (N, W) windows,
+    newest column last. For every lag k = 1..K a straight line in log tokens is fitted to
+    the last `F` usable points *before* the k newest ones and extrapolated over them.
+
+    Why frozen and lagged: a one-step-ahead fit that keeps learning absorbs a slow fault
+    (a stall or a drift moves the fit with it); a fit that stopped k rounds ago does not,
+    and comparing the k newest points with it is a window-limited sequential test (the
+    change happened at most K rounds ago), which is what "caught within 3 rounds" needs.
+    Why a line in log tokens over a short window: over ~8 evaluation rounds the sigmoid /
+    power-law shapes are locally straight, the fit is closed-form and vectorises, and the
+    curvature it misses is covered by `growth_unc` (a fraction of the extrapolated gain
+    counted as uncertainty: healthy curves do saturate).
+    Noise: 1.4826 MAD of the detrended first differences of the usable points before the
+    K newest (robust to the trend and to a few outliers), floored by `floor` (absolute,
+    per row) and by the line's own residual scatter (a curve the line cannot follow is
+    judged with that wider band).
+    """
+    N, W = X.shape
+    ok_pt = U & np.isfinite(G) & np.isfinite(X)
+    z = np.full((N, K), np.nan)
+    zpt = np.full((N, K), np.nan)
+    pred_k = np.full((N, K), np.nan)
+    sig_k = np.full((N, K), np.nan)
+    # noise from the points before the K newest
+    pre = ok_pt.copy()
+    pre[:, max(W - K, 0):] = False
+    d = G[:, 1:] - G[:, :-1]
+    dm = pre[:, 1:] & pre[:, :-1]
+    md, nd = _masked_median(d, dm)
+    dev = np.abs(d - np.nan_to_num(md)[:, None])
+    mad, _ = _masked_median(dev, dm)
+    noise = 1.4826 * mad / math.sqrt(2.0)
+    v_med, _ = _masked_median(np.nan_to_num(V), np.isfinite(V) & pre)
+    v_med = np.sqrt(v_med)
+    noise = np.where(nd >= 5, noise, np.fmax(noise, v_med))
+    noise = np.fmax(np.nan_to_num(noise, nan=0.0), floor)
+    expected = np.full(N, np.nan)
+    sigma = np.full(N, np.nan)
+    level_last = np.full(N, np.nan)
+    for k in range(1, K + 1):
+        base = ok_pt.copy()
+        base[:, W - k:] = False
+        from_right = np.cumsum(base[:, ::-1], axis=1)[:, ::-1]
+        fm = base & (from_right <= F)
+        n = fm.sum(1).astype(float)
+        Xf = np.where(fm, X, 0.0)
+        Gf = np.where(fm, G, 0.0)
+        nn = np.maximum(n, 1.0)
+        xb = Xf.sum(1) / nn
+        yb = Gf.sum(1) / nn
+        dx = np.where(fm, X - xb[:, None], 0.0)
+        sxx = (dx * dx).sum(1)
+        sxy = (dx * np.where(fm, G - yb[:, None], 0.0)).sum(1)
+        flat = sxx <= 1e-12
+        b = np.where(flat, 0.0, sxy / np.where(flat, 1.0, sxx))
+        a = yb - b * xb
+        r = np.where(fm, G - a[:, None] - b[:, None] * X, 0.0)
+        s_fit = np.sqrt((r * r).sum(1) / np.maximum(n - 2, 1))
+        sig = np.fmax(noise, s_fit)
+        x_last = np.max(np.where(fm, X, -np.inf), axis=1)
+        tgt = ok_pt[:, W - k:]
+        full = tgt.all(1) & (n >= min_fit)
+        Xt, Gt = X[:, W - k:], G[:, W - k:]
+        pt = a[:, None] + b[:, None] * Xt
+        bp = np.maximum(b, 0.0)
+        with np.errstate(all="ignore"):
+            lev = 1.0 / nn[:, None] + np.where(flat[:, None], 0.0, (Xt - xb[:, None]) ** 2 / np.where(flat, 1.0, sxx)[:, None])
+            gu = growth_unc * bp[:, None] * (Xt - x_last[:, None])
+            var_pt = sig[:, None] ** 2 * (1.0 + lev) + gu * gu
+            e = Gt - pt
+            zp = e / np.sqrt(var_pt)
+            xm = Xt.mean(1)
+            lev_m = 1.0 / nn + np.where(flat, 0.0, (xm - xb) ** 2 / np.where(flat, 1.0, sxx))
+            gum = growth_unc * bp * (xm - x_last)
+            var_m = sig ** 2 * (1.0 / k + lev_m) + gum * gum
+            zm = e.mean(1) / np.sqrt(var_m)
+        z[:, k - 1] = np.where(full, zm, np.nan)
+        zpt[:, k - 1] = np.where(full, zp.max(1), np.nan)
+        pred_k[:, k - 1] = np.where(full, pt[:, -1], np.nan)
+        sig_k[:, k - 1] = np.where(full, np.sqrt(var_pt[:, -1]), np.nan)
+        if k == K:
+            expected = pred_k[:, k - 1]
+            sigma = sig_k[:, k - 1]
+            level_last = np.where(full, a + b * np.where(np.isfinite(x_last), x_last, 0.0), np.nan)
+    return LagDetection(z=z, zpt=zpt, expected=expected, sigma=sigma, pred_k=pred_k, sig_k=sig_k,
+                        level_last=level_last, noise=noise)

@@ -60,14 +60,25 @@ class PhaseTracker:
         self.changes: List[Dict[str, Any]] = []
         self.history: List[Dict[str, Any]] = []  # every transition ever, for reports (bounded below)
         self._started = False
+        self._pending: Optional[Tuple[int, Optional[float]]] = None
 
     # ---- the one entry point --------------------------------------------------------------
     def observe(self, step: int, tokens: Optional[float] = None, lr: Optional[float] = None) -> str:
         """Update from one step; returns the phase in force at `step`."""
         new = self._infer(step, lr)
         if not self._started:
+            # One LR sample says nothing about its direction: the first phase stays
+            # provisional until the second sample, then is recorded at the first step (a run
+            # whose LR rises from step 0 starts in warmup, not stable -> warmup -> stable).
+            lr_ok = lr is not None and isinstance(lr, (int, float)) and math.isfinite(lr)
+            if lr_ok and self.n_lr == 1 and not self.declared and self.warmup_steps == 0:
+                self._pending = (int(step), tokens)
+                self.phase = new
+                return self.phase
             self._started = True
-            self._set(new, step, tokens, previous=None)
+            s0, t0 = self._pending if self._pending is not None else (step, tokens)
+            self._pending = None
+            self._set(new, s0, t0, previous=None)
         elif new != self.phase:
             self._set(new, step, tokens, previous=self.phase)
         return self.phase
@@ -167,7 +178,7 @@ class PhaseTracker:
         return {"phase": self.phase, "segment": self.segment, "peak_lr": self.peak_lr, "last_lr": self.last_lr,
                 "min_since_peak": self.min_since_peak, "flat_count": self.flat_count,
                 "seen_plateau": self.seen_plateau, "n_lr": self.n_lr, "history": list(self.history),
-                "started": self._started}
+                "started": self._started, "pending": list(self._pending) if self._pending else None}
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         self.phase = sd["phase"]
@@ -180,4 +191,5 @@ class PhaseTracker:
         self.n_lr = int(sd["n_lr"])
         self.history = list(sd.get("history", []))
         self._started = bool(sd.get("started", True))
+        self._pending = tuple(sd["pending"]) if sd.get("pending") else None  # type: ignore[assignment]
         self.changes = []

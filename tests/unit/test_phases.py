@@ -84,3 +84,41 @@ def test_state_roundtrip_keeps_phase_and_segment():
     t2.load_state_dict(t.state_dict())
     assert (t2.phase, t2.segment) == (t.phase, t.segment)
     assert t2.observe(790, None, lr_wsd(790)) == "anneal"
+
+
+def test_lr_rising_from_step_zero_is_warmup_from_the_start():
+    """The first LR sample is provisional: no `stable -> warmup` flip at the second one."""
+    t = PhaseTracker()
+    lr = lambda s: 1e-3 * min(1.0, (s + 1) / 20)  # noqa: E731 - warmup from step 0, 20 steps
+    phases = run(t, range(0, 60, 5), lr)
+    ch = t.pop_changes()
+    assert [(c["step"], c["phase"], c["previous"]) for c in ch] == [(0, "warmup", None), (ch[1]["step"], "stable", "warmup")]
+    assert phases[1] == "warmup" and phases[-1] == "stable"
+    # a constant LR from step 0 starts stable, with a single recorded event
+    t2 = PhaseTracker()
+    run(t2, range(0, 60, 5), lambda s: 1e-3)
+    assert [(c["step"], c["phase"]) for c in t2.pop_changes()] == [(0, "stable")]
+    # state survives a restart between the first and the second sample
+    t3 = PhaseTracker()
+    t3.observe(0, 0, lr(0))
+    t4 = PhaseTracker()
+    t4.load_state_dict(t3.state_dict())
+    t4.observe(5, 5, lr(5))
+    assert [(c["step"], c["phase"]) for c in t4.pop_changes()] == [(0, "warmup")]
+
+
+def test_each_phase_reached_and_logged_with_previous():
+    t = PhaseTracker()
+
+    def lr(s):  # warmup, stable, decay, anneal, then rewarm (continual pretraining) and stable
+        if s < 800:
+            return lr_wsd(s)
+        return 1e-3 * min(1.0, (s - 790) / 100)
+
+    run(t, range(0, 1100, 10), lr)
+    ch = t.pop_changes()
+    seq = [c["phase"] for c in ch]
+    assert seq[0] == "warmup" and ch[0]["previous"] is None
+    for p in ("stable", "decay", "anneal", "rewarm"):
+        assert p in seq
+    assert all(c["previous"] == ch[i]["phase"] for i, c in enumerate(ch[1:]))
