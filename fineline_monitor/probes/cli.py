@@ -117,7 +117,7 @@ def run_probe(args: argparse.Namespace) -> int:
         except (TaskError, ScoringError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        bar = _Progress(len(runner.requests), enabled=dist.is_logging_rank and not args.no_progress)
+        bar = _Progress(runner.n_local_requests(), enabled=dist.is_logging_rank and not args.no_progress)
         rnd = runner.run(step=0, progress=bar)
         bar.close()
         if dist.is_logging_rank:

@@ -134,8 +134,7 @@ class ProbeRunner:
     def run(self, step: int, tokens: Optional[int] = None, hooks: Any = None,
             progress: Optional[Callable[[int], None]] = None) -> ProbeRound:
         t0 = time.perf_counter()
-        if self._batches is None:  # built once, reused every round
-            self._batches = prepare_batches(self._my_rows(), self.batch_size)
+        self._ensure_batches()
         error: Optional[str] = None
         local: Dict[int, Tuple[float, int, bool]] = {}
         try:
@@ -164,6 +163,16 @@ class ProbeRunner:
         if missing:
             raise RuntimeError(f"probe round lost {missing} of {len(self.requests)} requests")
         return self._assemble(step, tokens, merged, time.perf_counter() - t0)
+
+    def _ensure_batches(self) -> None:
+        if self._batches is None:  # built once, reused every round
+            self._batches = prepare_batches(self._my_rows(), self.batch_size)
+
+    def n_local_requests(self) -> int:
+        """Requests this rank scores in a round (padding duplicates counted once): the
+        progress bar's total."""
+        self._ensure_batches()
+        return len({int(o) for b in self._batches for o in b.owners})
 
     def _my_rows(self) -> List[Row]:
         n, r = self.dist.dp_size, self.dist.dp_rank
