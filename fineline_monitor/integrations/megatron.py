@@ -171,6 +171,8 @@ class MegatronTokenScorer:
 
         self.model = model  # as given (possibly a list of wrapped chunks): forward goes through it
         self.core = unwrap_megatron(model)
+        # Megatron-LM keeps a list of (DDP-wrapped) chunks; without virtual PP it has one.
+        self.chunk = model[0] if isinstance(model, (list, tuple)) else model
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.tp = ps.get_tensor_model_parallel_world_size()
         self.micro_batch_size = micro_batch_size
@@ -234,7 +236,7 @@ class MegatronTokenScorer:
         with greedy_ctx as g:
             if g is not None:
                 g.labels = tg
-            nll = self.model(ids, pos, _causal_mask(s, dev), labels=tg)
+            nll = self.chunk(ids, pos, _causal_mask(s, dev), labels=tg)
         nll = nll.float().cpu()
         greedy = g.results[-1] if g is not None and g.results else torch.zeros(b, s, dtype=torch.bool)
         return nll, greedy
