@@ -72,6 +72,7 @@ def per_step(args, data, vocab, eos, out_dir: Path) -> dict:
     mstep = 0
     arm_times = {"monitor": [], "none": []}  # block means (s/step)
     inside, train_of_mon = 0.0, 0.0
+    inside_plain, inside_collect, train_only = [], [], []  # per-step samples, for medians
     step_times = {"monitor": [], "none": []}
     for b in range(2 * args.blocks):
         arm = "monitor" if b % 2 == 0 else "none"
@@ -93,12 +94,19 @@ def per_step(args, data, vocab, eos, out_dir: Path) -> dict:
             if arm == "monitor":
                 inside += t2 - t1
                 train_of_mon += (t1 - t0)
+                (inside_collect if mstep % K == 0 else inside_plain).append(t2 - t1)
+            train_only.append(t1 - t0)
         arm_times[arm].append((time.perf_counter() - t_block) / K)
     mon.close()
     parts = [p for p in ("indicators", "alerts") if p not in mon.disabled_parts]
     med_m, med_n = statistics.median(arm_times["monitor"]), statistics.median(arm_times["none"])
     paired = [m - n for m, n in zip(arm_times["monitor"], arm_times["none"])]
-    return {"steps_per_arm": K * args.blocks, "step_s_median": statistics.median(step_times["none"]),
+    # Median-based (robust to preemption on a shared box): K-1 ordinary steps and one
+    # collect step per K, over the median training step.
+    amortized = ((K - 1) * statistics.median(inside_plain) + statistics.median(inside_collect)) / K
+    return {"median_pct": 100.0 * amortized / statistics.median(train_only),
+            "plain_ms": 1e3 * statistics.median(inside_plain), "collect_ms": 1e3 * statistics.median(inside_collect),
+            "steps_per_arm": K * args.blocks, "step_s_median": statistics.median(step_times["none"]),
             "direct_pct": 100.0 * inside / train_of_mon, "inside_ms_per_step": 1e3 * inside / (K * args.blocks),
             "ab_pct": 100.0 * (med_m - med_n) / med_n, "paired_pct": 100.0 * statistics.median(paired) / med_n,
             "active_parts": parts, "disabled": mon.disabled_parts}
@@ -153,7 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP oversubscription on a shared box")
     ap.add_argument("--whole-steps", type=int, default=500)
     ap.add_argument("--skip-whole", action="store_true")
     args = ap.parse_args(argv)
@@ -178,10 +186,13 @@ def main(argv=None) -> int:
     print(f"[per-step, probes off] {r['steps_per_arm']} steps per arm, alternating ABBA blocks of 10; "
           f"median step {1e3 * r['step_s_median']:.1f} ms; monitor parts active: {r['active_parts']}"
           + (f"; disabled: {r['disabled']}" if r["disabled"] else ""))
-    print(f"  direct: {r['inside_ms_per_step']:.3f} ms per step inside monitor.step = {r['direct_pct']:.3f}% of step time")
+    print(f"  direct, medians: {r['plain_ms']:.3f} ms inside monitor.step on an ordinary step, {r['collect_ms']:.3f} ms "
+          f"on a collect step -> {r['median_pct']:.3f}% of the median training step")
+    print(f"  direct, totals: {r['inside_ms_per_step']:.3f} ms per step inside monitor.step = {r['direct_pct']:.3f}% "
+          f"of training time (includes preemptions that land inside the call)")
     print(f"  A/B: median block time +{r['ab_pct']:.2f}% (paired median {r['paired_pct']:+.2f}%) "
           f"(noise of a shared CPU; the direct figure is the measurement)", flush=True)
-    ok = r["direct_pct"] <= 1.0
+    ok = r["median_pct"] <= 1.0
     if not args.skip_whole:
         w = whole_run(args, data, vocab, eos, tok, out_dir)
         print(f"[whole run, default cadence] {w['steps']} steps, wall {w['wall_s']:.1f} s, inside monitor "
