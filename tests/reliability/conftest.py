@@ -137,12 +137,12 @@ def tiny_tokenizer(tmp_path_factory):
     return tok
 
 
-def tiny_gpt2(vocab_size: int, seed: int = 0):
+def tiny_gpt2(vocab_size: int, seed: int = 0, n_positions: int = 64):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg)
 
