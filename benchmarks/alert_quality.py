@@ -13,9 +13,10 @@ Pythia 410m and 1.4b (standard, deduped, batch-size variants); TUNE = everything
 
 Healthy figures: every run of the split replayed as is.
 - criticals on healthy runs (target 0);
-- warnings per 50 healthy rounds, counted two ways: per curve-round (one evaluation of
-  one (task, metric) curve; the unit faults are injected into) and per run-round (one
-  checkpoint evaluation of a whole run, all its ~200 curves at once; much stricter).
+- warnings per 50 healthy rounds, counted two ways: per run-round (one checkpoint
+  evaluation of a whole run, all its ~90-200 curves at once: what a person on call sees,
+  and the unit the issue's target is judged in here) and per curve-round (one evaluation
+  of one (task, metric) curve; the unit faults are injected into; ~100-200x more lenient).
 
 Injected faults (one per selected curve and kind, applied from round t0 on, on the
 bad side: accuracy down, bpb/ppl up). Magnitudes are relative to the curve's own noise
@@ -31,7 +32,8 @@ and range, because a fault smaller than the noise is detectable by nobody:
   gains at least 8 sigma over rounds t0-1..t0+2 (a stall that cannot be told from noise
   in three rounds is not counted).
 Curves eligible: metric with a direction (acc, acc_norm, len_norm, bpb, ppl), >= 12
-points; t0 is drawn (seeded) after the curve left chance level (accuracy smoothed above
+points; t0 is drawn (seeded) after the engine's take-off rule judges the curve
+(`alerts.takeoff_index`: accuracy 3 binomial sigma above chance twice) and after the curve left chance level (accuracy smoothed above
 max(its start, the task's chance accuracy) by 3 sigma) plus 8 rounds, with at least 3 rounds left. Recall: an alert of any
 severity on the faulted curve within 3 rounds (t0, t0+1, t0+2); delay in rounds from t0.
 `--scale 0.75` multiplies every magnitude (sensitivity: how recall falls for smaller faults).
@@ -203,9 +205,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 delays.append(min(hit))
         results[kind] = (caught, n, delays, n_inel)
         rec = caught / max(n, 1)
-        d = np.array(delays) if delays else np.array([np.nan])
+        dl = (f"{np.mean(delays):.2f}, median {np.median(delays):.0f}") if delays else "n/a"
         print(f"fault {kind:5s}: recall within 3 rounds {rec:.3f} ({caught}/{n}); delay rounds mean "
-              f"{np.nanmean(d):.2f}, median {np.nanmedian(d):.0f}; curves not eligible: {n_inel}")
+              f"{dl}; curves not eligible: {n_inel}")
     tot_c = sum(r[0] for r in results.values())
     tot_n = sum(r[1] for r in results.values())
     print(f"all faults: recall within 3 rounds {tot_c / max(tot_n, 1):.3f} ({tot_c}/{tot_n})")

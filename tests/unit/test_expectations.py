@@ -89,3 +89,50 @@ def test_real_curves_one_step_ahead_coverage():
             total += 1
             inside += p.low[0] <= c.values[i] <= p.high[0]
     assert total > 200 and inside / total > 0.97
+
+
+def _lag_window(xs, ys, W=24):
+    from fineline_monitor.core.expectations import lagged_detect
+    X = np.full((1, W), np.nan)
+    G = np.full((1, W), np.nan)
+    n = len(xs)
+    X[0, W - n:], G[0, W - n:] = xs, ys
+    return lagged_detect(X, G, np.full((1, W), np.nan), np.isfinite(G), np.array([0.002]))
+
+
+def test_lagged_detect_drop_stall_drift_and_healthy():
+    """Frozen fits expose a sustained drop and a drift that a refitting one-step model
+    would absorb; a healthy noisy curve stays within the band."""
+    rng = np.random.default_rng(3)
+    x = np.log(np.geomspace(1e9, 1e11, 24))  # evenly spaced in log tokens, 0.2 apart
+    healthy = 0.3 + 0.02 * (x - x[0]) + rng.normal(0, 0.004, x.size)
+    d = _lag_window(x, healthy)
+    assert np.nanmin(d.z) > -4 and 0.003 < d.noise[0] < 0.006
+    drop = healthy.copy()
+    drop[-3:] -= 0.04  # 10 noise sigma, sustained for 3 rounds
+    assert _lag_window(x, drop).z[0, 2] < -4
+    # (stalls: not asserted; the 35% growth-uncertainty term hides them, see docs/alerts.md)
+    drift = healthy - np.r_[np.zeros(21), 0.015 * np.arange(1, 4)]
+    assert _lag_window(x, drift).z[0, 2] < -4
+    # a lag-k verdict needs 5 fit points before the k judged ones
+    z6 = _lag_window(x[:6], healthy[:6]).z[0]
+    assert np.isfinite(z6[0]) and np.isnan(z6[1:]).all()
+    assert np.isnan(_lag_window(x[:5], healthy[:5]).z).all()
+
+
+def test_lagged_detect_real_curves_false_alarm_rate():
+    """Healthy real OLMo ladder curves: the 3-round statistic rarely crosses 4 sigma."""
+    from fineline_monitor.core.expectations import lagged_detect
+    traj = read_trajectory(dev_path())
+    curves = [c for c in traj.curves if c.metric in ("bpb", "len_norm") and "final" in c.source and len(c) > 60][:60]
+    hits = total = 0
+    for c in curves:
+        sgn = -1.0 if c.metric == "bpb" else 1.0
+        x = np.log(c.tokens + 1)
+        for i in range(30, len(c), 5):
+            X = x[i - 24:i][None]
+            G = sgn * c.values[i - 24:i][None]
+            d = lagged_detect(X, G, np.full_like(X, np.nan), np.ones_like(X, bool), np.array([0.002]))
+            total += 1
+            hits += bool(d.z[0, 2] < -4 and d.zpt[0, 2] < -1)
+    assert total > 500 and hits / total < 0.01
