@@ -48,7 +48,8 @@ class FaultTable:
                bad_inputs: int = 0, rows_lost: int = 0, hangs: int = 0) -> None:
         with self._lock:
             row = self.rows.setdefault((area, what), Row(area, what, happened))
-            row.happened = happened
+            if happened not in row.happened.split(" / "):
+                row.happened = f"{row.happened} / {happened}"
             row.injected += injected
             row.survived += survived
             row.bad_inputs += bad_inputs

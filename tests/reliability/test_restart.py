@@ -116,7 +116,7 @@ def reference(tmp_path_factory):
     return metrics, alerts, list(pager.pages), lines
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_sigkill_resume_keeps_rows_and_alert_state(tmp_path, reference, seed, fault_table):
     ref_metrics, ref_alerts, ref_pages, ref_lines = reference
     assert any(rule == "nonfinite" and step == ALERT_STEP for step, rule, _, _ in ref_alerts), ref_alerts
