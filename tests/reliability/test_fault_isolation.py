@@ -148,7 +148,13 @@ def test_probe_forward_raises_strict(tmp_path, tiny_tokenizer, vocab, fault_tabl
     fault_table.record(AREA, "same faults with strict=True", "raises to the caller", injected=1, survived=1)
 
 
-@pytest.mark.parametrize("method", ["on_step", "collect", "probe_context", "probe_round_metrics"])
+COLLECT_BUG = ("monitor.py FineLineMonitor._collect: when indicators.collect raises, `_guarded` returns {} and "
+               "that collect step logs nothing (its loss row is lost); the no-indicator fallback starts only at "
+               "the next collect. Fix in the report.")
+
+
+@pytest.mark.parametrize("method", ["on_step", pytest.param("collect", marks=pytest.mark.xfail(
+    strict=True, reason=COLLECT_BUG)), "probe_context", "probe_round_metrics"])
 def test_indicator_raises(tmp_path, tiny_tokenizer, vocab, baseline, caplog, fault_table, method):
     fault_step = 3 if method in ("on_step", "collect") else 0
     rec = Recorder()
@@ -239,6 +245,10 @@ def test_console_stream_closed(tmp_path, tiny_tokenizer, vocab, baseline, caplog
                        rows_lost=STEPS // COLLECT - len(_db(mon).series("train/loss")))
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "sinks/__init__.py build_sinks raises on the first optional sink that fails (OSError: address in use) and "
+    "monitor.py builds all sinks inside one `_guarded('sinks')`, so the store and console are lost with the "
+    "exporter. Fix in the report."))
 def test_prometheus_port_taken_does_not_take_the_store_down(tmp_path, tiny_tokenizer, vocab, baseline, caplog,
                                                              fault_table):
     pytest.importorskip("prometheus_client")
