@@ -61,6 +61,19 @@ class DistContext:
             raise TimeoutError(f"monitor all_reduce did not complete in {self.timeout_s:.0f}s")
         return bool(t.item() > 0)
 
+    def max_values(self, values: List[float]) -> List[float]:
+        """Element-wise maximum of `values` over all ranks (a collective)."""
+        if not self.distributed:
+            return list(values)
+        import torch
+
+        dist = self._dist()
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
+        if not work.wait(timeout=datetime.timedelta(seconds=self.timeout_s)):  # pragma: no cover
+            raise TimeoutError(f"monitor all_reduce did not complete in {self.timeout_s:.0f}s")
+        return t.tolist()
+
     def broadcast_from_logger(self, obj: Any) -> Any:
         """The logging rank's `obj` on every rank (world group)."""
         if not self.distributed:

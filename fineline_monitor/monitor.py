@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from fineline_monitor.core.cadence import should_collect, should_probe
+from fineline_monitor.core.cadence import budgeted_interval, should_collect, should_probe
 from fineline_monitor.core.config import MonitorConfig
 from fineline_monitor.core.types import Alert, ProbeRound
 from fineline_monitor.distributed import DistContext
@@ -81,6 +81,12 @@ class FineLineMonitor:
         self._store = None
         self._pending_actions: List[str] = []
         self._monitor_seconds = 0.0
+        # Probe budget: training seconds and steps since the last round, and the first step
+        # at which the next round may run (same on every rank: agreed after each round).
+        self._last_step_end: Optional[float] = None
+        self._train_seconds = 0.0
+        self._train_steps = 0
+        self._next_probe_step: Optional[int] = None
 
         # ---- sinks: the real ones on the logging rank, do-nothing elsewhere ----------
         from fineline_monitor.sinks import build_sinks
@@ -139,6 +145,9 @@ class FineLineMonitor:
         if self._closed:
             return []
         t0 = time.perf_counter()
+        if self._last_step_end is not None:
+            self._train_seconds += t0 - self._last_step_end  # the loop's own time, monitor excluded
+            self._train_steps += 1
         if self._first_step is None:
             self._first_step = step
         self._step, self._tokens = int(step), tokens
@@ -155,14 +164,15 @@ class FineLineMonitor:
         if self.probes is not None and "probes" not in self._disabled and should_probe(
                 step, every=self.config.probe_every, tokens=tokens, every_tokens=self.config.probe_every_tokens,
                 last_probe_tokens=self._last_probe_tokens, at_start=self.config.probe_at_start,
-                first_step=self._first_step):
+                first_step=self._first_step) and (self._next_probe_step is None or step >= self._next_probe_step):
             fired += self._probe_round(step, tokens)
 
         if fired:
             self._handle_alerts(fired)
         if self.config.alerts.on_critical and should_collect(step, self.config.indicators.collect_every):
             self._agree_on_actions(step)
-        self._monitor_seconds += time.perf_counter() - t0
+        self._last_step_end = time.perf_counter()
+        self._monitor_seconds += self._last_step_end - t0
         return fired
 
     def _collect(self, step: int, tokens: Optional[int], lr: Optional[float], loss: Any) -> List[Alert]:
@@ -194,22 +204,31 @@ class FineLineMonitor:
             ctx = self._guarded("indicators", lambda: self.indicators.probe_context(), default=None)
         ok = True
         round_: Optional[ProbeRound] = None
+        t_round = time.perf_counter()
         try:
             round_ = self.probes.run(step=step, tokens=tokens, hooks=ctx)
         except Exception as e:  # noqa: BLE001 - isolation is the point
             ok = False
             self._report_error("probes", e)
+        round_seconds = time.perf_counter() - t_round
+        step_seconds = self._train_seconds / self._train_steps if self._train_steps else 0.0
         # Every rank must agree before anything else happens: if one rank failed, all
-        # ranks disable probes, so nobody enters the next round's collectives alone.
-        if self.dist.distributed:
-            try:
-                any_failed = self.dist.any_true(not ok)
-            except Exception as e:  # noqa: BLE001
-                self._report_error("probes", e)
-                any_failed = True
-            if any_failed and ok:
-                self._disable("probes", "another rank failed during a probe round")
-                ok = False
+        # ranks disable probes, so nobody enters the next round's collectives alone; and
+        # the next round's step comes from the slowest rank's timings, the same everywhere.
+        try:
+            failed, round_seconds, step_seconds = self.dist.max_values(
+                [0.0 if ok else 1.0, round_seconds, step_seconds])
+        except Exception as e:  # noqa: BLE001
+            self._report_error("probes", e)
+            failed = 1.0
+        if failed > 0 and ok:
+            self._disable("probes", "another rank failed during a probe round")
+            ok = False
+        interval = budgeted_interval(self.config.probe_every, round_seconds, step_seconds,
+                                     self.config.probe_max_overhead)
+        if interval:
+            self._next_probe_step = step + interval
+        self._train_seconds, self._train_steps = 0.0, 0
         if not ok or round_ is None:
             # Disabled on every rank alike (the agreement above), so no rank later enters
             # a probe collective that the others skip.
@@ -224,6 +243,8 @@ class FineLineMonitor:
             extra = self._guarded("indicators", lambda: self.indicators.probe_round_metrics(ctx), default={}) or {}
         metrics = probe_metrics(round_)
         metrics.update(extra)
+        if interval:
+            metrics["monitor/probe_interval_steps"] = float(interval)
         self._emit("log_probe", round_)
         self._emit("log_metrics", step, tokens, metrics)
         if self.engine is None or "alerts" in self._disabled:
@@ -320,6 +341,7 @@ class FineLineMonitor:
         self._emit("flush")
         sd: Dict[str, Any] = {"version": STATE_VERSION, "run": self.run, "step": self._step,
                               "first_step": self._first_step, "last_probe_tokens": self._last_probe_tokens,
+                              "next_probe_step": self._next_probe_step,
                               "disabled": dict(self._disabled), "should_stop": self.should_stop}
         if self.indicators is not None and hasattr(self.indicators, "state_dict"):
             sd["indicators"] = self._guarded("indicators", self.indicators.state_dict, default=None)
@@ -332,6 +354,7 @@ class FineLineMonitor:
             raise ValueError(f"monitor state version {sd.get('version')!r} is not {STATE_VERSION}")
         self._first_step = sd.get("first_step")
         self._last_probe_tokens = sd.get("last_probe_tokens")
+        self._next_probe_step = sd.get("next_probe_step")
         self._step = sd.get("step", 0)
         self.should_stop = bool(sd.get("should_stop", False))
         if sd.get("indicators") is not None and self.indicators is not None:

@@ -36,3 +36,22 @@ def should_probe(step: int, *, every: int, tokens: Optional[int] = None, every_t
         prev = last_probe_tokens if last_probe_tokens is not None else 0
         return tokens // every_tokens > prev // every_tokens
     return False
+
+
+def budgeted_interval(every: int, round_seconds: float, step_seconds: float, max_overhead: float) -> int:
+    """Steps until the next probe round so probes stay within `max_overhead` of wall time.
+
+    A round that took `round_seconds`, on steps that take `step_seconds` of training,
+    costs round_seconds / (interval * step_seconds) of the wall time; the interval is the
+    smallest multiple of `every` that keeps that at or under the budget. Rounding to
+    multiples of `every` keeps probe steps comparable across runs and restarts.
+    """
+    if every <= 0:
+        return 0
+    if max_overhead <= 0 or step_seconds <= 0 or round_seconds <= 0:
+        return every
+    needed = round_seconds / (max_overhead * step_seconds)
+    multiples = max(1, -(-int(needed) // every))  # ceil without floats drifting
+    if multiples * every < needed:
+        multiples += 1
+    return multiples * every

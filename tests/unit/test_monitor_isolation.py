@@ -105,3 +105,42 @@ def test_closed_monitor_ignores_steps(tmp_path):
     mon.step(step=1, loss=1.0)
     mon.close()
     assert len(rec.metrics) == 1
+
+
+def test_expensive_probe_rounds_are_spaced_to_the_budget(tmp_path, monkeypatch):
+    """A round that costs more than probe_max_overhead of the training time between
+    rounds pushes the next one out to a later multiple of probe_every."""
+    import time as _time
+
+    from fineline_monitor.core.types import ProbeRound
+
+    class SlowProbes:
+        steps = []
+
+        def run(self, step, tokens, hooks=None):
+            SlowProbes.steps.append(step)
+            _time.sleep(0.2)
+            return ProbeRound(step=step, tokens=tokens, tasks={}, requests=[], seconds=0.2, tokens_scored=0)
+
+    monkeypatch.setattr(FineLineMonitor, "_build_probes", lambda self, scorer: SlowProbes())
+    import torch
+
+    cfg = _cfg(tmp_path, probe_every=10, probe_max_overhead=0.5, indicators={"enabled": False})
+    mon = FineLineMonitor(model=torch.nn.Linear(2, 2), config=cfg, sinks=[])
+    for step in range(200):
+        _time.sleep(0.005)  # 5 ms of "training" a step
+        mon.step(step=step, loss=1.0, tokens=step, lr=1e-3)
+    mon.close()
+    # The round at step 0 has no step timing yet, so the next comes at probe_every; from
+    # then on 0.2 s rounds on ~5 ms steps at a 50% budget need >= 80 steps between rounds.
+    gaps = [b - a for a, b in zip(SlowProbes.steps, SlowProbes.steps[1:])]
+    assert SlowProbes.steps[:2] == [0, 10] and len(gaps) >= 2, SlowProbes.steps
+    assert all(g >= 80 and g % 10 == 0 for g in gaps[1:]), SlowProbes.steps
+
+    SlowProbes.steps = []
+    cfg = _cfg(tmp_path / "fixed", probe_every=10, probe_max_overhead=0.0, indicators={"enabled": False})
+    mon = FineLineMonitor(model=torch.nn.Linear(2, 2), config=cfg, sinks=[])
+    for step in range(50):
+        mon.step(step=step, loss=1.0, tokens=step, lr=1e-3)
+    mon.close()
+    assert SlowProbes.steps == [0, 10, 20, 30, 40]
