@@ -132,10 +132,11 @@ def test_expensive_probe_rounds_are_spaced_to_the_budget(tmp_path, monkeypatch):
         mon.step(step=step, loss=1.0, tokens=step, lr=1e-3)
     mon.close()
     # The round at step 0 has no step timing yet, so the next comes at probe_every; from
-    # then on 0.2 s rounds on ~5 ms steps at a 50% budget need >= 80 steps between rounds.
+    # then on 0.2 s rounds on >= 5 ms steps at a 50% budget need <= 80 steps between rounds
+    # (sleep overshoots, so fewer), far more than probe_every.
     gaps = [b - a for a, b in zip(SlowProbes.steps, SlowProbes.steps[1:])]
     assert SlowProbes.steps[:2] == [0, 10] and len(gaps) >= 2, SlowProbes.steps
-    assert all(g >= 80 and g % 10 == 0 for g in gaps[1:]), SlowProbes.steps
+    assert all(40 <= g <= 80 and g % 10 == 0 for g in gaps[1:]), SlowProbes.steps
 
     SlowProbes.steps = []
     cfg = _cfg(tmp_path / "fixed", probe_every=10, probe_max_overhead=0.0, indicators={"enabled": False})
