@@ -89,6 +89,7 @@ def simulate(steps: int, out_dir: str, checkpoints: List[int], *, probe_every: i
     w = torch.nn.Parameter(torch.ones(1))
     opt = torch.optim.AdamW([w], lr=1e-3)
     cfg = MonitorConfig(run_name="long", out_dir=out_dir, probe_every=probe_every, probe_at_start=False,
+                        probe_max_overhead=0.0,  # fixed cadence, so the round count is known
                         indicators={"collect_every": 10}, sinks={"enabled": ["store"]})
     model = torch.nn.ParameterList([w]) if one_param_model else None
     mon = Monitor(model=model, optimizer=opt if one_param_model else None, config=cfg, scorer=object())

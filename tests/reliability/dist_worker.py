@@ -12,6 +12,8 @@ Scenarios (argv[2]):
   raise_before   rank 1 raises before the probe collective, in its 2nd probe round
   slow           rank 1 sleeps SLOW_S (> dist_timeout_s) before the monitor's agreement
   actions        rank 0 has a pending `stop`, rank 1 a (wrong) local `checkpoint`
+  real_raise     the real ProbeRunner on a tiny GPT-2 (documents sharded over both ranks); from
+                 the 2nd probe round on, rank 1's model raises in every no-grad forward
 """
 
 import datetime
@@ -61,25 +63,70 @@ class StandInProbes:
 
 
 probes = StandInProbes()
-FineLineMonitor._build_probes = lambda self, scorer: probes  # the stand-in above, on every rank
+checkpoints = []
+REAL = scenario.startswith("real_")
+if REAL:
+    import json as _json
 
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Flatten(), torch.nn.Linear(16 * 8, 64))
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["The capital of France is Paris.", "Water boils at one hundred degrees.",
+                             "def add(a, b): return a + b"] * 4, vocab_size=300, min_frequency=1,
+                            special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    req = os.path.join(out, f"requests{rank}.jsonl")
+    with open(req, "w") as f:
+        for d in range(6):
+            for i, cont in enumerate([" Paris.", " one hundred.", " a + b"]):
+                f.write(_json.dumps({"doc_id": d, "idx": i, "label": d % 3, "task_name": "dist_task",
+                                     "request": {"context": f"Question {d}:", "continuation": cont}}) + "\n")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    VOCAB = len(tok)
+    probe_cfg = {"tasks": [], "requests_files": [req], "docs_per_task": 6, "batch_size": 4}
+else:
+    FineLineMonitor._build_probes = lambda self, scorer: probes  # the stand-in above, on every rank
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Flatten(), torch.nn.Linear(16 * 8, 64))
+    VOCAB = 64
+    tok, probe_cfg = None, {}
 ddp = torch.nn.parallel.DistributedDataParallel(model)
 opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
-checkpoints = []
 cfg = MonitorConfig(run_name="dist", out_dir=os.path.join(out, "mon"), probe_every=PROBE_EVERY,
-                    dist_timeout_s=DIST_TIMEOUT_S, indicators={"collect_every": 2},
+                    probe_max_overhead=0.0,  # fixed cadence: the test counts rounds
+                    dist_timeout_s=DIST_TIMEOUT_S, indicators={"collect_every": 2}, probes=probe_cfg,
                     alerts={"on_critical": ["checkpoint", "stop"]}, sinks={"enabled": ["store"]})
-mon = FineLineMonitor(model=model, optimizer=opt, config=cfg, checkpoint_fn=checkpoints.append)
+mon = FineLineMonitor(model=model, optimizer=opt, config=cfg, checkpoint_fn=checkpoints.append, tokenizer=tok)
+real_rounds = [0]
+if REAL:
+    assert mon.probes is not None, mon.disabled_parts
+    orig_run = mon.probes.run
+
+    def counted_run(*a, **k):
+        real_rounds[0] += 1
+        return orig_run(*a, **k)
+
+    mon.probes.run = counted_run
+
+    def hook(module, args, output):
+        if rank == 1 and real_rounds[0] >= 2 and not torch.is_grad_enabled():
+            raise RuntimeError("CUDA out of memory on rank 1 (injected in a probe forward)")
+
+    model.transformer.h[0].register_forward_hook(hook)
 
 g = torch.Generator().manual_seed(100 + rank)
 losses, stop_seen_at = [], None
 t0 = time.time()
 for step in range(STEPS):
-    x = torch.randint(0, 64, (4, 8), generator=g)
-    y = x[:, 0]
-    loss = torch.nn.functional.cross_entropy(ddp(x), y)
+    x = torch.randint(0, VOCAB, (4, 8), generator=g)
+    if REAL:
+        loss = ddp(input_ids=x, labels=x).loss
+    else:
+        loss = torch.nn.functional.cross_entropy(ddp(x), x[:, 0])
     loss.backward()
     opt.step()
     if scenario == "actions" and step == 4:
@@ -92,7 +139,7 @@ for step in range(STEPS):
         stop_seen_at = step
 mon.close()
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-    json.dump({"rank": rank, "losses": losses, "disabled": mon.disabled_parts, "rounds": probes.rounds,
+    json.dump({"rank": rank, "losses": losses, "disabled": mon.disabled_parts, "rounds": real_rounds[0] if REAL else probes.rounds,
                "should_stop": mon.should_stop, "stop_seen_at": stop_seen_at, "checkpoints": checkpoints,
                "seconds": time.time() - t0}, f)
 dist.barrier()

@@ -55,6 +55,7 @@ class Recorder(Sink):
 def _cfg(tmp_path: Path, **kw) -> MonitorConfig:
     req = write_requests(tmp_path / "requests.jsonl")
     base = dict(run_name="rel", out_dir=str(tmp_path / "out"), probe_every=PROBE_EVERY, probe_at_start=True,
+                probe_max_overhead=0.0,  # fixed cadence: the tests count rounds
                 indicators={"collect_every": COLLECT},
                 probes={"tasks": [], "requests_files": [str(req)], "docs_per_task": 3, "batch_size": 4},
                 sinks={"enabled": ["store", "console"], "console_every": 1})
