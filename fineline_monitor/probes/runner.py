@@ -21,6 +21,7 @@ waiting forever in a collective.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -154,7 +155,8 @@ class ProbeRunner:
         merged: Dict[int, Tuple[float, int, bool]] = {}
         for _, part, _ in gathered:
             for k, v in part.items():
-                merged.setdefault(k, v)  # padding duplicates: the same request scored twice
+                if k >= 0:  # negative owners: this rank's padding rows
+                    merged.setdefault(k, v)
         slowest = max(g[2] for g in gathered)
         if self.timeout_s and slowest > self.timeout_s:
             raise TimeoutError(f"probe round took {slowest:.0f}s on the slowest rank, over probes.timeout_s="
@@ -172,7 +174,7 @@ class ProbeRunner:
         """Requests this rank scores in a round (padding duplicates counted once): the
         progress bar's total."""
         self._ensure_batches()
-        return len({int(o) for b in self._batches for o in b.owners})
+        return len({int(o) for b in self._batches for o in b.owners if o >= 0})
 
     def _my_rows(self) -> List[Row]:
         n, r = self.dist.dp_size, self.dist.dp_rank
@@ -182,7 +184,11 @@ class ProbeRunner:
         mine = rows[r::n]
         per_rank = math.ceil(len(rows) / n)
         while len(mine) < per_rank:  # padding: same number of forwards on every rank
-            mine.append(mine[-1] if mine else rows[-1])
+            # The padding row is a real forward (ZeRO-3 and TP forwards are collectives) but
+            # its scores must not add to the requests it copies: its owners are negated
+            # (-1 - i) and dropped when the round is merged.
+            src = mine[-1] if mine else rows[-1]
+            mine.append(dataclasses.replace(src, owners=[-1 - abs(o) if o >= 0 else o for o in src.owners]))
         return mine
 
     def _assemble(self, step: int, tokens: Optional[int], merged: Dict[int, Tuple[float, int, bool]],

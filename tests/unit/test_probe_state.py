@@ -107,3 +107,37 @@ def test_hooks_context_sees_the_probe_forwards(hf):
 
     runner.run(step=0, hooks=hooks())
     assert seen["entered"] == 1 and seen["calls"] >= 1 and all(seen["inference"])
+
+
+def test_padding_rows_of_a_short_rank_do_not_double_scores(hf):
+    """With rows dealt over 2 data-parallel ranks, the shorter rank pads with a copy of its
+    last row (every rank must run the same number of forwards). The copy's scores must not
+    be added to the requests it copies."""
+    from fineline_monitor.distributed import DistContext
+
+    model, tok = hf
+    model.eval()  # score_batches is called directly here, outside the round's own eval()
+    cfg = ProbeConfig(tasks=["piqa:rc_0shot", "arc_easy:rc_0shot"], docs_per_task=3, batch_size=1)
+    single = ProbeRunner(cfg, model=model, tokenizer=tok)
+    single._ensure_batches()
+    ref = single.scorer.score_batches(single._batches)
+    n_rows = len(single.rows)
+    if n_rows % 2 == 0:  # make the row count odd so that rank 1 needs padding
+        cfg = ProbeConfig(tasks=["piqa:rc_0shot", "arc_easy:rc_0shot"], docs_per_task=2, batch_size=1)
+        single = ProbeRunner(cfg, model=model, tokenizer=tok)
+        single._ensure_batches()
+        ref = single.scorer.score_batches(single._batches)
+        n_rows = len(single.rows)
+    assert n_rows % 2 == 1, n_rows
+    seen = {}
+    for rank in (0, 1):
+        dist = DistContext(rank=rank, world_size=2, dp_rank=rank, dp_size=2)
+        r = ProbeRunner(cfg, model=model, tokenizer=tok, dist=dist)
+        r._ensure_batches()
+        local = r.scorer.score_batches(r._batches)
+        for k, (lp, n, g) in local.items():
+            if k < 0:
+                continue  # padding
+            assert n == ref[k][1] and abs(lp - ref[k][0]) < 1e-4, (rank, k, lp, ref[k])
+            seen[k] = lp
+    assert set(seen) == set(ref)
