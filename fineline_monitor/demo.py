@@ -153,6 +153,9 @@ def run_demo(args: DemoArgs, stream=None) -> dict:
         run_name=f"demo-{'none' if injection is None else injection[0]}",
         out_dir=str(out),
         probe_every=args.probe_every,
+        # The demo exists to show capability curves on a toy model whose steps are tiny next to
+        # a probe round; a real run keeps the default 2% probe budget.
+        probe_max_overhead=0.0,
         probes={"tasks": [t for t in args.tasks.split(",") if t], "docs_per_task": args.docs_per_task,
                 "batch_size": 32},
         indicators={"collect_every": 5},
