@@ -359,8 +359,42 @@ def _masked_median(a: np.ndarray, m: np.ndarray) -> Tuple[np.ndarray, np.ndarray
     return np.where(c > 0, med, np.nan), c
 
 
+def _local_noise(X: np.ndarray, G: np.ndarray, m: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Round-to-round noise sigma from local-line residuals in log tokens.
+
+    For every three consecutive usable points the middle one is compared with the straight
+    line (in log tokens) through its two neighbours; under independent noise of variance
+    s^2 that residual has variance s^2 (1 + a^2 + b^2) with a, b the interpolation weights,
+    so it is standardised by that and the robust scale (1.4826 MAD) taken.
+    Why not first differences: early in a run (where most of a curve's movement is) the
+    trend changes fast, and first differences detrended by one median slope count that
+    change of slope as noise (5-15x inflated on OLMo bpb curves in their first rounds).
+    A line through the neighbours follows the local slope, so only curvature over two
+    intervals is left, which is second order. Returns (sigma, count of residuals)."""
+    N, W = X.shape
+    if W < 3:
+        return np.full(N, np.nan), np.zeros(N, dtype=int)
+    # compact the usable points to the left of each row (order kept)
+    order = np.argsort(~m, axis=1, kind="stable")
+    r = np.arange(N)[:, None]
+    Xc, Gc, mc = X[r, order], G[r, order], m[r, order]
+    x0, x1, x2 = Xc[:, :-2], Xc[:, 1:-1], Xc[:, 2:]
+    g0, g1, g2 = Gc[:, :-2], Gc[:, 1:-1], Gc[:, 2:]
+    ok = mc[:, :-2] & mc[:, 1:-1] & mc[:, 2:]
+    with np.errstate(all="ignore"):
+        span = x2 - x0
+        ok &= span > 0
+        a = np.where(ok, (x2 - x1) / np.where(ok, span, 1.0), 0.5)
+        b = 1.0 - a
+        res = (g1 - a * g0 - b * g2) / np.sqrt(1.0 + a * a + b * b)
+    res = np.where(ok, res, 0.0)
+    mad, c = _masked_median(np.abs(res), ok)  # centred at 0: a line through neighbours is unbiased
+    return 1.4826 * mad, c
+
+
 def lagged_detect(X: np.ndarray, G: np.ndarray, V: np.ndarray, U: np.ndarray, floor: np.ndarray, *,
-                  K: int = 3, F: int = 8, growth_unc: float = 0.35, min_fit: int = 5) -> LagDetection:
+                  K: int = 3, F: int = 8, growth_unc: float = 0.35, min_fit: int = 5,
+                  noise_mode: str = "local", fit_floor: float = 1.0) -> LagDetection:
     """Forward prediction from fits frozen before the newest points, for many curves.
 
     X (log tokens), G (values signed so that higher is better), V (known sampling variance,
@@ -376,8 +410,10 @@ def lagged_detect(X: np.ndarray, G: np.ndarray, V: np.ndarray, U: np.ndarray, fl
     power-law shapes are locally straight, the fit is closed-form and vectorises, and the
     curvature it misses is covered by `growth_unc` (a fraction of the extrapolated gain
     counted as uncertainty: healthy curves do saturate).
-    Noise: 1.4826 MAD of the detrended first differences of the usable points before the
-    K newest (robust to the trend and to a few outliers), floored by `floor` (absolute,
+    Noise (`noise_mode="local"`, default): 1.4826 MAD of each usable point's residual from
+    the line in log tokens through its two neighbours (`_local_noise`), over the points
+    before the K newest; `"diff"` is the older detrended first differences, which count a
+    fast-changing early slope as noise. Floored by `floor` (absolute,
     per row) and by the line's own residual scatter (a curve the line cannot follow is
     judged with that wider band).
     """
@@ -390,12 +426,15 @@ def lagged_detect(X: np.ndarray, G: np.ndarray, V: np.ndarray, U: np.ndarray, fl
     # noise from the points before the K newest
     pre = ok_pt.copy()
     pre[:, max(W - K, 0):] = False
-    d = G[:, 1:] - G[:, :-1]
-    dm = pre[:, 1:] & pre[:, :-1]
-    md, nd = _masked_median(d, dm)
-    dev = np.abs(d - np.nan_to_num(md)[:, None])
-    mad, _ = _masked_median(dev, dm)
-    noise = 1.4826 * mad / math.sqrt(2.0)
+    if noise_mode == "local":
+        noise, nd = _local_noise(X, G, pre)
+    else:
+        d = G[:, 1:] - G[:, :-1]
+        dm = pre[:, 1:] & pre[:, :-1]
+        md, nd = _masked_median(d, dm)
+        dev = np.abs(d - np.nan_to_num(md)[:, None])
+        mad, _ = _masked_median(dev, dm)
+        noise = 1.4826 * mad / math.sqrt(2.0)
     v_med, _ = _masked_median(np.nan_to_num(V), np.isfinite(V) & pre)
     v_med = np.sqrt(v_med)
     noise = np.where(nd >= 5, noise, np.fmax(noise, v_med))
@@ -422,7 +461,7 @@ def lagged_detect(X: np.ndarray, G: np.ndarray, V: np.ndarray, U: np.ndarray, fl
         a = yb - b * xb
         r = np.where(fm, G - a[:, None] - b[:, None] * X, 0.0)
         s_fit = np.sqrt((r * r).sum(1) / np.maximum(n - 2, 1))
-        sig = np.fmax(noise, s_fit)
+        sig = np.fmax(noise, fit_floor * s_fit)
         x_last = np.max(np.where(fm, X, -np.inf), axis=1)
         tgt = ok_pt[:, W - k:]
         full = tgt.all(1) & (n >= min_fit)

@@ -136,3 +136,27 @@ def test_lagged_detect_real_curves_false_alarm_rate():
             total += 1
             hits += bool(d.z[0, 2] < -4 and d.zpt[0, 2] < -1)
     assert total > 500 and hits / total < 0.01
+
+
+def test_local_noise_follows_the_local_slope_where_first_differences_do_not():
+    """Early in a run a bpb curve falls fast and its slope changes every round; the
+    local-line (in log tokens) residual scale must recover the true noise there, while the
+    detrended first differences count the changing slope as noise."""
+    from fineline_monitor.core.expectations import _local_noise, lagged_detect
+
+    rng = np.random.default_rng(3)
+    tokens = np.arange(1, 25) * 2e8
+    x = np.log(tokens + 1.0)
+    true_sigma = 0.003
+    clean = 0.9 + 2.0 * (tokens / 2e8) ** -0.8  # steep, strongly curved start
+    rows = [-(clean + rng.normal(0, true_sigma, size=clean.size)) for _ in range(200)]
+    G = np.array(rows)
+    X = np.broadcast_to(x, G.shape).copy()
+    U = np.ones_like(G, dtype=bool)
+    s_local, n = _local_noise(X, G, U)
+    assert (n == 22).all()
+    assert 0.6 * true_sigma < np.median(s_local) < 1.6 * true_sigma
+    V = np.full(G.shape, np.nan)
+    first = lagged_detect(X, G, V, U, np.zeros(len(G)), noise_mode="diff").noise
+    local = lagged_detect(X, G, V, U, np.zeros(len(G))).noise
+    assert np.median(first) > 2 * np.median(local)
