@@ -75,6 +75,10 @@ class PhaseTracker:
                 self._pending = (int(step), tokens)
                 self.phase = new
                 return self.phase
+            if not lr_ok and self._pending is not None:
+                # A call without an LR (a probe round at the same step) must not settle the
+                # provisional phase: only the next LR sample can.
+                return self.phase
             self._started = True
             s0, t0 = self._pending if self._pending is not None else (step, tokens)
             self._pending = None

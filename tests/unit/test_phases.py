@@ -122,3 +122,23 @@ def test_each_phase_reached_and_logged_with_previous():
     for p in ("stable", "decay", "anneal", "rewarm"):
         assert p in seq
     assert all(c["previous"] == ch[i]["phase"] for i, c in enumerate(ch[1:]))
+
+
+def test_probe_round_without_lr_does_not_settle_the_provisional_first_phase():
+    """The monitor probes at step 0 right after collecting step 0: the probe's LR-less
+    observation must not record `stable` before the second LR sample shows a warmup."""
+    from fineline_monitor.core.alerts import AlertEngine
+    from fineline_monitor.core.config import AlertConfig
+    from fineline_monitor.core.types import ProbeRound
+
+    eng = AlertEngine(AlertConfig(), run="r")
+    changes = []
+    for s in range(0, 60, 5):
+        lr = 1e-3 * min(1.0, (s + 1) / 40)
+        eng.observe_metrics(s, s * 100, lr, {"train/loss": 5.0, "train/lr": lr})
+        if s % 20 == 0:
+            eng.observe_probe(ProbeRound(step=s, tokens=s * 100, tasks={}, requests=[], seconds=1.0,
+                                         tokens_scored=0), {})
+        changes += eng.pop_phase_changes()
+    assert [(c["step"], c["phase"]) for c in changes][:1] == [(0, "warmup")]
+    assert "stable" in [c["phase"] for c in changes[1:]]
