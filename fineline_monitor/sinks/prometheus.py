@@ -376,6 +376,8 @@ class PrometheusSink(Sink):
         now = time.monotonic()
         if force or now - self._last_write >= self.write_interval_s:
             self._last_write = now
+            if self._worker._q.full():
+                return  # a write not yet started will export this newest state too: coalesced, not dropped
             self._worker.submit(None)
 
     # ---- Sink interface -----------------------------------------------------------------------
