@@ -140,6 +140,7 @@ def run_demo(args: DemoArgs, stream=None) -> dict:
                         n_head=max(1, args.n_embd // 64), bos_token_id=eos, eos_token_id=eos,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # say it, or transformers warns that it guessed
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
