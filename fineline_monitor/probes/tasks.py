@@ -15,7 +15,7 @@ locating the installed package, never the network); the bare task name picks a d
 across choices). ``default`` expands to a suite covering all six capabilities.
 
 Parsing a gzip JSONL file costs up to ~1 s (hellaswag has 80k lines), and the monitor
-builds its runner at attach time, so parsed tasks are cached in-process and, as a pickle
+builds its runner at attach time, so parsed tasks are cached in-process and, as JSON
 keyed by file size and mtime, under ``$FINELINE_CACHE_DIR`` (default
 ``~/.cache/fineline_monitor``); a cache that cannot be written is simply skipped.
 """
@@ -23,11 +23,11 @@ keyed by file size and mtime, under ``$FINELINE_CACHE_DIR`` (default
 from __future__ import annotations
 
 import difflib
+import dataclasses
 import gzip
 import hashlib
 import json
 import os
-import pickle
 import random
 from dataclasses import dataclass, field
 import importlib.util
@@ -217,6 +217,17 @@ def _cache_dir() -> Optional[Path]:
     return Path(d) / "tasks" if d else None
 
 
+def _task_from_json(d: Dict[str, Any]) -> Task:
+    """Rebuild a cached Task from plain JSON, checking the types (the file is untrusted)."""
+    docs = []
+    for x in d["docs"]:
+        doc = Doc(doc_id=int(x["doc_id"]), contexts=[str(c) for c in x["contexts"]],
+                  continuations=[str(c) for c in x["continuations"]], gold=int(x["gold"]))
+        docs.append(doc)
+    return Task(name=str(d["name"]), capability=str(d["capability"]), kind=str(d["kind"]),
+                primary_metric=str(d["primary_metric"]), docs=docs, source=str(d.get("source", "")))
+
+
 def load_task(name: str) -> Task:
     """Load a registry task (``task:variant`` or a bare task name)."""
     (resolved,) = resolve_names([name])
@@ -228,13 +239,15 @@ def load_task(name: str) -> Task:
     st = os.stat(real)
     key = hashlib.sha1(f"{_CACHE_VERSION}|{real}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cdir = _cache_dir()
-    cfile = cdir / f"{resolved.replace(':', '__')}-{key}.pkl" if cdir else None
+    cfile = cdir / f"{resolved.replace(':', '__')}-{key}.json" if cdir else None
     task = None
     if cfile is not None and cfile.is_file():
+        # JSON, never pickle: the cache may sit on a shared file system, and whoever can
+        # write there must not get code run in every training process.
         try:
-            with open(cfile, "rb") as f:
-                task = pickle.load(f)
-        except Exception:  # noqa: BLE001 - a broken cache is rebuilt, never fatal
+            with open(cfile, "r", encoding="utf-8") as f:
+                task = _task_from_json(json.load(f))
+        except Exception:  # noqa: BLE001 - a broken or tampered cache is rebuilt, never fatal
             task = None
     if task is None:
         # OLMES adds unconditional requests (context "Answer:") for its PMI metric at
@@ -248,8 +261,8 @@ def load_task(name: str) -> Task:
             try:
                 cfile.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cfile.with_suffix(f".tmp{os.getpid()}")
-                with open(tmp, "wb") as f:
-                    pickle.dump(task, f, protocol=pickle.HIGHEST_PROTOCOL)
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(dataclasses.asdict(task), f)
                 os.replace(tmp, cfile)
             except OSError:
                 pass

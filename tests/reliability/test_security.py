@@ -222,7 +222,6 @@ def _findings(path: Path):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=PICKLE_BUG)
 def test_probe_and_parser_code_never_executes_data():
     """No eval/exec/subprocess/pickle on anything in the code that reads probe data, configs,
     trajectories or alerts (an AST scan, so comments and `model.eval()` do not count)."""
@@ -232,7 +231,6 @@ def test_probe_and_parser_code_never_executes_data():
     assert not found, "code that could execute data:\n" + "\n".join(found)
 
 
-@pytest.mark.xfail(strict=True, reason=PICKLE_BUG)
 def test_poisoned_task_cache_is_not_executed(tmp_path, monkeypatch, fault_table):
     """The parsed-task cache lives in ~/.cache or $FINELINE_CACHE_DIR, often a shared file
     system: whoever can write there must not get code run in every training process."""
