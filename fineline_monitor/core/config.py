@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ class ProbeConfig:
     max_length: int = _f(0, min=0, help=(
         "Context length for scoring; 0 takes the model's. Longer inputs are left-truncated and counted."))
     seed: int = _f(1234, help="Seed of the document subset choice.")
-    timeout_s: float = _f(1800.0, min=1.0, help=(
+    timeout_s: float = _f(1800.0, min=1.0, max=7 * 86400.0, help=(
         "A probe round that takes longer than this on any rank is abandoned and probes are disabled."))
 
 
@@ -135,7 +136,7 @@ class MonitorConfig:
         "this share of the steps since the previous one, later rounds are spaced out (to multiples "
         "of probe_every, the same on every rank). 0 keeps the fixed cadence."))
     strict: bool = _f(False, help="Raise monitor errors instead of isolating them (tests and CI).")
-    dist_timeout_s: float = _f(300.0, min=1.0, help="Timeout of the monitor's own collectives.")
+    dist_timeout_s: float = _f(300.0, min=1.0, max=86400.0, help="Timeout of the monitor's own collectives.")
     probes: ProbeConfig = _f(factory=ProbeConfig, help="Probe settings.")
     indicators: IndicatorConfig = _f(factory=IndicatorConfig, help="Indicator settings.")
     alerts: AlertConfig = _f(factory=AlertConfig, help="Phase, expectation and alert-rule settings.")
@@ -174,7 +175,12 @@ class MonitorConfig:
         if node is None:
             return cls()
         lines = _key_lines(node)
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:  # e.g. unhashable keys, !!python tags: never constructed
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: not a plain YAML config: {getattr(e, 'problem', e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}:1: the config must be a mapping of keys to values")
         return _build(cls, data, str(path), lines)
@@ -269,6 +275,8 @@ def _coerce(value: Any, t: Any, name: str, where: str) -> Any:
     if t is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: `{name}` must be a number, got {value!r}")
+        if math.isnan(value):  # NaN compares False with every bound, so it would pass them all
+            raise ConfigError(f"{where}: `{name}` must be a number, got NaN")
         return float(value)
     if t is str:
         if not isinstance(value, str):

@@ -159,7 +159,6 @@ NAN_BUG = ("config.py: `validate` compares `v < min` which is False for NaN, so 
            "check (dist_timeout_s=NaN, band_sigma=NaN ...). Fix in the report.")
 
 
-@pytest.mark.xfail(strict=True, reason=NAN_BUG)
 @pytest.mark.parametrize("data", [{"dist_timeout_s": float("nan")}, {"alerts": {"band_sigma": float("nan")}},
                                   {"probes": {"timeout_s": float("nan")}}])
 def test_config_rejects_nan(data):
@@ -220,10 +219,6 @@ CONSTRUCTOR_ERRORS = ["? [a, b]\n: 1\n", "a: !!python/object:os.system x\n",
                       "run_name: !!python/name:os.system\n"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "config.py MonitorConfig.from_yaml: yaml.safe_load(text) runs outside the try/except yaml.YAMLError, so "
-    "a yaml.constructor.ConstructorError (unhashable key, !!python tags) escapes as an undocumented "
-    "exception type. Fix in the report."))
 @pytest.mark.parametrize("text", CONSTRUCTOR_ERRORS)
 def test_yaml_constructor_errors_are_config_errors(text, tmp_path, fault_table):
     path = tmp_path / "monitor.yaml"
