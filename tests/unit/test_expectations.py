@@ -160,3 +160,29 @@ def test_local_noise_follows_the_local_slope_where_first_differences_do_not():
     first = lagged_detect(X, G, V, U, np.zeros(len(G)), noise_mode="diff").noise
     local = lagged_detect(X, G, V, U, np.zeros(len(G))).noise
     assert np.median(first) > 2 * np.median(local)
+
+
+def test_self_calibration_widens_the_band_only_for_wandering_curves():
+    """A curve whose deviations are correlated over rounds (a slow wander on top of the
+    trend) is judged with a wider sigma, capped at `calib`; an iid-noise curve keeps its own."""
+    from fineline_monitor.core.expectations import lagged_detect
+
+    rng = np.random.default_rng(5)
+    n, W = 300, 24
+    x = np.log(np.arange(1, W + 1) * 1e9)
+    trend = 0.05 * x
+    iid = trend + rng.normal(0, 0.01, size=(n, W))
+    walk = trend + np.cumsum(rng.normal(0, 0.02, size=(n, W)), axis=1) + rng.normal(0, 0.01, size=(n, W))
+    X = np.broadcast_to(x, (n, W)).copy()
+    U = np.ones((n, W), dtype=bool)
+    V = np.full((n, W), np.nan)
+    fl = np.zeros(n)
+    for G in (iid, walk):
+        off = lagged_detect(X, G, V, U, fl, calib=0.0).noise
+        on = lagged_detect(X, G, V, U, fl, calib=1.5).noise
+        ratio = np.median(on / off)
+        assert (on >= off - 1e-12).all() and (on <= 1.5 * off + 1e-12).all()
+        if G is iid:
+            assert ratio < 1.1
+        else:
+            assert ratio > 1.3
