@@ -9,8 +9,11 @@ from step-derived decisions only.
 from __future__ import annotations
 
 import datetime
+import logging
 from dataclasses import dataclass
 from typing import Any, List, Optional
+
+log = logging.getLogger("fineline_monitor")
 
 
 @dataclass
@@ -56,9 +59,7 @@ class DistContext:
         t = torch.tensor([1.0 if flag else 0.0])
         work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=None if group == "world" else group,
                                async_op=True)
-        # A bounded wait: a missing rank must not hang the job forever.
-        if not work.wait(timeout=datetime.timedelta(seconds=self.timeout_s)):  # pragma: no cover
-            raise TimeoutError(f"monitor all_reduce did not complete in {self.timeout_s:.0f}s")
+        self._wait(work)
         return bool(t.item() > 0)
 
     def max_values(self, values: List[float]) -> List[float]:
@@ -70,9 +71,27 @@ class DistContext:
         dist = self._dist()
         t = torch.tensor([float(v) for v in values], dtype=torch.float64)
         work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
-        if not work.wait(timeout=datetime.timedelta(seconds=self.timeout_s)):  # pragma: no cover
-            raise TimeoutError(f"monitor all_reduce did not complete in {self.timeout_s:.0f}s")
+        self._wait(work)
         return t.tolist()
+
+    def _wait(self, work: Any) -> None:
+        """Wait for a monitor collective. Past `timeout_s` we say so, once, and keep waiting:
+        abandoning it would leave the slow rank to finish it later with other values, and the
+        ranks' next collectives would no longer match (a hang or a dead job). The wait stays
+        bounded by the process group's own timeout, which fails the job rather than hang it."""
+        try:
+            done = work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+        except RuntimeError as e:
+            if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+                raise
+            done = False
+        if done is False:
+            if not getattr(self, "_warned_slow", False):
+                self._warned_slow = True
+                log.warning("fineline_monitor: a monitor collective took longer than dist_timeout_s=%.0fs; "
+                            "a rank is slow; still waiting (bounded by the process-group timeout)",
+                            self.timeout_s)
+            work.wait()
 
     def broadcast_from_logger(self, obj: Any) -> Any:
         """The logging rank's `obj` on every rank (world group)."""

@@ -91,10 +91,22 @@ class FineLineMonitor:
         # ---- sinks: the real ones on the logging rank, do-nothing elsewhere ----------
         from fineline_monitor.sinks import build_sinks
 
+        self._paged: set = set()
         if self.dist.is_logging_rank:
-            built = self._guarded("sinks", lambda: build_sinks(self.config, self.out_dir, self.run), default=None)
-            self.sinks = list(built[0]) if built else []
-            self._store = built[1] if built else None
+            # Bad sink configuration raises here, at attach time; a sink that cannot start
+            # (a port taken) is reported and left out alone, the others still run.
+            def sink_failed(part: str, e: BaseException) -> None:
+                self._report_error(part, e)
+                self._disable(part, f"{type(e).__name__}: {e}")
+
+            self.sinks, self._store = build_sinks(self.config, self.out_dir, self.run, on_error=sink_failed)
+            self.sinks = list(self.sinks)
+            if self._store is not None:
+                # Alerts already delivered by an earlier life of this run (before a restart):
+                # a resumed run that replays their step must not page again.
+                rows = self._guarded("sink:store", lambda: self._store.query(
+                    "SELECT step, rule, key FROM alerts WHERE run=?", (self.run,)), default=[]) or []
+                self._paged = {(int(st), rule, key) for st, rule, key in rows}
         else:
             self.sinks = []
         if sinks:
@@ -176,10 +188,10 @@ class FineLineMonitor:
         return fired
 
     def _collect(self, step: int, tokens: Optional[int], lr: Optional[float], loss: Any) -> List[Alert]:
-        metrics: Dict[str, float] = {}
+        metrics: Optional[Dict[str, float]] = None
         if self.indicators is not None and "indicators" not in self._disabled:
-            metrics = self._guarded("indicators", lambda: self.indicators.collect(step), default={}) or {}
-        else:
+            metrics = self._guarded("indicators", lambda: self.indicators.collect(step), default=None)
+        if metrics is None:
             # Without indicators the loss still goes next to the probe curves.
             metrics = {k: v for k, v in (("train/loss", _to_float(loss)), ("train/lr", lr)) if v is not None}
             if tokens is not None:
@@ -264,6 +276,10 @@ class FineLineMonitor:
         for a in alerts:
             a.run = a.run or self.run
             self.alerts.append(a)
+            key = (int(a.step), a.rule, a.dedup_key)
+            if key in self._paged:
+                continue  # delivered before a restart; the resumed run replays its step
+            self._paged.add(key)
             self._emit("log_alert", a)
             if a.severity == "critical":
                 self._pending_actions.extend(self.config.alerts.on_critical)

@@ -7,32 +7,57 @@ silently dropped): `pip install fineline-monitor[wandb]` / `[prometheus]`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from fineline_monitor.sinks.base import NullSink, Sink
 
 __all__ = ["Sink", "NullSink", "build_sinks"]
 
 
-def build_sinks(config: Any, out_dir: Path, run: str) -> Tuple[List[Any], Optional[Any]]:
-    """The sinks of the logging rank, and the run store (or None when it is not enabled)."""
+def build_sinks(config: Any, out_dir: Path, run: str,
+                on_error: Optional[Callable[[str, BaseException], None]] = None) -> Tuple[List[Any], Optional[Any]]:
+    """The sinks of the logging rank, and the run store (or None when it is not enabled).
+
+    Bad configuration (a sink's package missing, a required environment variable unset)
+    raises: it must fail at attach time. A sink that fails to start for a runtime reason
+    (a port taken, a read-only disk) is passed to `on_error(part, exc)` and left out,
+    so the other sinks still run; without `on_error` it raises.
+    """
+    from fineline_monitor.core.config import ConfigError
     from fineline_monitor.sinks.console import AlertsFileSink, ConsoleSink
 
     sc = config.sinks
     sinks: List[Any] = []
     store = None
     out_dir = Path(out_dir)
+
+    def attempt(part: str, build: Callable[[], Any]) -> Any:
+        try:
+            return build()
+        except (ImportError, ConfigError):
+            raise
+        except Exception as e:  # noqa: BLE001 - isolated below, one sink at a time
+            if on_error is None:
+                raise
+            on_error(part, e)
+            return None
+
     if "store" in sc.enabled:
         from fineline_monitor.core.store import RunStore, StoreSink
 
-        store = RunStore(out_dir / "run.db", run)
-        sinks.append(StoreSink(store))
-        sinks.append(AlertsFileSink(out_dir / "alerts.jsonl"))
+        store = attempt("sink:store", lambda: RunStore(out_dir / "run.db", run))
+        if store is not None:
+            sinks.append(StoreSink(store))
+        alerts_file = attempt("sink:alerts_file", lambda: AlertsFileSink(out_dir / "alerts.jsonl"))
+        if alerts_file is not None:
+            sinks.append(alerts_file)
     if "console" in sc.enabled:
         sinks.append(ConsoleSink(every=sc.console_every))
     for name in ("wandb", "prometheus", "webhook"):
         if name in sc.enabled:
-            sinks.append(_build_optional(name, config, out_dir, run))
+            sink = attempt(f"sink:{name}", lambda name=name: _build_optional(name, config, out_dir, run))
+            if sink is not None:
+                sinks.append(sink)
     return sinks, store
 
 

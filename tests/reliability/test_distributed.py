@@ -163,11 +163,6 @@ def test_one_rank_raises_before_a_probe_collective(tmp_path, fault_table):
 
 
 @pytest.mark.timeout(HARD_LIMIT_S + 30)
-@pytest.mark.xfail(strict=True, reason=(
-    "monitor bug: DistContext.max_values (and any_true) abandons the agreement all-reduce after dist_timeout_s; "
-    "the slow rank "
-    "completes it later with 'no failure' and keeps probing while the other disabled probes, the next "
-    "collectives no longer match and gloo closes the pairs, so DDP training dies on both ranks. Fix in report."))
 def test_slow_rank_does_not_hold_the_other_forever(tmp_path, fault_table):
     what = "rank 1 slower than dist_timeout_s before the monitor's agreement collective"
     rcs, res, wall, logs = _launch(tmp_path, "slow", fault_table, what)

@@ -154,8 +154,7 @@ COLLECT_BUG = ("monitor.py FineLineMonitor._collect: when indicators.collect rai
                "the next collect. Fix in the report.")
 
 
-@pytest.mark.parametrize("method", ["on_step", pytest.param("collect", marks=pytest.mark.xfail(
-    strict=True, reason=COLLECT_BUG)), "probe_context", "probe_round_metrics"])
+@pytest.mark.parametrize("method", ["on_step", "collect", "probe_context", "probe_round_metrics"])
 def test_indicator_raises(tmp_path, tiny_tokenizer, vocab, baseline, caplog, fault_table, method):
     fault_step = 3 if method in ("on_step", "collect") else 0
     rec = Recorder()
@@ -246,10 +245,6 @@ def test_console_stream_closed(tmp_path, tiny_tokenizer, vocab, baseline, caplog
                        rows_lost=STEPS // COLLECT - len(_db(mon).series("train/loss")))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sinks/__init__.py build_sinks raises on the first optional sink that fails (OSError: address in use) and "
-    "monitor.py builds all sinks inside one `_guarded('sinks')`, so the store and console are lost with the "
-    "exporter. Fix in the report."))
 def test_prometheus_port_taken_does_not_take_the_store_down(tmp_path, tiny_tokenizer, vocab, baseline, caplog,
                                                              fault_table):
     pytest.importorskip("prometheus_client")

@@ -116,11 +116,6 @@ def reference(tmp_path_factory):
     return metrics, alerts, list(pager.pages), lines
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "re-paging after resume: the resumed run replays the alert's step from the checkpoint taken before it, the "
-    "engine fires the same alert again and monitor.py `_handle_alerts` sends it to the webhook a second time "
-    "(the store and alerts.jsonl dedupe; the pager does not). Store rows are complete and unduplicated. Fix in "
-    "the report."))
 @pytest.mark.parametrize("seed", [0])
 def test_sigkill_resume_keeps_rows_and_alert_state(tmp_path, reference, seed, fault_table):
     ref_metrics, ref_alerts, ref_pages, ref_lines = reference

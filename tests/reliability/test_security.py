@@ -23,6 +23,8 @@ from pathlib import Path
 import threading
 
 import pytest
+
+from fineline_monitor.core.config import ConfigError
 import torch
 
 from fineline_monitor import FineLineMonitor, MonitorConfig
@@ -143,13 +145,11 @@ def test_webhook_config_errors_do_not_echo_the_secret(tmp_path, monkeypatch, cap
     secret = "Sekr1t-abc123-XYZ"
     monkeypatch.setenv("FINELINE_WEBHOOK_URL", bad_url.format(s=secret))
     cfg = _cfg(tmp_path, enabled=["store", "webhook"], webhook_url_allowlist=["hooks.example.com"])
-    with caplog.at_level(logging.DEBUG):
-        mon = FineLineMonitor(config=cfg)
-        mon.step(step=0, loss=1.0, tokens=0, lr=1e-3)
-        mon.close()
-    errors = [r for r in caplog.records if "failed" in r.getMessage()]
-    assert errors, "a bad webhook URL must be reported at attach time"
-    text = "\n".join(r.getMessage() for r in caplog.records) + repr(mon.disabled_parts)
+    # Bad configuration fails at attach time (DESIGN: reliability rules), naming the env var.
+    with caplog.at_level(logging.DEBUG), pytest.raises(ConfigError) as ei:
+        FineLineMonitor(config=cfg)
+    assert "FINELINE_WEBHOOK_URL" in str(ei.value)
+    text = "\n".join(r.getMessage() for r in caplog.records) + str(ei.value) + repr(ei.value)
     assert secret not in text, text[-2000:]
     strict = MonitorConfig(run_name="sec", out_dir=str(tmp_path / "out2"), probe_every=0, strict=True,
                            sinks={"enabled": ["webhook"], "webhook_url_allowlist": ["hooks.example.com"]})
