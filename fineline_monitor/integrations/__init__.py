@@ -7,5 +7,5 @@
 - `lightning.FineLineLightningCallback`: a Lightning `Callback`.
 - `megatron_cpu_patches`: megatron-core on the CPU, for tests and `--cpu-patches` only.
 
-See docs/integrations.md for the lines to add to a training script.
+See the README (Adding the monitor to a training script) for the lines to add to a training script.
 """

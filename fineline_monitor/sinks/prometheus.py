@@ -12,7 +12,7 @@ from a snapshot at scrape time, so the training step never pays for formatting, 
 registry is passed explicitly (no global state; tests use a fresh CollectorRegistry).
 prometheus_client is imported inside functions only (never at `import fineline_monitor`).
 
-The name mapping from the monitor's metric names is `prom_name()`; docs/observability.md
+The name mapping from the monitor's metric names is `prom_name()`; the README (Observability)
 lists it. Every series carries `run`.
 """
 

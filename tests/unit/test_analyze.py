@@ -102,5 +102,5 @@ def test_real_dev_table_no_criticals(tmp_path):
     assert s["alerts"]["by_severity"].get("critical", 0) == 0
     # Regression guard, not the target: the whole table measured 3.9 warnings per
     # 50 run-rounds (0.04 per 50 curve-rounds) with the frozen-fit detector; the target of
-    # <= 1 per 50 run-rounds is not met yet (see docs/alerts.md).
+    # <= 1 per 50 run-rounds is not met yet (see the README, Alert quality).
     assert s["alerts"]["total"] / s["rounds"] * 50 < 5.0

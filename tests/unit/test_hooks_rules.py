@@ -63,7 +63,7 @@ def _slug(heading: str) -> str:
 def test_every_rule_has_severity_and_runbook():
     groups = yaml.safe_load(RULES.read_text())["groups"]
     rules = [r for g in groups for r in g["rules"]]
-    anchors = {_slug(h) for h in re.findall(r"^#+ (.*)$", (REPO / "docs" / "observability.md").read_text(),
+    anchors = {_slug(h) for h in re.findall(r"^#+ (.*)$", (REPO / "README.md").read_text(),
                                              flags=re.M)}
     for r in rules:
         assert r["labels"]["severity"] in ("warning", "critical"), r["alert"]
@@ -71,7 +71,7 @@ def test_every_rule_has_severity_and_runbook():
         for key in ("summary", "description", "runbook_url"):
             assert r["annotations"].get(key), (r["alert"], key)
         anchor = r["annotations"]["runbook_url"].split("#", 1)[1]
-        assert anchor in anchors, f"{r['alert']}: runbook anchor #{anchor} missing from docs/observability.md"
+        assert anchor in anchors, f"{r['alert']}: runbook anchor #{anchor} missing from README.md"
 
 
 def test_amtool_check_config():
