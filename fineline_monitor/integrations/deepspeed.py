@@ -48,6 +48,7 @@ import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fineline_monitor.distributed import DistContext
+from fineline_monitor.integrations._wrapper import MonitorPassThrough
 
 log = logging.getLogger("fineline_monitor")
 
@@ -236,7 +237,7 @@ class DeepSpeedPipeTokenScorer:
 
 # ---- the adapter --------------------------------------------------------------------------------
 
-class DeepSpeedMonitor:
+class DeepSpeedMonitor(MonitorPassThrough):
     """FineLineMonitor wired to a DeepSpeed engine. Call `step()` after every `engine.step()`
     (or after `engine.train_batch()`), on every rank."""
 
@@ -327,20 +328,3 @@ class DeepSpeedMonitor:
         return self.monitor.step(step=gs, loss=mean_loss, tokens=tokens, lr=lr,
                                  grad_norm=_engine_grad_norm(eng, self._capture), loss_scale=_loss_scale(eng),
                                  skipped=skipped, batch_tokens=batch_tokens)
-
-    # ---- pass-throughs ---------------------------------------------------------------------
-    @property
-    def should_stop(self) -> bool:
-        return self.monitor.should_stop
-
-    def probe_now(self, **kw: Any) -> Any:
-        return self.monitor.probe_now(**kw)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return self.monitor.state_dict()
-
-    def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        self.monitor.load_state_dict(sd)
-
-    def close(self) -> None:
-        self.monitor.close()

@@ -44,6 +44,7 @@ import logging
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from fineline_monitor.distributed import DistContext
+from fineline_monitor.integrations._wrapper import MonitorPassThrough
 
 log = logging.getLogger("fineline_monitor")
 
@@ -375,7 +376,7 @@ def gather_tp_state_dict(model: Any) -> Dict[str, Any]:
 
 # ---- the adapter ----------------------------------------------------------------------------------
 
-class MegatronMonitor:
+class MegatronMonitor(MonitorPassThrough):
     """FineLineMonitor wired to a megatron-core model (GPTModel, possibly wrapped in
     megatron's DDP / Float16Module, or a one-chunk list as Megatron-LM keeps it).
 
@@ -451,21 +452,6 @@ class MegatronMonitor:
         return self.monitor.step(step=step, loss=loss, tokens=tokens, lr=lr, grad_norm=grad_norm,
                                  loss_scale=loss_scale, skipped=skipped, batch_tokens=batch_tokens)
 
-    @property
-    def should_stop(self) -> bool:
-        return self.monitor.should_stop
-
-    def probe_now(self, **kw: Any) -> Any:
-        return self.monitor.probe_now(**kw)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return self.monitor.state_dict()
-
-    def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        self.monitor.load_state_dict(sd)
-
-    def close(self) -> None:
-        self.monitor.close()
 
 
 def _torch_optimizer(optimizer: Any) -> Any:
