@@ -81,3 +81,10 @@ def test_reference_table_lists_every_field():
     for key in ("probe_every", "probes.docs_per_task", "alerts.hysteresis", "sinks.prometheus_port",
                 "indicators.collect_every"):
         assert f"`{key}`" in table
+
+
+def test_readme_config_reference_is_current(repo_root):
+    """The README's option table is `fineline-monitor config-reference`; regenerate it when a
+    field changes (this test names the drift)."""
+    readme = (repo_root / "README.md").read_text()
+    assert reference_markdown() in readme, "README config table is stale: paste `fineline-monitor config-reference`"
