@@ -47,7 +47,8 @@ def test_demo_store_has_steps_probes_for_every_capability(short_demo):
     info = s.run_info(run)
     assert info["meta"]["versions"]["torch"] and info["config"]["probe_every"] == 20
     loss = s.series("train/loss", run)
-    assert len(loss) >= 10 and loss[-1][2] < loss[0][2]
+    # training works before the injected corruption (steps 36-55 are random tokens on purpose)
+    assert len(loss) >= 10 and min(v for st, _, v in loss if 0 < st < 36) < loss[0][2]
     rounds = s.probe_rounds(run)
     assert [r["step"] for r in rounds] == [0, 20, 40]
     caps = {r["capability"] for r in s.probe_results(run)}
