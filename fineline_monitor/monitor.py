@@ -238,8 +238,9 @@ class FineLineMonitor:
             ok = False
         interval = budgeted_interval(self.config.probe_every, round_seconds, step_seconds,
                                      self.config.probe_max_overhead)
-        if interval:
-            self._next_probe_step = step + interval
+        # Within budget: the plain cadence (every multiple of probe_every). Over budget: no
+        # round before step + interval (still on a multiple of probe_every).
+        self._next_probe_step = step + interval if interval > self.config.probe_every else None
         self._train_seconds, self._train_steps = 0.0, 0
         if not ok or round_ is None:
             # Disabled on every rank alike (the agreement above), so no rank later enters

@@ -145,3 +145,14 @@ def test_expensive_probe_rounds_are_spaced_to_the_budget(tmp_path, monkeypatch):
         mon.step(step=step, loss=1.0, tokens=step, lr=1e-3)
     mon.close()
     assert SlowProbes.steps == [0, 10, 20, 30, 40]
+
+    # A run that starts at step 1 (DeepSpeed counts from 1) anchors at 1 and then keeps the
+    # plain multiples of probe_every while within budget.
+    SlowProbes.steps = []
+    cfg = _cfg(tmp_path / "from1", probe_every=2, probe_max_overhead=0.9, indicators={"enabled": False})
+    mon = FineLineMonitor(model=torch.nn.Linear(2, 2), config=cfg, sinks=[])
+    for step in range(1, 7):
+        _time.sleep(0.5)  # steps far slower than the 0.2 s round: within budget
+        mon.step(step=step, loss=1.0, tokens=step, lr=1e-3)
+    mon.close()
+    assert SlowProbes.steps == [1, 2, 4, 6]
