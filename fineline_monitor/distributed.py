@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 log = logging.getLogger("fineline_monitor")
@@ -25,6 +25,7 @@ class DistContext:
     dp_group: Any = None  # torch.distributed ProcessGroup over data-parallel replicas, None = WORLD
     is_logging_rank: bool = True  # the rank that owns the loss: logs, pages, writes the store
     timeout_s: float = 300.0
+    _logger_src: Optional[int] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def distributed(self) -> bool:
@@ -48,19 +49,6 @@ class DistContext:
         import torch.distributed as dist
 
         return dist
-
-    def any_true(self, flag: bool, group: Any = "world") -> bool:
-        """True on every rank if `flag` is true on any rank of the group."""
-        if not self.distributed:
-            return bool(flag)
-        import torch
-
-        dist = self._dist()
-        t = torch.tensor([1.0 if flag else 0.0])
-        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=None if group == "world" else group,
-                               async_op=True)
-        self._wait(work)
-        return bool(t.item() > 0)
 
     def max_values(self, values: List[float]) -> List[float]:
         """Element-wise maximum of `values` over all ranks (a collective)."""
@@ -98,7 +86,11 @@ class DistContext:
         if not self.distributed:
             return obj
         dist = self._dist()
-        src = self._logging_rank_global()
+        if self._logger_src is None:
+            # Which global rank logs never changes: find it once (a collective, so on every
+            # rank at the same call), not on every broadcast.
+            self._logger_src = self._logging_rank_global()
+        src = self._logger_src
         box = [obj if self.rank == src else None]
         dist.broadcast_object_list(box, src=src)
         return box[0]
