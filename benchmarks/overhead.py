@@ -7,14 +7,19 @@
    - direct: time spent inside `monitor.step()` / training time of the same steps
      (exact on the CPU, where every op runs synchronously inside the call);
    - A/B: median block time with the monitor vs without (noisier; a cross-check).
-2. Whole-run overhead at the default cadence: a fresh model trained for `--whole-steps`
-   steps (default 500 = one probe_every) with the real monitor at MonitorConfig defaults
-   (probes every 500 steps with the default suite, at step 0 as the anchor; indicators
-   every 10 steps) and the real ProbeRunner: time inside `monitor.step()` as a share of
-   wall time. Its parts are printed too (indicator steps, probe round), with the
-   training tokens per step at which the probe part would fall to 2%.
+2. Whole-run overhead at the default cadence: a fresh model trained for `--whole-minutes`
+   with the real monitor at MonitorConfig defaults (the default probe suite every 500
+   steps, the anchor round at the first step, indicators every 10 steps, and the
+   whole-run budget `probe_max_overhead`) and the real ProbeRunner: time inside
+   `monitor.step()` as a share of the loop's training time, with a progress line every
+   5 minutes. One default round (~290k tokens) costs far more than 500 toy steps on this
+   CPU, so what keeps the share down here is the budget, which only shows on a run long
+   enough to pay back the anchor round (about round seconds / budget of training). The
+   whole run uses a smaller, faster model by default (2x128, batch 16x128) so that takes
+   minutes, not hours; the figure also says what the same rounds would cost without the
+   budget. The target counts as met only if a budgeted round ran after the anchor.
 
-Usage: .venv/bin/python benchmarks/overhead.py [--blocks 30] [--whole-steps 500] [--skip-whole]
+Usage: .venv/bin/python benchmarks/overhead.py [--blocks 30] [--whole-minutes 50] [--skip-whole]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import List
 
 import torch
 
@@ -113,18 +119,22 @@ def per_step(args, data, vocab, eos, out_dir: Path) -> dict:
 
 
 def whole_run(args, data, vocab, eos, tok, out_dir: Path) -> dict:
+    """A fresh model trained for `--whole-minutes` of wall time with the real monitor at
+    MonitorConfig defaults (default probe suite every 500 steps, the anchor round at the
+    first step, indicators every 10 steps, probe_max_overhead at its default)."""
     from fineline_monitor import FineLineMonitor, MonitorConfig
 
-    model, opt = build(vocab, eos, args.n_layer, args.n_embd, seed=2)
+    model, opt = build(vocab, eos, args.whole_n_layer, args.whole_n_embd, seed=2)
     cfg = MonitorConfig(out_dir=str(out_dir / "whole"), run_name="overhead-whole-run", sinks={"enabled": ["store"]})
     t_attach = time.perf_counter()
     mon = FineLineMonitor(model=model, optimizer=opt, config=cfg, tokenizer=tok)
     attach_s = time.perf_counter() - t_attach
-    it = batches(data, args.batch_size, args.seq_len, seed=3)
-    probe_s, rounds = 0.0, 0
+    it = batches(data, args.whole_batch_size, args.seq_len, seed=3)
+    rounds: List[tuple] = []  # (step, seconds)
     t_run = time.perf_counter()
-    tokens = 0
-    for step in range(args.whole_steps):
+    deadline = t_run + 60.0 * args.whole_minutes
+    tokens, step, next_report = 0, 0, 0.0
+    while time.perf_counter() < deadline:
         batch = next(it)
         loss = train_step(model, opt, batch)
         tokens += batch.numel()
@@ -133,24 +143,30 @@ def whole_run(args, data, vocab, eos, tok, out_dir: Path) -> dict:
         mon.step(step=step, loss=loss.detach(), tokens=tokens, lr=1e-3, batch_tokens=batch.numel())
         dt = time.perf_counter() - t0
         if mon.last_probe is not before:
-            rounds += 1
-            probe_s += dt
+            rounds.append((step, dt))
+            print(f"  probe round at step {step}: {dt:.1f} s", flush=True)
         opt.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - t_run
+        if elapsed >= next_report:
+            inside = mon._monitor_seconds
+            print(f"  step {step}: {elapsed / 60:.1f} min, inside monitor {inside:.1f} s = "
+                  f"{100 * inside / max(elapsed - inside, 1e-9):.2f}% of training time", flush=True)
+            next_report += 300.0
     wall = time.perf_counter() - t_run
     inside = mon._monitor_seconds
     mon.close()
+    probe_s = sum(s for _, s in rounds)
     train_s = wall - inside
-    step_s = train_s / args.whole_steps
-    tok_per_step = args.batch_size * args.seq_len
-    runner = mon.probes
-    round_tokens = getattr(runner, "tokens_per_round", None)
-    # Probe share falls as training tokens per probe interval grow; tokens/step where it is 2%:
-    need = (probe_s / max(rounds, 1)) / (0.02 * cfg.probe_every * step_s / tok_per_step) if rounds else None
-    return {"steps": args.whole_steps, "wall_s": wall, "inside_s": inside, "pct_wall": 100 * inside / wall,
-            "rounds": rounds, "probe_s": probe_s, "indicator_pct": 100 * (inside - probe_s) / train_s,
-            "probe_pct": 100 * probe_s / wall, "attach_s": attach_s, "step_s": step_s, "round_tokens": round_tokens,
-            "tok_per_step": tok_per_step, "tokens_per_step_for_2pct": need, "disabled": mon.disabled_parts,
-            "probes_active": mon.probes is not None and "probes" not in mon.disabled_parts}
+    step_s = train_s / step
+    # What the same rounds cost on the plain cadence (a round every probe_every steps):
+    fixed_pct = 100.0 * (probe_s / max(len(rounds), 1)) / (cfg.probe_every * step_s) if rounds else None
+    return {"steps": step, "wall_s": wall, "inside_s": inside, "pct_train": 100 * inside / train_s,
+            "pct_wall": 100 * inside / wall, "rounds": rounds, "probe_s": probe_s,
+            "indicator_pct": 100 * (inside - probe_s) / train_s, "attach_s": attach_s, "step_s": step_s,
+            "tok_per_step": args.whole_batch_size * args.seq_len, "fixed_pct": fixed_pct,
+            "budget": cfg.probe_max_overhead, "probe_every": cfg.probe_every,
+            "disabled": mon.disabled_parts, "probes_active": mon.probes is not None and "probes" not in mon.disabled_parts}
 
 
 def main(argv=None) -> int:
@@ -162,7 +178,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP oversubscription on a shared box")
-    ap.add_argument("--whole-steps", type=int, default=500)
+    ap.add_argument("--whole-minutes", type=float, default=50.0,
+                    help="wall time of the whole run (the budget needs ~C/budget of training to pay back "
+                         "the anchor round of C seconds)")
+    ap.add_argument("--whole-n-layer", type=int, default=2)
+    ap.add_argument("--whole-n-embd", type=int, default=128)
+    ap.add_argument("--whole-batch-size", type=int, default=16)
     ap.add_argument("--skip-whole", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -194,18 +215,24 @@ def main(argv=None) -> int:
           f"(noise of a shared CPU; the direct figure is the measurement)", flush=True)
     ok = r["median_pct"] <= 1.0
     if not args.skip_whole:
+        print(f"model for the whole run: GPT-2 {args.whole_n_layer}x{args.whole_n_embd}, batch "
+              f"{args.whole_batch_size}x{args.seq_len}, {args.whole_minutes:g} min", flush=True)
         w = whole_run(args, data, vocab, eos, tok, out_dir)
-        print(f"[whole run, default cadence] {w['steps']} steps, wall {w['wall_s']:.1f} s, inside monitor "
-              f"{w['inside_s']:.1f} s = {w['pct_wall']:.2f}% of wall time; probes active: {w['probes_active']}"
+        print(f"[whole run, default config] {w['steps']} steps of {1e3 * w['step_s']:.0f} ms ({w['tok_per_step']} "
+              f"tokens), wall {w['wall_s'] / 60:.1f} min; probes active: {w['probes_active']}"
               + (f"; disabled: {w['disabled']}" if w["disabled"] else ""))
-        print(f"  indicator steps: {w['indicator_pct']:.3f}% of training time; probe rounds: {w['rounds']} "
-              f"taking {w['probe_s']:.1f} s ({w['probe_pct']:.2f}% of wall; {w['round_tokens']} tokens per round); "
+        print(f"  inside monitor {w['inside_s']:.1f} s = {w['pct_train']:.2f}% of training time "
+              f"({w['pct_wall']:.2f}% of wall); indicator steps {w['indicator_pct']:.3f}%; "
               f"attach (task loading, tokenization) {w['attach_s']:.1f} s, once")
-        if w["tokens_per_step_for_2pct"]:
-            print(f"  this CPU trains {w['tok_per_step']} tokens per {1e3 * w['step_s']:.0f} ms step; at the default "
-                  f"cadence the probe share reaches 2% at ~{w['tokens_per_step_for_2pct']:,.0f} training tokens "
-                  f"per step (same throughput)")
-        ok = ok and w["pct_wall"] <= 2.0
+        print(f"  probe rounds: {len(w['rounds'])} at steps {[s for s, _ in w['rounds']]} taking "
+              f"{w['probe_s']:.1f} s (probe_every={w['probe_every']}, probe_max_overhead={w['budget']})")
+        if w["fixed_pct"] is not None:
+            print(f"  the same rounds every {w['probe_every']} steps (no budget) would cost {w['fixed_pct']:.1f}% "
+                  f"of training time on this CPU")
+        budgeted = len(w["rounds"]) >= 2
+        if not budgeted:
+            print("  only the anchor round ran: run longer (--whole-minutes) to see a budgeted round")
+        ok = ok and w["pct_train"] <= 2.0 and budgeted
     scope = "per-step <= 1%" + ("" if args.skip_whole else ", whole run <= 2%")
     print(f"targets ({scope}): {'met' if ok else 'NOT met'}")
     return 0

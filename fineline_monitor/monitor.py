@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from fineline_monitor.core.cadence import budgeted_interval, should_collect, should_probe
+from fineline_monitor.core.cadence import probe_budget_next_step, should_collect, should_probe
 from fineline_monitor.core.config import MonitorConfig
 from fineline_monitor.core.types import Alert, ProbeRound
 from fineline_monitor.distributed import DistContext
@@ -81,11 +81,15 @@ class FineLineMonitor:
         self._store = None
         self._pending_actions: List[str] = []
         self._monitor_seconds = 0.0
-        # Probe budget: training seconds and steps since the last round, and the first step
-        # at which the next round may run (same on every rank: agreed after each round).
+        # Whole-run budget (probe_max_overhead), cumulative since attach: the loop's own
+        # time and steps between calls, the part of our time spent in probe rounds, the
+        # last round's cost, and the first step at which the next round may run (the same
+        # on every rank: decided from values agreed by all-reduce).
         self._last_step_end: Optional[float] = None
         self._train_seconds = 0.0
         self._train_steps = 0
+        self._probe_seconds = 0.0
+        self._last_round_seconds = 0.0
         self._next_probe_step: Optional[int] = None
 
         # ---- sinks: the real ones on the logging rank, do-nothing elsewhere ----------
@@ -176,7 +180,7 @@ class FineLineMonitor:
         if self.probes is not None and "probes" not in self._disabled and should_probe(
                 step, every=self.config.probe_every, tokens=tokens, every_tokens=self.config.probe_every_tokens,
                 last_probe_tokens=self._last_probe_tokens, at_start=self.config.probe_at_start,
-                first_step=self._first_step) and (self._next_probe_step is None or step >= self._next_probe_step):
+                first_step=self._first_step, not_before=self._next_probe_step) and self._within_budget(step):
             fired += self._probe_round(step, tokens)
 
         if fired:
@@ -196,6 +200,9 @@ class FineLineMonitor:
             metrics = {k: v for k, v in (("train/loss", _to_float(loss)), ("train/lr", lr)) if v is not None}
             if tokens is not None:
                 metrics["train/tokens"] = float(tokens)
+        if self._train_seconds > 0:
+            # what probe_max_overhead bounds: the monitor's cumulative share of training time
+            metrics["monitor/overhead"] = self._monitor_seconds / self._train_seconds
         if self._error_counts:
             metrics["fineline/internal_error"] = float(sum(self._error_counts.values()))
             for part, n in self._error_counts.items():
@@ -210,6 +217,36 @@ class FineLineMonitor:
         self._drain_engine_events(step, tokens)
         return alerts
 
+    def _within_budget(self, step: int) -> bool:
+        """On a due step: may the round run within probe_max_overhead? Every rank asks at
+        the same steps and decides from the same all-reduced timings (the most expensive
+        rank's monitor time and round, the least training time), so no rank enters a probe
+        round alone. Otherwise the round moves to a later step (`_next_probe_step`)."""
+        budget = self.config.probe_max_overhead
+        if budget <= 0 or self._last_round_seconds <= 0:
+            return True  # no budget, or no round measured yet (the anchor round runs)
+        steps = max(self._train_steps, 1)
+        per_step = max(self._monitor_seconds - self._probe_seconds, 0.0) / steps
+        try:
+            monitor_s, neg_train_s, round_s, neg_step_s, per_step = self.dist.max_values(
+                [self._monitor_seconds, -self._train_seconds, self._last_round_seconds,
+                 -self._train_seconds / steps, per_step])
+        except Exception as e:  # noqa: BLE001
+            self._report_error("probes", e)
+            self._disable("probes", "could not agree on the probe budget")
+            return False
+        nxt = probe_budget_next_step(step, every=self.config.probe_every, max_overhead=budget,
+                                     monitor_seconds=monitor_s, train_seconds=-neg_train_s, round_seconds=round_s,
+                                     step_seconds=-neg_step_s, monitor_step_seconds=per_step)
+        if nxt is None:
+            return True
+        self._next_probe_step = nxt
+        if self.dist.is_logging_rank:
+            log.info("fineline_monitor: probe round at step %d postponed to step %d: the monitor has used %.2f%% "
+                     "of training time and a round costs ~%.1f s (probe_max_overhead=%g)", step, nxt,
+                     100.0 * monitor_s / max(-neg_train_s, 1e-9), round_s, budget)
+        return False
+
     def _probe_round(self, step: int, tokens: Optional[int]) -> List[Alert]:
         ctx = None
         if self.indicators is not None and "indicators" not in self._disabled:
@@ -223,25 +260,19 @@ class FineLineMonitor:
             ok = False
             self._report_error("probes", e)
         round_seconds = time.perf_counter() - t_round
-        step_seconds = self._train_seconds / self._train_steps if self._train_steps else 0.0
+        self._probe_seconds += round_seconds
+        self._last_round_seconds = round_seconds
+        self._next_probe_step = None
         # Every rank must agree before anything else happens: if one rank failed, all
-        # ranks disable probes, so nobody enters the next round's collectives alone; and
-        # the next round's step comes from the slowest rank's timings, the same everywhere.
+        # ranks disable probes, so nobody enters the next round's collectives alone.
         try:
-            failed, round_seconds, step_seconds = self.dist.max_values(
-                [0.0 if ok else 1.0, round_seconds, step_seconds])
+            failed, = self.dist.max_values([0.0 if ok else 1.0])
         except Exception as e:  # noqa: BLE001
             self._report_error("probes", e)
             failed = 1.0
         if failed > 0 and ok:
             self._disable("probes", "another rank failed during a probe round")
             ok = False
-        interval = budgeted_interval(self.config.probe_every, round_seconds, step_seconds,
-                                     self.config.probe_max_overhead)
-        # Within budget: the plain cadence (every multiple of probe_every). Over budget: no
-        # round before step + interval (still on a multiple of probe_every).
-        self._next_probe_step = step + interval if interval > self.config.probe_every else None
-        self._train_seconds, self._train_steps = 0.0, 0
         if not ok or round_ is None:
             # Disabled on every rank alike (the agreement above), so no rank later enters
             # a probe collective that the others skip.
@@ -256,8 +287,6 @@ class FineLineMonitor:
             extra = self._guarded("indicators", lambda: self.indicators.probe_round_metrics(ctx), default={}) or {}
         metrics = probe_metrics(round_)
         metrics.update(extra)
-        if interval:
-            metrics["monitor/probe_interval_steps"] = float(interval)
         self._emit("log_probe", round_)
         self._emit("log_metrics", step, tokens, metrics)
         if self.engine is None or "alerts" in self._disabled:
@@ -359,6 +388,9 @@ class FineLineMonitor:
         sd: Dict[str, Any] = {"version": STATE_VERSION, "run": self.run, "step": self._step,
                               "first_step": self._first_step, "last_probe_tokens": self._last_probe_tokens,
                               "next_probe_step": self._next_probe_step,
+                              "budget": {"monitor_s": self._monitor_seconds, "train_s": self._train_seconds,
+                                         "train_steps": self._train_steps, "probe_s": self._probe_seconds,
+                                         "last_round_s": self._last_round_seconds},
                               "disabled": dict(self._disabled), "should_stop": self.should_stop}
         if self.indicators is not None and hasattr(self.indicators, "state_dict"):
             sd["indicators"] = self._guarded("indicators", self.indicators.state_dict, default=None)
@@ -372,6 +404,12 @@ class FineLineMonitor:
         self._first_step = sd.get("first_step")
         self._last_probe_tokens = sd.get("last_probe_tokens")
         self._next_probe_step = sd.get("next_probe_step")
+        b = sd.get("budget") or {}  # absent in older state: the budget starts afresh
+        self._monitor_seconds = float(b.get("monitor_s", 0.0))
+        self._train_seconds = float(b.get("train_s", 0.0))
+        self._train_steps = int(b.get("train_steps", 0))
+        self._probe_seconds = float(b.get("probe_s", 0.0))
+        self._last_round_seconds = float(b.get("last_round_s", 0.0))
         self._step = sd.get("step", 0)
         self.should_stop = bool(sd.get("should_stop", False))
         if sd.get("indicators") is not None and self.indicators is not None:

@@ -56,6 +56,8 @@ SIMPLE: Dict[str, Tuple[str, str]] = {
                                         "Mean output log-partition (logit divergence indicator)."),
     "monitor/probe_seconds": ("fineline_probe_round_seconds", "Wall time of the last probe round."),
     "monitor/probe_tokens_per_s": ("fineline_probe_tokens_per_second", "Tokens per second scored by the last probe round."),
+    "monitor/overhead": ("fineline_monitor_overhead_ratio",
+                         "Time inside the monitor over the loop's own training time, since attach."),
 }
 
 # prefix -> (family, per-item label, help). `prefix` alone is exported with label value "all".

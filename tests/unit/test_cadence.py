@@ -29,17 +29,38 @@ def test_collect():
     assert not should_collect(5, 0)
 
 
-def test_budgeted_interval_keeps_probe_share_under_budget():
-    from fineline_monitor.core.cadence import budgeted_interval
+def test_probe_budget_next_step_keeps_the_whole_run_within_budget():
+    from fineline_monitor.core.cadence import probe_budget_next_step as nxt
 
-    # cheap rounds: the configured cadence stands
-    assert budgeted_interval(500, round_seconds=1.0, step_seconds=1.0, max_overhead=0.02) == 500
-    # a 60 s round on 0.25 s steps needs 12,000 steps for 2%: the next multiple of 500
-    iv = budgeted_interval(500, round_seconds=60.0, step_seconds=0.25, max_overhead=0.02)
-    assert iv == 12000 and 60.0 / (iv * 0.25) <= 0.02
-    iv = budgeted_interval(500, round_seconds=61.0, step_seconds=0.25, max_overhead=0.02)
-    assert iv == 12500 and 61.0 / (iv * 0.25) <= 0.02
-    # budget off, or no timing yet: the fixed cadence
-    assert budgeted_interval(500, 60.0, 0.25, 0.0) == 500
-    assert budgeted_interval(500, 60.0, 0.0, 0.02) == 500
-    assert budgeted_interval(0, 60.0, 0.25, 0.02) == 0
+    # within budget (1 s spent + a 1 s round <= 2% of 500 s): the round runs
+    assert nxt(1000, every=500, max_overhead=0.02, monitor_seconds=1.0, train_seconds=500.0,
+               round_seconds=1.0, step_seconds=0.5) is None
+    # a 60 s anchor round on 0.25 s steps: the next round waits until 120 s <= 2% of the
+    # training time, i.e. 24,000 steps after the anchor: the first multiple of 500 past it
+    step = nxt(500, every=500, max_overhead=0.02, monitor_seconds=60.0, train_seconds=125.0,
+               round_seconds=60.0, step_seconds=0.25)
+    assert step == 24000
+    train_then = 125.0 + (step - 500) * 0.25
+    assert (60.0 + 60.0) / train_then <= 0.02 < (60.0 + 60.0) / (train_then - 500 * 0.25)
+    # per-step indicator time eats into what each step earns: later, never earlier
+    later = nxt(500, every=500, max_overhead=0.02, monitor_seconds=60.0, train_seconds=125.0,
+                round_seconds=60.0, step_seconds=0.25, monitor_step_seconds=0.001)
+    assert later > step
+    # indicators alone above the budget still leave rounds reachable (half a step's share)
+    assert nxt(500, every=500, max_overhead=0.02, monitor_seconds=60.0, train_seconds=125.0,
+               round_seconds=60.0, step_seconds=0.25, monitor_step_seconds=1.0) is not None
+    # token cadence (every=0): a plain step count, not rounded
+    assert nxt(10, every=0, max_overhead=0.5, monitor_seconds=1.0, train_seconds=0.0,
+               round_seconds=1.0, step_seconds=1.0) == 14
+    # budget off, or no round measured yet: no postponement
+    assert nxt(500, every=500, max_overhead=0.0, monitor_seconds=60.0, train_seconds=1.0,
+               round_seconds=60.0, step_seconds=0.25) is None
+    assert nxt(500, every=500, max_overhead=0.02, monitor_seconds=0.0, train_seconds=1.0,
+               round_seconds=0.0, step_seconds=0.25) is None
+
+
+def test_should_probe_not_before():
+    assert not should_probe(1000, every=500, not_before=1500, first_step=0)
+    assert should_probe(1500, every=500, not_before=1500, first_step=0)
+    # a postponed token-cadence round runs at not_before (the crossing happened meanwhile)
+    assert should_probe(30, every=0, every_tokens=100, tokens=3000, last_probe_tokens=1000, not_before=30)
