@@ -97,7 +97,7 @@ def monitor_config(out: Path, probe_every: int, docs_per_task: int = 8, **extra)
     from fineline_monitor import MonitorConfig
 
     # probe_max_overhead=0: these examples run a handful of toy steps, each far cheaper than a
-    # probe round, and must probe exactly every `probe_every` steps; real runs keep the 2% budget.
+    # probe round, and must probe exactly every `probe_every` steps; real runs keep the default whole-run budget.
     return MonitorConfig(out_dir=str(out), run_name=extra.pop("run_name", "example"), probe_every=probe_every,
                          probe_at_start=True, probe_max_overhead=0.0, probes={"tasks": PROBE_TASKS, "docs_per_task": docs_per_task,
                                                       "batch_size": 8, "max_length": extra.pop("max_length", 0)},
