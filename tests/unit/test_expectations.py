@@ -111,7 +111,7 @@ def test_lagged_detect_drop_stall_drift_and_healthy():
     drop = healthy.copy()
     drop[-3:] -= 0.04  # 10 noise sigma, sustained for 3 rounds
     assert _lag_window(x, drop).z[0, 2] < -4
-    # (stalls: not asserted; the 35% growth-uncertainty term hides them, see the README, Alert quality)
+    # (stalls: see test_expectations_profile.py)
     drift = healthy - np.r_[np.zeros(21), 0.015 * np.arange(1, 4)]
     assert _lag_window(x, drift).z[0, 2] < -4
     # a lag-k verdict needs 5 fit points before the k judged ones
