@@ -91,7 +91,19 @@ def curve_noise(y: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2))
 
 
-def inject(c: Curve, kind: str, rng: random.Random, scale: float = 1.0) -> Optional[Tuple[Curve, int]]:
+LOCAL_BEFORE, LOCAL_AFTER = 10, 2
+
+
+def local_noise(y: np.ndarray, t0: int) -> float:
+    """Round-to-round noise of the healthy curve around round t0 (rounds t0-10 .. t0+2):
+    second differences cancel a locally straight trend, var(d2) = 6 sigma^2."""
+    w = y[max(0, t0 - LOCAL_BEFORE):t0 + LOCAL_AFTER + 1]
+    d2 = np.diff(w, 2)
+    return float(1.4826 * np.median(np.abs(d2 - np.median(d2))) / math.sqrt(6))
+
+
+def inject(c: Curve, kind: str, rng: random.Random, scale: float = 1.0,
+           sizing: str = "global") -> Optional[Tuple[Curve, int]]:
     """Return (faulted curve truncated at t0+2, t0) or None when the curve is not eligible."""
     k = metric_kind(c.metric)
     if k not in (ACC, LOSS) or len(c) < 12:
@@ -120,12 +132,18 @@ def inject(c: Curve, kind: str, rng: random.Random, scale: float = 1.0) -> Optio
     lo_t0 = max(start + 8, 8)
     hi_t0 = len(y) - 3
     cands = list(range(lo_t0, hi_t0 + 1))
+    # "sigma" of a fault at t0: the whole curve's noise, or the noise around t0 (curves are
+    # 2-4x noisier early than late, so a whole-curve sigma makes early faults a few local
+    # sigmas and late ones many)
+    sig_at = (lambda t: sig) if sizing == "global" else (lambda t: local_noise(y, t))  # noqa: E731
+    cands = [t for t in cands if np.isfinite(sig_at(t)) and sig_at(t) > 0]
     if kind == "stall":
         gain = lambda t: -bad * (sm[t + 2] - sm[t - 1])  # noqa: E731 - improvement in the good direction
-        cands = [t for t in cands if gain(t) >= 8 * scale * sig]
+        cands = [t for t in cands if gain(t) >= 8 * scale * sig_at(t)]
     if not cands:
         return None
     t0 = rng.choice(cands)
+    sig = sig_at(t0)
     yf = y.copy()
     if kind == "drop":
         yf[t0:] += bad * scale * max(8 * sig, 0.10 * R)
@@ -149,6 +167,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--faults-per-kind", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every fault magnitude")
+    ap.add_argument("--sizing", choices=("local", "global"), default="global",
+                    help="fault sigma: the healthy curve's noise around t0 (local) or over the whole curve (global)")
     args = ap.parse_args(argv)
     if not Path(args.data).exists():
         print(f"SKIP: trajectory data not found at {args.data} (pass --data or set FINELINE_DEV_TRAJECTORIES)")
@@ -191,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for idx in order:
             if n >= args.faults_per_kind:
                 break
-            got = inject(curves[idx], kind, rng, args.scale)
+            got = inject(curves[idx], kind, rng, args.scale, args.sizing)
             if got is None:
                 n_inel += 1
                 continue
