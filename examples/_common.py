@@ -79,6 +79,30 @@ def token_stream(tok, seed: int = 0) -> List[int]:
     return ids
 
 
+def trainer_example_args(argv=None):
+    """The command line shared by the framework-loop examples (HF Trainer, Lightning):
+    parsed, threads set, OUT created. Returns (args, out)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--probe-every", type=int, default=2)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seq", type=int, default=64)
+    args = ap.parse_args(argv)
+    threads()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return args, out
+
+
+def token_rows(tok, seq: int, limit: int = 512) -> List[torch.Tensor]:
+    """The training text cut into at most `limit` rows of `seq` tokens."""
+    ids = token_stream(tok)
+    n = (len(ids) - 1) // seq
+    return [torch.tensor(ids[i * seq:(i + 1) * seq]) for i in range(min(n, limit))]
+
+
 def batches(ids: List[int], batch: int, seq: int, *, dp_rank: int = 0, dp_size: int = 1) -> Iterator[torch.Tensor]:
     """Endless [batch, seq + 1] windows, each data-parallel rank its own slice."""
     data = torch.tensor(ids, dtype=torch.long)

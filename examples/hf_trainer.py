@@ -7,7 +7,6 @@ CPU, gloo (the Trainer's DDP). Writes OUT/run.db and OUT/probe_round.json. Monit
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,23 +15,13 @@ import _common as C  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--probe-every", type=int, default=2)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seq", type=int, default=64)
-    args = ap.parse_args(argv)
-    C.threads()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = C.trainer_example_args(argv)
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     C.init_cpu_distributed()
     tok = C.tokenizer(out)
-    ids = C.token_stream(tok)
-    n = (len(ids) - 1) // args.seq
-    rows = [torch.tensor(ids[i * args.seq:(i + 1) * args.seq]) for i in range(min(n, 512))]
+    rows = C.token_rows(tok, args.seq)
     train = [{"input_ids": r, "labels": r} for r in rows]
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=4))

@@ -7,7 +7,6 @@ CPU, DDP over gloo. Writes OUT/run.db and OUT/probe_round.json. Monitor lines: `
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,24 +15,14 @@ import _common as C  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--probe-every", type=int, default=2)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seq", type=int, default=64)
-    args = ap.parse_args(argv)
-    C.threads()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = C.trainer_example_args(argv)
     import lightning as L
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     C.init_cpu_distributed()  # Lightning reuses an existing process group
     tok = C.tokenizer(out)
-    ids = C.token_stream(tok)
-    n = (len(ids) - 1) // args.seq
-    rows = torch.stack([torch.tensor(ids[i * args.seq:(i + 1) * args.seq]) for i in range(min(n, 512))])
+    rows = torch.stack(C.token_rows(tok, args.seq))
 
     class LM(L.LightningModule):
         def __init__(self):
