@@ -66,6 +66,10 @@ class ProbeContext:
         self.lse_sum: Optional[torch.Tensor] = None
         self.lse_count: Any = 0
         self.forwards = 0
+        # Set by an integration whose output layer is vocab-parallel (megatron-core TP>1):
+        # each rank then holds a slice of the vocabulary, and per-token max and log-partition
+        # must be reduced over this process group (all its ranks run the same forward).
+        self.vocab_group: Any = None
 
     # ---- context manager -----------------------------------------------------------------
     def __enter__(self) -> "ProbeContext":
@@ -144,13 +148,17 @@ class ProbeContext:
         if z is None or not z.is_floating_point():
             return
         with torch.no_grad():
-            lse = torch.logsumexp(z.float(), dim=-1)  # [B, T] (or [T, B] megatron)
+            zf = z.float()
+            if self.vocab_group is not None:
+                tok_max, lse = _vocab_parallel_max_lse(zf, self.vocab_group)
+            else:
+                tok_max, lse = zf.amax(dim=-1), torch.logsumexp(zf, dim=-1)  # [B, T] (or [T, B] megatron)
             tm = self._token_mask(z)
             if tm is not None:
-                zmax = z.amax(dim=-1).float().masked_fill(~tm, float("-inf")).amax()
+                zmax = tok_max.masked_fill(~tm, float("-inf")).amax()
                 lsum, cnt = (lse * tm).sum(), tm.sum()
             else:
-                zmax = z.amax().float()
+                zmax = tok_max.amax()
                 lsum, cnt = lse.sum(), lse.numel()
             self.logit_max = zmax if self.logit_max is None else torch.maximum(self.logit_max, zmax)
             self.lse_sum = lsum if self.lse_sum is None else self.lse_sum + lsum
@@ -173,3 +181,16 @@ class ProbeContext:
         for name, s in self.act_sumsq.items():
             out[f"stability/act_rms/{name}"] = torch.sqrt(s / self.act_count[name])
         return out
+
+
+def _vocab_parallel_max_lse(z: torch.Tensor, group: Any):
+    """Per-token max logit and log-partition of logits split over the vocabulary across
+    `group` (each rank holds [..., V / world]): max over ranks, then
+    lse = max + log(sum over ranks of sum exp(z - max)). Two small collectives per forward."""
+    import torch.distributed as dist
+
+    m = z.amax(dim=-1)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    s = torch.exp(z - m.unsqueeze(-1)).sum(dim=-1)
+    dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
+    return m, m + torch.log(s)

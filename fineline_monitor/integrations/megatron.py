@@ -416,16 +416,25 @@ class MegatronMonitor(MonitorPassThrough):
         self._wrap_probe_round_for_tp()
 
     def _wrap_probe_round_for_tp(self) -> None:
-        """After each probe round, on every rank, MAX-reduce the attention-logit maxima over
-        the TP group (each TP rank saw only its own heads)."""
+        """Under TP>1: during each probe round, reduce the output-logit statistics over the
+        TP group inside the head hook (a vocab-parallel output layer gives each rank a slice
+        of the vocabulary); after it, MAX-reduce the attention-logit maxima (each TP rank saw
+        only its own heads)."""
+        from megatron.core import parallel_state as ps
+
         probes = getattr(self.monitor, "probes", None)
         run = getattr(probes, "run", None)
         if run is None:
             return
+        head = getattr(unwrap_megatron(self.model), "output_layer", None)
+        vocab_parallel = (ps.get_tensor_model_parallel_world_size() > 1 and head is not None
+                          and not getattr(head, "gather_output", False))
 
         def run_and_reduce(*args: Any, **kwargs: Any) -> Any:
-            result = run(*args, **kwargs)
             ctx = kwargs.get("hooks")
+            if ctx is not None and vocab_parallel:
+                ctx.vocab_group = ps.get_tensor_model_parallel_group()
+            result = run(*args, **kwargs)
             rec = getattr(getattr(ctx, "attn", None), "recorder", None)
             if rec is not None:
                 _reduce_attention_max(rec.max)

@@ -45,6 +45,18 @@ def test_tp2_trains_probes_records_and_matches_tp1(tmp_path):
     ga = {(r["task"], r["doc_id"], r["choice"]): r["is_greedy"] for r in H.load_round(out)["requests"]}
     gb = {(r["task"], r["doc_id"], r["choice"]): r["is_greedy"] for r in H.load_round(one)["requests"]}
     assert ga == gb
+    # Probe-round stability indicators are the whole model's, not one TP rank's shard: the
+    # vocab-parallel head's max logit and log-partition, and the attention maxima over all
+    # heads, equal the TP=1 run's on the same weights (TP=2's last round is at step 4).
+    def stability(path, step):
+        rows = sqlite3.connect(path / "run.db").execute(
+            "select name, value from metrics where step = ? and name like 'stability/%'", (step,))
+        return dict(rows)
+
+    s2, s1 = stability(out, 4), stability(one, 0)
+    for name in ("stability/output_logit_max", "stability/output_logsumexp_mean", "stability/attn_logit_max"):
+        assert name in s2 and name in s1, (sorted(s2), sorted(s1))
+        assert abs(s2[name] - s1[name]) <= 1e-4 * max(1.0, abs(s1[name])), (name, s2[name], s1[name])
 
 
 def test_tp_rank_failing_inside_probe_round_does_not_hang(tmp_path):
