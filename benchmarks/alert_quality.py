@@ -31,6 +31,11 @@ and range, because a fault smaller than the noise is detectable by nobody:
   healthy curve would have improved; only injected where the healthy smoothed curve
   gains at least 8 sigma over rounds t0-1..t0+2 (a stall that cannot be told from noise
   in three rounds is not counted).
+Each faulted curve is replayed together with its run's other curves (and per-step rows)
+truncated at the faulted curve's last step (`with_run`; `--replay alone` replays it by
+itself, as before): the engine sees the round as it would live, siblings included, so a
+detector that uses the other curves of the run is scored fairly, and only alerts on the
+faulted curve count. The healthy figures are unaffected.
 Curves eligible: metric with a direction (acc, acc_norm, len_norm, bpb, ppl), >= 12
 points; t0 is drawn (seeded) after the engine's take-off rule judges the curve
 (`alerts.takeoff_index`: accuracy 3 binomial sigma above chance twice) and after the curve left chance level (accuracy smoothed above
@@ -160,6 +165,25 @@ def inject(c: Curve, kind: str, rng: random.Random, scale: float = 1.0,
     return fc, t0
 
 
+def with_run(run_curves: List[Curve], fc: Curve) -> List[Curve]:
+    """The faulted curve in place of its healthy original, with the run's other curves (and
+    per-step rows: the LR that drives the phases) truncated at the faulted curve's last step:
+    the engine sees what it would see live at that round (the siblings of the faulted task
+    included), and nothing from later rounds."""
+    last = fc.steps[-1]
+    out = []
+    for c in run_curves:
+        if c.task == fc.task and c.metric == fc.metric:
+            out.append(fc)
+            continue
+        n = int(np.searchsorted(c.steps, last, side="right"))
+        if n == len(c):
+            out.append(c)
+        elif n > 0:
+            out.append(replace(c, steps=c.steps[:n], tokens=c.tokens[:n], values=c.values[:n], stderr=c.stderr[:n]))
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("FINELINE_DEV_TRAJECTORIES", str(DEFAULT_DATA)))
@@ -169,6 +193,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every fault magnitude")
     ap.add_argument("--sizing", choices=("local", "global"), default="global",
                     help="fault sigma: the healthy curve's noise around t0 (local) or over the whole curve (global)")
+    ap.add_argument("--replay", choices=("run", "alone"), default="run",
+                    help="replay a faulted curve with its run's other curves truncated at the same step (run, "
+                         "default: what the engine sees live) or alone (how faults were replayed before)")
     args = ap.parse_args(argv)
     if not Path(args.data).exists():
         print(f"SKIP: trajectory data not found at {args.data} (pass --data or set FINELINE_DEV_TRAJECTORIES)")
@@ -203,6 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rng = random.Random(args.seed)
     curves = [c for cs in runs.values() for c in cs if metric_kind(c.metric) in (ACC, LOSS) and len(c) >= 12]
     curves.sort(key=lambda c: (c.source, c.model, c.task, c.metric))
+    t_faults = time.perf_counter()
     results = {}
     for kind in ("drop", "drift", "stall"):
         order = list(range(len(curves)))
@@ -217,9 +245,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             fc, t0i = got
             n += 1
-            alerts, _ = replay_run([fc], cfg)
+            if args.replay == "alone":
+                alerts, _ = replay_run([fc], cfg)
+            else:
+                alerts, _ = replay_run(with_run(runs[(fc.source, fc.model)], fc), cfg)
             steps = fc.steps.tolist()
-            hit = [steps.index(a.step) - t0i for a in alerts if a.step in steps and steps.index(a.step) >= t0i]
+            hit = [steps.index(a.step) - t0i for a in alerts if a.step in steps and steps.index(a.step) >= t0i
+                   and a.task == fc.task and a.metric == fc.metric]
             if hit and min(hit) <= 2:
                 caught += 1
                 delays.append(min(hit))
@@ -231,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     tot_c = sum(r[0] for r in results.values())
     tot_n = sum(r[1] for r in results.values())
     print(f"all faults: recall within 3 rounds {tot_c / max(tot_n, 1):.3f} ({tot_c}/{tot_n})")
-    print(f"seconds: {time.perf_counter() - t0:.1f}")
+    print(f"seconds: {time.perf_counter() - t0:.1f} (faults {time.perf_counter() - t_faults:.1f}, replay {args.replay})")
     return 0
 
 
