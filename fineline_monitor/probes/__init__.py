@@ -8,22 +8,27 @@
 - ``runner``: ``ProbeRunner``, what the monitor calls every N steps.
 - ``cli``: the ``probe`` and ``tasks`` subcommands.
 
-Importing this package imports torch (scorers live here); ``fineline_monitor`` itself
-imports it only when probes are switched on.
+The names below are resolved on first use (PEP 562), so importing a torch-free part
+(``probes.cli`` to register subcommands, ``probes.tasks``, ``probes.metrics``) does not
+import torch: ``fineline-monitor analyze`` stays torch-free and starts in well under a second.
 """
 
-from fineline_monitor.probes.runner import ProbeRunner, preserved_state
-from fineline_monitor.probes.scoring import (
-    IGNORE_INDEX,
-    HFScorer,
-    Scorer,
-    ScoringError,
-    TokenBatch,
-    TorchScorer,
-    build_scorer,
-)
-from fineline_monitor.probes.tasks import DEFAULT_SUITE, TaskError, list_by_capability, load_requests_file, load_task, resolve_names
+import importlib
+from typing import Any
 
-__all__ = ["ProbeRunner", "Scorer", "HFScorer", "TorchScorer", "TokenBatch", "IGNORE_INDEX", "ScoringError",
-           "TaskError", "build_scorer", "preserved_state", "DEFAULT_SUITE", "list_by_capability", "load_task",
-           "load_requests_file", "resolve_names"]
+_EXPORTS = {
+    "ProbeRunner": "runner", "preserved_state": "runner",
+    "IGNORE_INDEX": "scoring", "HFScorer": "scoring", "Scorer": "scoring", "ScoringError": "scoring",
+    "TokenBatch": "scoring", "TorchScorer": "scoring", "build_scorer": "scoring",
+    "DEFAULT_SUITE": "tasks", "TaskError": "tasks", "list_by_capability": "tasks", "load_requests_file": "tasks",
+    "load_task": "tasks", "resolve_names": "tasks",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"fineline_monitor.probes.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fineline_monitor.probes' has no attribute {name!r}")

@@ -26,3 +26,16 @@ def test_core_is_free_of_torch():
 def test_cli_parser_builds_without_frameworks():
     mods = _imported_after("from fineline_monitor.cli import build_parser; build_parser()")
     assert not (set(HEAVY) & mods), sorted(set(HEAVY) & mods)
+
+
+def test_analyze_path_is_free_of_torch():
+    """`fineline-monitor analyze` (parser + offline replay) never imports torch: it runs on
+    machines without it and its time budget has no room for a 2-3 s import."""
+    mods = _imported_after("from fineline_monitor.cli import build_parser; build_parser()\n"
+                           "import fineline_monitor.analyze, fineline_monitor.probes.tasks, fineline_monitor.probes.metrics")
+    assert "torch" not in mods
+
+
+def test_probes_package_names_resolve_lazily():
+    mods = _imported_after("from fineline_monitor.probes import ProbeRunner, DEFAULT_SUITE, HFScorer")
+    assert "torch" in mods  # the scorers do need it, once asked for
