@@ -202,15 +202,6 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
     else:
         def line_of(i: int) -> str:
             return str(i + 1 + header_line)
-    for j, name in ((0, "source"), (1, "model"), (5, "task"), (6, "metric")):
-        for i, r in enumerate(rows):
-            if not r[j].strip():
-                raise TrajectoryError(f"{path}:{line_of(i)}: column `{name}` is empty")
-    params = _numeric_column(path, rows, 2, "params", optional=True, line_of=line_of, nonneg=True)
-    steps = _numeric_column(path, rows, 3, "step", optional=False, line_of=line_of, nonneg=True, integer=True)
-    tokens = _numeric_column(path, rows, 4, "tokens", optional=True, line_of=line_of, nonneg=True)
-    values = _numeric_column(path, rows, 7, "value", optional=False, line_of=line_of)
-    stderr = _numeric_column(path, rows, 8, "stderr", optional=True, line_of=line_of, nonneg=True)
 
     # Integer codes for the string columns, then one lexsort: fast on 600k rows.
     def codes(j: int) -> Tuple[np.ndarray, List[str]]:
@@ -225,6 +216,23 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
     mod, mod_names = codes(1)
     tsk, tsk_names = codes(5)
     met, met_names = codes(6)
+    # Empty names, checked on the distinct values (a few hundred) rather than every row;
+    # the first row carrying one is the line reported.
+    first_bad = None
+    for arr, names, name in ((src, src_names, "source"), (mod, mod_names, "model"), (tsk, tsk_names, "task"),
+                             (met, met_names, "metric")):
+        blank = [k for k, v in enumerate(names) if not v.strip()]
+        if blank:
+            i = int(np.flatnonzero(np.isin(arr, blank))[0])
+            if first_bad is None or i < first_bad[0]:
+                first_bad = (i, name)
+    if first_bad is not None:
+        raise TrajectoryError(f"{path}:{line_of(first_bad[0])}: column `{first_bad[1]}` is empty")
+    params = _numeric_column(path, rows, 2, "params", optional=True, line_of=line_of, nonneg=True)
+    steps = _numeric_column(path, rows, 3, "step", optional=False, line_of=line_of, nonneg=True, integer=True)
+    tokens = _numeric_column(path, rows, 4, "tokens", optional=True, line_of=line_of, nonneg=True)
+    values = _numeric_column(path, rows, 7, "value", optional=False, line_of=line_of)
+    stderr = _numeric_column(path, rows, 8, "stderr", optional=True, line_of=line_of, nonneg=True)
     istep = steps.astype(np.int64)
     order = np.lexsort((istep, met, tsk, mod, src))
     key = np.stack([src[order], mod[order], tsk[order], met[order]], axis=1)

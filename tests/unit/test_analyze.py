@@ -41,6 +41,17 @@ def test_analyze_writes_alerts_and_summary(tmp_path):
     assert s["runs"] == 2 and s["alerts"]["total"] == len(rows) == summary["alerts"]["total"]
 
 
+def test_parallel_replay_equals_serial(tmp_path):
+    """--jobs: runs replayed in worker processes give the same files as the serial loop."""
+    p = tmp_path / "traj.csv"
+    write_trajectory_csv(p, synth_rows(drop_from=32))
+    one = analyze(str(p), str(tmp_path / "serial"), jobs=1)
+    two = analyze(str(p), str(tmp_path / "parallel"), jobs=2)
+    assert (tmp_path / "serial" / "alerts.jsonl").read_text() == (tmp_path / "parallel" / "alerts.jsonl").read_text()
+    one.pop("seconds"), two.pop("seconds")
+    assert one == two and one["alerts"]["total"] > 0
+
+
 def test_batch_replay_matches_round_by_round_engine():
     """analyze's whole-table pass gives the same alerts as feeding observe_curves round by round."""
     import numpy as np
