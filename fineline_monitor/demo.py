@@ -155,7 +155,7 @@ def run_demo(args: DemoArgs, stream=None) -> dict:
         out_dir=str(out),
         probe_every=args.probe_every,
         # The demo exists to show capability curves on a toy model whose steps are tiny next to
-        # a probe round; a real run keeps the default 2% probe budget.
+        # a probe round; a real run keeps the default whole-run budget (probe_max_overhead).
         probe_max_overhead=0.0,
         probes={"tasks": [t for t in args.tasks.split(",") if t], "docs_per_task": args.docs_per_task,
                 "batch_size": 32},
