@@ -181,10 +181,29 @@ def test_cadence_functions_take_only_step_and_token_numbers():
     for fn in (cadence.should_probe, cadence.should_collect):
         params = set(inspect.signature(fn).parameters)
         assert params <= {"step", "every", "tokens", "every_tokens", "last_probe_tokens", "at_start",
-                          "first_step"}, params
+                          "first_step", "not_before"}, params
         src = inspect.getsource(fn)
         for banned in ("rank", "time", "random", "environ", "torch"):
             assert banned not in src.replace("every_tokens", "").replace("tokens", ""), (fn.__name__, banned)
+
+
+def test_probe_budget_decision_is_pure():
+    """The budget decision reads timings, so the monitor all-reduces them first; the function
+    itself must then give every rank the same answer: no clock, rank, RNG or environment."""
+    src = inspect.getsource(cadence.probe_budget_next_step)
+    code = src.split('"""')[2]  # the body after the docstring
+    for banned in ("perf_counter", "time.", "rank", "random", "environ", "torch"):
+        assert banned not in code, banned
+    kw = dict(every=500, max_overhead=0.015, monitor_seconds=30.0, train_seconds=900.0, round_seconds=15.0,
+              step_seconds=0.3, monitor_step_seconds=0.001)
+    r = cadence.probe_budget_next_step(2500, **kw)
+    assert r == cadence.probe_budget_next_step(2500, **kw) and r % 500 == 0
+
+    def within(step):  # the round at `step` keeps the share within budget
+        n = step - 2500
+        return 30.0 + 15.0 + n * 0.001 <= 0.015 * (900.0 + n * 0.3) + 1e-9
+
+    assert within(r) and not within(r - 500 - 1)
 
 
 @settings(max_examples=200, deadline=None)

@@ -29,7 +29,7 @@ SCRIPT = Path(__file__).with_name("restart_train.py")
 STEPS, CKPT, ALERT_STEP = 30, 6, 14  # checkpoints after steps 5, 11, 17, ...; the alert at 14
 AREA = "restarts (SIGKILL + resume)"
 # Wall-clock metrics differ between any two runs; everything else must match exactly.
-TIMING = ("per_s", "seconds", "time")
+TIMING = ("per_s", "seconds", "time", "monitor/overhead")  # wall-clock figures differ run to run
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
