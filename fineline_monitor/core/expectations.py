@@ -528,11 +528,7 @@ def lagged_detect(X: np.ndarray, G: np.ndarray, V: np.ndarray, U: np.ndarray, fl
                                pred_k=pred_k,
                                sig_k=sig_k)
     for k in range(1, K + 1):
-        base = ok_pt.copy()
-        base[:, W - k:] = False
-        from_right = np.cumsum(base[:, ::-1], axis=1)[:, ::-1]
-        fm = base & (from_right <= F)
-        n = fm.sum(1).astype(float)
+        fm, n = _fit_mask(ok_pt, k, F)
         Xf = np.where(fm, X, 0.0)
         Gf = np.where(fm, G, 0.0)
         nn = np.maximum(n, 1.0)
@@ -576,6 +572,16 @@ def lagged_detect(X: np.ndarray, G: np.ndarray, V: np.ndarray, U: np.ndarray, fl
                         level_last=level_last, noise=noise)
 
 
+def _fit_mask(ok_pt: np.ndarray, k: int, F: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The frozen fit's points for lag k: the last F usable points before the k newest
+    columns, per row; and how many there are (float)."""
+    base = ok_pt.copy()
+    base[:, ok_pt.shape[1] - k:] = False
+    from_right = np.cumsum(base[:, ::-1], axis=1)[:, ::-1]
+    fm = base & (from_right <= F)
+    return fm, fm.sum(1).astype(float)
+
+
 def _shape(a: float, u: np.ndarray) -> np.ndarray:
     """(1 - exp(-a u)) / a: a curve in log tokens whose slope decays by e^-a over the fit
     window's span (u = (x - x_last) / span, 0 at the last fitted point); a = 0 is the line."""
@@ -601,11 +607,7 @@ def _profile_detect(X, G, ok_pt, noise, *, K, F, min_fit, fit_floor, shapes, chi
     sigma = np.full(N, np.nan)
     level_last = np.full(N, np.nan)
     for k in range(1, K + 1):
-        base = ok_pt.copy()
-        base[:, W - k:] = False
-        from_right = np.cumsum(base[:, ::-1], axis=1)[:, ::-1]
-        fm = base & (from_right <= F)
-        n = fm.sum(1).astype(float)
+        fm, n = _fit_mask(ok_pt, k, F)
         nn = np.maximum(n, 1.0)
         x_last = np.max(np.where(fm, X, -np.inf), axis=1)
         x_first = np.min(np.where(fm, X, np.inf), axis=1)
