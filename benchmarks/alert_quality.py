@@ -140,15 +140,15 @@ def inject(c: Curve, kind: str, rng: random.Random, scale: float = 1.0,
     # "sigma" of a fault at t0: the whole curve's noise, or the noise around t0 (curves are
     # 2-4x noisier early than late, so a whole-curve sigma makes early faults a few local
     # sigmas and late ones many)
-    sig_at = (lambda t: sig) if sizing == "global" else (lambda t: local_noise(y, t))  # noqa: E731
-    cands = [t for t in cands if np.isfinite(sig_at(t)) and sig_at(t) > 0]
+    sig_at = {t: sig if sizing == "global" else local_noise(y, t) for t in cands}
+    cands = [t for t in cands if np.isfinite(sig_at[t]) and sig_at[t] > 0]
     if kind == "stall":
         gain = lambda t: -bad * (sm[t + 2] - sm[t - 1])  # noqa: E731 - improvement in the good direction
-        cands = [t for t in cands if gain(t) >= 8 * scale * sig_at(t)]
+        cands = [t for t in cands if gain(t) >= 8 * scale * sig_at[t]]
     if not cands:
         return None
     t0 = rng.choice(cands)
-    sig = sig_at(t0)
+    sig = sig_at[t0]
     yf = y.copy()
     if kind == "drop":
         yf[t0:] += bad * scale * max(8 * sig, 0.10 * R)
@@ -161,8 +161,14 @@ def inject(c: Curve, kind: str, rng: random.Random, scale: float = 1.0,
     if k == ACC:
         yf = np.clip(yf, 0.0, 1.0)
     n = t0 + 3
-    fc = replace(c, steps=c.steps[:n], tokens=c.tokens[:n], values=yf[:n], stderr=c.stderr[:n])
+    fc = head(c, n, values=yf)
     return fc, t0
+
+
+def head(c: Curve, n: int, values: Optional[np.ndarray] = None) -> Curve:
+    """The curve's first n points (with `values` in place of its own, if given)."""
+    v = c.values if values is None else values
+    return replace(c, steps=c.steps[:n], tokens=c.tokens[:n], values=v[:n], stderr=c.stderr[:n])
 
 
 def with_run(run_curves: List[Curve], fc: Curve) -> List[Curve]:
@@ -180,7 +186,7 @@ def with_run(run_curves: List[Curve], fc: Curve) -> List[Curve]:
         if n == len(c):
             out.append(c)
         elif n > 0:
-            out.append(replace(c, steps=c.steps[:n], tokens=c.tokens[:n], values=c.values[:n], stderr=c.stderr[:n]))
+            out.append(head(c, n))
     return out
 
 

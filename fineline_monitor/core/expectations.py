@@ -497,11 +497,7 @@ def lagged_detect(X: np.ndarray, G: np.ndarray, V: np.ndarray, U: np.ndarray, fl
         # backtest: standardised one-step residuals of frozen lines at earlier positions
         zs = np.full((N, W), np.nan)
         for j in range(F, W - K):
-            bm = ok_pt.copy()
-            bm[:, j:] = False
-            fr = np.cumsum(bm[:, ::-1], axis=1)[:, ::-1]
-            fm = bm & (fr <= F)
-            n = fm.sum(1).astype(float)
+            fm, n = _fit_mask(ok_pt, j, F)
             nn = np.maximum(n, 1.0)
             xb = np.where(fm, X, 0.0).sum(1) / nn
             yb = np.where(fm, G, 0.0).sum(1) / nn
@@ -528,7 +524,7 @@ def lagged_detect(X: np.ndarray, G: np.ndarray, V: np.ndarray, U: np.ndarray, fl
                                pred_k=pred_k,
                                sig_k=sig_k)
     for k in range(1, K + 1):
-        fm, n = _fit_mask(ok_pt, k, F)
+        fm, n = _fit_mask(ok_pt, W - k, F)
         Xf = np.where(fm, X, 0.0)
         Gf = np.where(fm, G, 0.0)
         nn = np.maximum(n, 1.0)
@@ -572,11 +568,12 @@ def lagged_detect(X: np.ndarray, G: np.ndarray, V: np.ndarray, U: np.ndarray, fl
                         level_last=level_last, noise=noise)
 
 
-def _fit_mask(ok_pt: np.ndarray, k: int, F: int) -> Tuple[np.ndarray, np.ndarray]:
-    """The frozen fit's points for lag k: the last F usable points before the k newest
-    columns, per row; and how many there are (float)."""
+def _fit_mask(ok_pt: np.ndarray, end: int, F: int) -> Tuple[np.ndarray, np.ndarray]:
+    """A frozen fit's points: the last F usable points before column `end`, per row; and
+    how many there are (float). Lag k fits end at W - k; the self-calibration back-test
+    fits end at each earlier position."""
     base = ok_pt.copy()
-    base[:, ok_pt.shape[1] - k:] = False
+    base[:, end:] = False
     from_right = np.cumsum(base[:, ::-1], axis=1)[:, ::-1]
     fm = base & (from_right <= F)
     return fm, fm.sum(1).astype(float)
@@ -607,7 +604,7 @@ def _profile_detect(X, G, ok_pt, noise, *, K, F, min_fit, fit_floor, shapes, chi
     sigma = np.full(N, np.nan)
     level_last = np.full(N, np.nan)
     for k in range(1, K + 1):
-        fm, n = _fit_mask(ok_pt, k, F)
+        fm, n = _fit_mask(ok_pt, W - k, F)
         nn = np.maximum(n, 1.0)
         x_last = np.max(np.where(fm, X, -np.inf), axis=1)
         x_first = np.min(np.where(fm, X, np.inf), axis=1)

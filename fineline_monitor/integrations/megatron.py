@@ -462,7 +462,6 @@ class MegatronMonitor(MonitorPassThrough):
                                  loss_scale=loss_scale, skipped=skipped, batch_tokens=batch_tokens)
 
 
-
 def _torch_optimizer(optimizer: Any) -> Any:
     """megatron's MegatronOptimizer wraps a torch optimizer in `.optimizer`; ChainedOptimizer
     has `chained_optimizers`. The indicators want something with torch-style param_groups."""
