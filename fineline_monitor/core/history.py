@@ -124,6 +124,19 @@ class CurveWindows:
         persisted and was alerted on; learning it avoids paging forever)."""
         self.use[rows] = np.isfinite(self.y[rows])
 
+    def widen(self, width: int) -> None:
+        """Grow to `width` columns (empty ones in front, so the newest stay last); a
+        narrower request is ignored (points are never dropped here)."""
+        add = int(width) - self.width
+        if add <= 0:
+            return
+        n = len(self.keys)
+        self.x = np.hstack([np.full((n, add), np.nan), self.x])
+        self.y = np.hstack([np.full((n, add), np.nan), self.y])
+        self.var = np.hstack([np.full((n, add), np.nan), self.var])
+        self.use = np.hstack([np.zeros((n, add), dtype=bool), self.use])
+        self.width = int(width)
+
     def state_dict(self) -> Dict[str, Any]:
         def enc(a: np.ndarray) -> List[List[Optional[float]]]:
             return [[None if not math.isfinite(v) else float(v) for v in row] for row in a.tolist()]

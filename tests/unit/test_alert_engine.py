@@ -93,6 +93,30 @@ def test_restart_does_not_refire_and_state_is_json_bounded():
     assert more == []  # still the same condition: no second page after restart
 
 
+
+def test_state_saved_with_a_narrower_window_loads_and_keeps_its_points():
+    """States written before the window grew to WINDOW points (24 then) load: the saved
+    points stay the newest ones, the rest are empty, and judging goes on."""
+    from fineline_monitor.core.alerts import WINDOW
+
+    rounds = list(healthy_run(np.random.default_rng(8), 40))
+    eng = AlertEngine(AlertConfig(), run="r")
+    feed(eng, rounds[:30])
+    sd = json.loads(json.dumps(eng.state_dict()))
+    w = sd["windows"]
+    old = 24
+    assert w["width"] == WINDOW > old
+    for name in ("x", "y", "var", "use"):
+        w[name] = [row[-old:] for row in w[name]]
+    w["width"] = old
+    eng2 = AlertEngine(AlertConfig(), run="r")
+    eng2.load_state_dict(sd)
+    assert eng2.win.width == WINDOW
+    np.testing.assert_array_equal(eng2.win.y[:, -old:], eng.win.y[:, -old:])
+    assert np.isnan(eng2.win.y[:, :-old]).all() and not eng2.win.use[:, :-old].any()
+    fired = feed(eng2, rounds[30:36], drop=0.1, from_round=2)
+    assert any(a.task == "hellaswag" for f in fired for a in f)
+
 def _metrics(loss, gn=1.0, ratio=1e-3, lr=1e-3, **extra):
     m = {"train/loss": loss, "train/lr": lr, "optim/grad_norm": gn, "optim/update_ratio": ratio}
     m.update(extra)
