@@ -67,3 +67,84 @@ def test_profile_is_never_more_alarming_than_the_plausible_line():
     ok = np.isfinite(line.z)
     # on a straight curve the line is plausible in almost every window
     assert np.mean(prof.z[ok] >= line.z[ok] - 1e-9) > 0.97
+
+
+def test_fit_floor_below_one_uncovers_stalls_on_real_curves(monkeypatch):
+    """Stalls injected (the benchmark's own injector) into the curves of three short real
+    OLMo runs after a steep start: with the misfit floor at the full residual scatter of
+    the shapes (fit_floor=1, before) the two-parameter shapes' misfit on a steep start
+    widens the band past the stall; the default (0.75) catches more of them, and the
+    healthy originals stay as quiet."""
+    import functools
+    import random
+    import sys
+
+    import fineline_monitor.core.alerts as AL
+    from fineline_monitor.analyze import replay_run
+    from fineline_monitor.core.config import AlertConfig
+    from fineline_monitor.core.trajectory import read_trajectory
+
+    from _alert_helpers import REPO, dev_path
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import alert_quality as aq
+
+    traj = read_trajectory(str(dev_path()))
+    models = ("olmo-ladder-final-190M-1xC", "olmo-ladder-final-600M-1xC", "olmo-ladder-final-760M-1xC")
+    runs = {k: v for k, v in traj.runs().items() if k[1] in models}
+    assert len(runs) == len(models)
+    curves = sorted((c for cs in runs.values() for c in cs), key=lambda c: (c.model, c.task, c.metric))
+    faults = []
+    rng = random.Random(0)
+    for c in curves:
+        got = aq.inject(c, "stall", rng)
+        if got is not None:
+            faults.append(got)
+    assert len(faults) >= 10
+
+    def caught_and_healthy_alerts():
+        caught = 0
+        for fc, t0 in faults:
+            alerts, _ = replay_run([fc], AlertConfig())
+            steps = fc.steps.tolist()
+            caught += any(a.step in steps and t0 <= steps.index(a.step) <= t0 + 2 for a in alerts)
+        healthy = sum(len(replay_run(cs, AlertConfig())[0]) for cs in runs.values())
+        return caught, healthy
+
+    caught, healthy = caught_and_healthy_alerts()
+    monkeypatch.setattr(AL, "lagged_detect", functools.partial(AL.lagged_detect, fit_floor=1.0))
+    caught_full, healthy_full = caught_and_healthy_alerts()
+    assert caught > caught_full
+    assert healthy <= healthy_full + 1
+
+
+def test_backtest_all_positions_at_once_equals_fitting_each_position():
+    """The self-calibration back-test (`_backtest_z`) against the plain loop it replaced:
+    for every column j in [F, W-K), a line through the last F usable points before j."""
+    from fineline_monitor.core.expectations import _backtest_z, _fit_mask
+
+    rng = np.random.default_rng(5)
+    N, W, F, K, min_fit = 400, 48, 10, 3, 5
+    X = np.sort(rng.uniform(20, 24, (N, W)), axis=1)
+    X[::7] = 21.0  # flat x: the slope is 0 there
+    G = 0.3 + 0.05 * (X - 20) + rng.normal(0, 0.01, (N, W))
+    ok = rng.random((N, W)) > 0.2
+    ok[::5, :30] = False  # short histories
+    noise = rng.uniform(0.005, 0.02, N)
+    want = np.full((N, W), np.nan)
+    for j in range(F, W - K):
+        fm, n = _fit_mask(ok, j, F)
+        nn = np.maximum(n, 1.0)
+        xb = np.where(fm, X, 0.0).sum(1) / nn
+        yb = np.where(fm, G, 0.0).sum(1) / nn
+        dx = np.where(fm, X - xb[:, None], 0.0)
+        sxx = (dx * dx).sum(1)
+        flat = sxx <= 1e-12
+        b = np.where(flat, 0.0, (dx * np.where(fm, G - yb[:, None], 0.0)).sum(1) / np.where(flat, 1.0, sxx))
+        e = G[:, j] - (yb + b * (X[:, j] - xb))
+        lev = 1.0 / nn + np.where(flat, 0.0, (X[:, j] - xb) ** 2 / np.where(flat, 1.0, sxx))
+        want[:, j] = np.where(ok[:, j] & (n >= min_fit), np.minimum(e, 0.0) / (noise * np.sqrt(1.0 + lev)), np.nan)
+    got = _backtest_z(X, G, ok, noise, F=F, K=K, min_fit=min_fit)
+    assert np.array_equal(np.isfinite(got), np.isfinite(want))
+    assert np.isfinite(want).sum() > N * 10
+    np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=0, atol=1e-9)
