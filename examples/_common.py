@@ -51,6 +51,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown_distributed() -> None:
+    """Wait for every rank, then tear the process group down before the interpreter exits.
+    Why: a gloo group left to the interpreter's exit can abort a rank ("terminate called
+    without an active exception", SIGABRT) while its threads are destroyed; seen once
+    (HF Trainer example, full test run of 2026-11-23). Launchers that manage their own group
+    (DeepSpeed, Megatron) end with `barrier()` instead."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def threads() -> None:
     # Two ranks on a shared 2-core machine: one thread each.
     torch.set_num_threads(int(os.environ.get("FINELINE_THREADS", "1")))

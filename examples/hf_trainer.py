@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     C.dump_probe_round(callback.monitor, out)
     if C.rank() == 0:
         print(f"[hf-trainer] steps={trainer.state.global_step} disabled={callback.monitor.disabled_parts}", flush=True)
+    C.shutdown_distributed()
     return 0
 
 
