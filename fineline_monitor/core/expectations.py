@@ -362,6 +362,13 @@ def _masked_median(a: np.ndarray, m: np.ndarray) -> Tuple[np.ndarray, np.ndarray
     return np.where(c > 0, med, np.nan), c
 
 
+def _usable_first(m: np.ndarray) -> np.ndarray:
+    """Column order that moves each row's usable points (m true) to the left, keeping their
+    order: `a[rows, order]` is then the row's usable points first. The noise, the back-test
+    and the profile fit all work on these compacted rows."""
+    return np.argsort(~m, axis=1, kind="stable")
+
+
 def _winsor_k(c: float) -> float:
     """E[min(Z^2, c^2)] for a standard normal Z: the consistency factor of an RMS whose
     terms are clipped at c sigma."""
@@ -401,8 +408,7 @@ def _local_noise(X: np.ndarray, G: np.ndarray, m: np.ndarray) -> Tuple[np.ndarra
     N, W = X.shape
     if W < 3:
         return np.full(N, np.nan), np.zeros(N, dtype=int)
-    # compact the usable points to the left of each row (order kept)
-    order = np.argsort(~m, axis=1, kind="stable")
+    order = _usable_first(m)
     r = np.arange(N)[:, None]
     Xc, Gc, mc = X[r, order], G[r, order], m[r, order]
     x0, x1, x2 = Xc[:, :-2], Xc[:, 1:-1], Xc[:, 2:]
@@ -575,10 +581,10 @@ def _backtest_z(X: np.ndarray, G: np.ndarray, ok_pt: np.ndarray, noise: np.ndarr
     if W == 0:
         return np.full((N, 0), np.nan)
     r = np.arange(N)[:, None]
-    order = np.argsort(~ok_pt, axis=1, kind="stable")
+    order = _usable_first(ok_pt)
     cnt = ok_pt.sum(1)
     valid = np.arange(W)[None, :] < cnt[:, None]
-    last = np.clip(cnt - 1, 0, max(W - 1, 0))
+    last = np.clip(cnt - 1, 0, W - 1)
     Xc, Gc = X[r, order], G[r, order]
     Xc = np.where(valid, Xc - Xc[np.arange(N), last][:, None], 0.0)
     Gc = np.where(valid, Gc - Gc[np.arange(N), last][:, None], 0.0)
@@ -608,8 +614,8 @@ def _backtest_z(X: np.ndarray, G: np.ndarray, ok_pt: np.ndarray, noise: np.ndarr
 
 def _fit_mask(ok_pt: np.ndarray, end: int, F: int) -> Tuple[np.ndarray, np.ndarray]:
     """A frozen fit's points: the last F usable points before column `end`, per row; and
-    how many there are (float). Lag k fits end at W - k; the self-calibration back-test
-    fits end at each earlier position."""
+    how many there are (float). Lag k fits end at W - k (the back-test, `_backtest_z`, gets
+    the same windows for every position from cumulative sums instead)."""
     base = ok_pt.copy()
     base[:, end:] = False
     from_right = np.cumsum(base[:, ::-1], axis=1)[:, ::-1]
@@ -659,7 +665,7 @@ def _profile_detect(X, G, ok_pt, noise, *, K, F, min_fit, fit_floor, shapes, chi
         Ut = np.where(full[:, None], Ut, 0.0)
         # compact the (at most F) fit points of each row to the left: the shape loop below
         # then runs on (N, F) instead of (N, W) arrays (analyze's time budget)
-        order = np.argsort(~fm, axis=1, kind="stable")[:, :F]
+        order = _usable_first(fm)[:, :F]
         ri = np.arange(N)[:, None]
         fm, Uf, G_c = fm[ri, order], Uf[ri, order], G[ri, order]
         Gf = np.where(fm, G_c, 0.0)
