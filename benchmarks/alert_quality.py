@@ -46,6 +46,10 @@ points; t0 is drawn (seeded) after the engine's take-off rule judges the curve
 (`alerts.takeoff_index`: accuracy 3 binomial sigma above chance twice) and after the curve left chance level (accuracy smoothed above
 max(its start, the task's chance accuracy) by 3 sigma) plus 8 rounds, with at least 3 rounds left. Recall: an alert of any
 severity on the faulted curve within 3 rounds (t0, t0+1, t0+2); delay in rounds from t0.
+Each kind's recall is also printed by the fault's size where it landed (`local_size`: the
+deficit at round t0+2 in local noise sigmas, rounds t0-10..t0+2): the whole-curve sizing
+makes early faults (where curves are 2-4x noisier) a few local sigmas and late ones many,
+and the split tells faults no 3-round test can see from faults the detector missed.
 `--scale 0.75` multiplies every magnitude (sensitivity: how recall falls for smaller faults).
 Why 8 sigma: the band is band_sigma=4 prediction sigmas wide below the expectation, a
 one-step-ahead prediction sigma is ~1.2-1.5x the round-to-round noise (fit uncertainty),
@@ -179,6 +183,26 @@ def inject(c: Curve, kind: str, rng: random.Random, scale: float = 1.0,
     return fc, t0
 
 
+SIZE_EDGES = (4.0, 8.0, 16.0)
+SIZE_LABELS = ("< 4", "4-8", "8-16", ">= 16")
+
+
+def local_size(c: Curve, fc: Curve, t0: int) -> float:
+    """A fault's size where it landed: its deficit at round t0+2 (the last judged round) in
+    units of the healthy curve's local noise around t0 (`local_noise`). Faults are sized by
+    the whole-curve sigma (comparable across versions), but curves are 2-4x noisier early
+    than late, so this says how visible each fault really was; the recall per size bin
+    tells a detector limit (small local faults) from a detector miss (large ones)."""
+    y = c.values.astype(float)
+    s = local_noise(y, t0)
+    d = abs(float(fc.values[t0 + 2]) - float(y[t0 + 2]))
+    return d / s if np.isfinite(s) and s > 0 else math.inf
+
+
+def size_bin(size: float) -> int:
+    return int(np.searchsorted(SIZE_EDGES, size, side="right"))
+
+
 def head(c: Curve, n: int, values: Optional[np.ndarray] = None) -> Curve:
     """The curve's first n points (with `values` in place of its own, if given)."""
     v = c.values if values is None else values
@@ -258,6 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         order = list(range(len(curves)))
         random.Random(f"{args.seed}-{kind}").shuffle(order)
         caught, delays, n, n_inel = 0, [], 0, 0
+        by_size: Dict[int, List[int]] = {}
         for idx in order:
             if n >= args.faults_per_kind:
                 break
@@ -275,14 +300,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             steps = fc.steps.tolist()
             hit = [steps.index(a.step) - t0i for a in alerts if a.step in steps and steps.index(a.step) >= t0i
                    and a.task == fc.task and a.metric == fc.metric]
-            if hit and min(hit) <= 2:
+            got_it = bool(hit and min(hit) <= 2)
+            if got_it:
                 caught += 1
                 delays.append(min(hit))
+            b = size_bin(local_size(curves[idx], fc, t0i))
+            by_size.setdefault(b, [0, 0])[0] += got_it
+            by_size[b][1] += 1
         results[kind] = (caught, n, delays, n_inel)
         rec = caught / max(n, 1)
         dl = (f"{np.mean(delays):.2f}, median {np.median(delays):.0f}") if delays else "n/a"
         print(f"fault {kind:5s}: recall within 3 rounds {rec:.3f} ({caught}/{n}); delay rounds mean "
               f"{dl}; curves not eligible: {n_inel}")
+        print("      by size at t0+2 in local noise sigmas: " + "; ".join(
+            f"{SIZE_LABELS[b]}: {by_size[b][0] / by_size[b][1]:.2f} ({by_size[b][0]}/{by_size[b][1]})"
+            for b in sorted(by_size)))
     tot_c = sum(r[0] for r in results.values())
     tot_n = sum(r[1] for r in results.values())
     print(f"all faults: recall within 3 rounds {tot_c / max(tot_n, 1):.3f} ({tot_c}/{tot_n})")
