@@ -8,8 +8,11 @@ with default AlertConfig (no benchmark-specific settings).
 Hold-out split (deterministic, by model size, so no run of a held-out size was looked at
 while tuning): HELD OUT = OLMo ladder 370M, 1B and 3B runs (final, const and decay) and
 Pythia 410m and 1.4b (standard, deduped, batch-size variants); TUNE = everything else
-(OLMo 190M, 600M, 760M; Pythia 70m, 160m, 1b). Figures are reported for `--split heldout`
-(default); `--split tune` shows the tuning side.
+(OLMo 190M, 600M, 760M; Pythia 70m, 160m, 1b). Figures are reported for `--split heldout`;
+`--split tune` shows the tuning side. The default, `--split auto`, is `heldout` on a table
+that holds runs we tuned on (a tune-split model of one of the dev table's sources) and
+`all` otherwise: every run of a table nobody here has seen is held out, and a size filter
+made for the dev table would drop most of it (or all: a 7B-only table has no held-out size).
 
 Healthy figures: every run of the split replayed as is.
 - criticals on healthy runs (target 0);
@@ -96,6 +99,20 @@ def model_size(model: str) -> str:
 
 def split_of(model: str) -> str:
     return "heldout" if model_size(model) in HELDOUT_SIZES else "tune"
+
+
+# the sources of ../shared/reference-trajectories/dev.csv.gz: runs of these with a tune-split
+# size were looked at while tuning
+DEV_SOURCES = ("allenai/OLMo@ladder-1xC:peteish-final-new", "allenai/OLMo@ladder-1xC:peteish-moreeval-const",
+               "allenai/OLMo@ladder-1xC:peteish-moreeval-decay", "pythia-v1/0shot", "pythia-v1/5shot")
+
+
+def resolve_split(split: str, run_keys) -> str:
+    """`auto`: `heldout` when the table holds a run we tuned on, else `all`."""
+    if split != "auto":
+        return split
+    seen = any(src in DEV_SOURCES and split_of(model) == "tune" for src, model in run_keys)
+    return "heldout" if seen else "all"
 
 
 def running_median(y: np.ndarray, k: int = 5) -> np.ndarray:
@@ -231,7 +248,8 @@ def with_run(run_curves: List[Curve], fc: Curve) -> List[Curve]:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("FINELINE_DEV_TRAJECTORIES", str(DEFAULT_DATA)))
-    ap.add_argument("--split", choices=("heldout", "tune", "all"), default="heldout")
+    ap.add_argument("--split", choices=("auto", "heldout", "tune", "all"), default="auto",
+                    help="auto (default): heldout on a table with runs we tuned on (the dev table), else all runs")
     ap.add_argument("--faults-per-kind", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every fault magnitude")
@@ -249,8 +267,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.perf_counter()
     traj = read_trajectory(args.data)
     cfg = AlertConfig()
-    runs = {k: v for k, v in traj.runs().items() if args.split == "all" or split_of(k[1]) == args.split}
-    print(f"split={args.split}: {len(runs)} runs: {sorted({model_size(m) for _, m in runs})} sizes")
+    all_runs = traj.runs()
+    split = resolve_split(args.split, all_runs)
+    runs = {k: v for k, v in all_runs.items() if split == "all" or split_of(k[1]) == split}
+    print(f"split={split}" + (" (auto)" if args.split == "auto" else "") +
+          f": {len(runs)} of {len(all_runs)} runs: {sorted({model_size(m) or m for _, m in runs})} sizes")
+    if not runs:
+        print(f"error: no run of {args.data} is in split {split!r} (the held-out split is by dev-table model "
+              f"size: {sorted(HELDOUT_SIZES)}); pass --split all", file=sys.stderr)
+        return 2
 
     # ---- healthy runs ----
     n_warn = n_crit = curve_rounds = run_rounds = 0
