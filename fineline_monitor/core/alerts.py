@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from fineline_monitor.core.expectations import (ACC, LOSS, NEG, LagDetection, ReferenceCurves, base_task,
-                                                 capability_for, chance_for, lagged_detect, metric_kind)
+                                                 capability_for, chance_for, lagged_detect, majority_for,
+                                                 metric_kind)
 from fineline_monitor.core.history import CurveWindows
 from fineline_monitor.core.phases import PhaseTracker
 from fineline_monitor.core.rules import Finding, StepRules, probe_extra_rules
@@ -189,8 +190,14 @@ class AlertEngine:
                     var.append(p * (1 - p) / n)
                 else:
                     var.append(math.nan)
-                chance.append(r.random_baseline if metric_kind(metric) == ACC and r.random_baseline > 0
-                              else (chance_for(name) if metric_kind(metric) == ACC else None))
+                # a probe's baseline is 1/choices; a task whose common label scores more
+                # (BoolQ) has not taken off until it beats that (`majority_for`)
+                if metric_kind(metric) != ACC:
+                    chance.append(None)
+                elif r.random_baseline > 0:
+                    chance.append(max(r.random_baseline, majority_for(name) or 0.0))
+                else:
+                    chance.append(chance_for(name))
                 ndocs.append(n)
         for cap, v in round.capability_scores.items():
             keys.append(f"capability/{cap}")

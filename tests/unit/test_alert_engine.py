@@ -207,3 +207,32 @@ def test_reference_run_expectation(tmp_path):
         exp = [r for r in eng.pop_expectations() if r["name"] == "probe/piqa/acc"]
     assert out == []
     assert exp and abs(exp[-1]["expected"] - v) < 0.02
+
+
+def test_boolq_at_its_majority_rate_has_not_taken_off():
+    """BoolQ scores 0.62 by always answering "yes": a curve there is at chance even though a
+    probe's 1/choices baseline says 0.5, so a dip there is not judged; the same curve on a
+    task whose chance is 0.5 has taken off and its drop pages."""
+    from fineline_monitor.core.expectations import chance_for, majority_for
+    from fineline_monitor.core.types import ProbeRound, TaskResult
+
+    assert chance_for("boolq") == 0.622 and chance_for("boolq_rc_5shot") == 0.622
+    assert chance_for("piqa") == 0.5 and majority_for("piqa") is None and chance_for("nosuchtask") is None
+
+    def run(task):
+        eng = AlertEngine(AlertConfig(), run="r")
+        rng = np.random.default_rng(11)
+        out = []
+        for r in range(1, 45):
+            # from 0.5 up to BoolQ's majority rate by round 10, then a slow climb, then a drop
+            a = 0.5 + 0.14 * min(r, 10) / 10 + 0.0005 * r + rng.normal(0, 0.004) - (0.06 if r >= 35 else 0.0)
+            res = TaskResult(task=task, capability="reading", n_docs=1000, metrics={"acc": a},
+                             random_baseline=0.5, primary_metric="acc")
+            rnd = ProbeRound(step=r * 500, tokens=r * 500 * 2 ** 20, tasks={task: res}, requests=[],
+                             seconds=1.0, tokens_scored=1, gold_logprobs={})
+            out += eng.observe_probe(rnd, {})
+        return out
+
+    assert run("boolq") == []
+    fired = run("piqa")
+    assert fired and all(a.step >= 35 * 500 for a in fired)
