@@ -190,12 +190,13 @@ class AlertEngine:
                     var.append(p * (1 - p) / n)
                 else:
                     var.append(math.nan)
-                # a probe's baseline is 1/choices; a task whose common label scores more
-                # (BoolQ) has not taken off until it beats that (`majority_for`)
+                # a probe's baseline is 1/choices; a task where always giving the same answer
+                # scores more (yes/no tasks: BoolQ 0.62) has not taken off until it beats that
+                # (the probe's own documents, `constant_baseline`, or by name, `majority_for`)
                 if metric_kind(metric) != ACC:
                     chance.append(None)
                 elif r.random_baseline > 0:
-                    chance.append(max(r.random_baseline, majority_for(name) or 0.0))
+                    chance.append(max(r.random_baseline, r.constant_baseline, majority_for(name) or 0.0))
                 else:
                     chance.append(chance_for(name))
                 ndocs.append(n)

@@ -61,6 +61,10 @@ class TaskResult:
     stderr: Dict[str, float] = field(default_factory=dict)
     random_baseline: float = 0.0  # chance accuracy, for capability scores
     primary_metric: str = "acc"  # which metric the rules watch first
+    # accuracy of always giving the same answer (the most common gold continuation text on
+    # these documents: " yes" on BoolQ scores 0.62); take-off is measured from it when it is
+    # above random_baseline. 0 = unknown.
+    constant_baseline: float = 0.0
 
 
 @dataclass

@@ -58,9 +58,23 @@ def doc_outcome(scores: Sequence[RequestScore], gold: int) -> Dict[str, float]:
     return out
 
 
+def constant_baseline(gold_texts: Sequence[str]) -> float:
+    """Accuracy of always answering the same: the share of the most common gold continuation
+    text. Yes/no tasks score well above 1/choices this way (BoolQ 0.62, SciRIFF yes/no 0.72);
+    tasks whose choices are per-document texts give ~1/len(docs), i.e. nothing."""
+    if not gold_texts:
+        return 0.0
+    counts: Dict[str, int] = {}
+    for t in gold_texts:
+        counts[t] = counts.get(t, 0) + 1
+    return max(counts.values()) / len(gold_texts)
+
+
 def task_result(name: str, capability: str, kind: str, primary: str,
-                docs: List[Tuple[int, int, List[RequestScore]]]) -> Tuple[TaskResult, Dict[int, float]]:
-    """``docs``: (doc_id, gold, choice scores). Returns the TaskResult and doc_id -> gold logprob."""
+                docs: List[Tuple[int, int, List[RequestScore]]],
+                constant: float = 0.0) -> Tuple[TaskResult, Dict[int, float]]:
+    """``docs``: (doc_id, gold, choice scores); ``constant``: `constant_baseline` of the same
+    documents. Returns the TaskResult and doc_id -> gold logprob."""
     per: Dict[str, List[float]] = {}
     gold_lp: Dict[int, float] = {}
     baseline = []
@@ -80,7 +94,8 @@ def task_result(name: str, capability: str, kind: str, primary: str,
                 stderr[k] = se
     rb = float(np.mean(baseline)) if (kind == "mc" and baseline) else 0.0
     return TaskResult(task=name, capability=capability, n_docs=len(docs), metrics=metrics, stderr=stderr,
-                      random_baseline=rb, primary_metric=primary), gold_lp
+                      random_baseline=rb, primary_metric=primary,
+                      constant_baseline=constant if kind == "mc" else 0.0), gold_lp
 
 
 def capability_scores(results: Dict[str, TaskResult]) -> Dict[str, float]:

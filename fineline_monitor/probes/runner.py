@@ -204,7 +204,9 @@ class ProbeRunner:
         for name, entries in self.docs.items():
             t = self.tasks[name]
             docs = [(d.doc_id, d.gold, [scores[i] for i in idxs]) for d, idxs in entries]
-            results[name], gold[name] = M.task_result(name, t.capability, t.kind, t.primary_metric, docs)
+            constant = M.constant_baseline([d.continuations[d.gold] for d, _ in entries])
+            results[name], gold[name] = M.task_result(name, t.capability, t.kind, t.primary_metric, docs,
+                                                      constant)
         return ProbeRound(step=int(step), tokens=tokens, tasks=results, requests=scores, seconds=seconds,
                           tokens_scored=self.tokens_per_round, n_truncated=self.n_truncated,
                           capability_scores=M.capability_scores(results), gold_logprobs=gold)

@@ -219,7 +219,7 @@ def test_boolq_at_its_majority_rate_has_not_taken_off():
     assert chance_for("boolq") == 0.622 and chance_for("boolq_rc_5shot") == 0.622
     assert chance_for("piqa") == 0.5 and majority_for("piqa") is None and chance_for("nosuchtask") is None
 
-    def run(task):
+    def run(task, constant=0.0):
         eng = AlertEngine(AlertConfig(), run="r")
         rng = np.random.default_rng(11)
         out = []
@@ -227,7 +227,7 @@ def test_boolq_at_its_majority_rate_has_not_taken_off():
             # from 0.5 up to BoolQ's majority rate by round 10, then a slow climb, then a drop
             a = 0.5 + 0.14 * min(r, 10) / 10 + 0.0005 * r + rng.normal(0, 0.004) - (0.06 if r >= 35 else 0.0)
             res = TaskResult(task=task, capability="reading", n_docs=1000, metrics={"acc": a},
-                             random_baseline=0.5, primary_metric="acc")
+                             random_baseline=0.5, primary_metric="acc", constant_baseline=constant)
             rnd = ProbeRound(step=r * 500, tokens=r * 500 * 2 ** 20, tasks={task: res}, requests=[],
                              seconds=1.0, tokens_scored=1, gold_logprobs={})
             out += eng.observe_probe(rnd, {})
@@ -236,6 +236,9 @@ def test_boolq_at_its_majority_rate_has_not_taken_off():
     assert run("boolq") == []
     fired = run("piqa")
     assert fired and all(a.step >= 35 * 500 for a in fired)
+    # a yes/no task the name table does not know: the probe's own constant-answer baseline
+    assert run("my_yesno_task", constant=0.63) == []
+    assert run("my_yesno_task") != []
 
 
 def test_boolq_majority_rate_matches_the_shipped_request_file():

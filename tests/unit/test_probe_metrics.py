@@ -53,6 +53,15 @@ def test_task_result_means_and_stderr():
     assert gold == {0: -1.0, 1: -2.0, 2: -1.0, 3: -1.0}
 
 
+def test_constant_baseline_is_the_share_of_the_most_common_gold_text():
+    assert M.constant_baseline([" yes", " yes", " no", " yes"]) == 0.75
+    assert M.constant_baseline([" a cat", " a dog", " a cow"]) == pytest.approx(1 / 3)
+    assert M.constant_baseline([]) == 0.0
+    docs = [(0, 0, [rs(-1.0, " yes"), rs(-2.0, " no", 1)])]
+    assert M.task_result("t", "reading", "mc", "acc", docs, 0.62)[0].constant_baseline == 0.62
+    assert M.task_result("g", "math", "bpb", "bpb", [(0, 0, [rs(-1.0, " 4")])], 0.9)[0].constant_baseline == 0.0
+
+
 def test_bpb_task_and_single_doc_has_no_stderr():
     r, _ = M.task_result("g", "math", "bpb", "bpb", [(7, 0, [rs(-10.0, " 42 apples")])])
     assert set(r.metrics) == {"bpb", "gold_logprob"}

@@ -89,6 +89,14 @@ def test_round_contents(ours):
     j = rnd.to_json()
     assert {"tasks", "requests", "seconds", "tokens_scored"} <= set(j)
     assert set(j["requests"][0]) == {"task", "doc_id", "choice", "logprob", "n_tokens", "n_bytes", "is_greedy"}
+    # always answering the same: the share of the most common gold text of the scored docs
+    for name, entries in runner.docs.items():
+        golds = [d.continuations[d.gold] for d, _ in entries]
+        share = max(golds.count(g) for g in golds) / len(golds)
+        want = share if runner.tasks[name].kind == "mc" else 0.0
+        assert rnd.tasks[name].constant_baseline == want, name
+    assert rnd.tasks["boolq:rc_0shot"].constant_baseline >= 0.5  # " yes"/" no" on 8 docs
+    assert rnd.tasks["arc_easy:rc_0shot"].constant_baseline <= 0.25  # per-document answer texts
 
 
 def test_same_subset_every_round(ours):
