@@ -75,6 +75,28 @@ def _empty_det(n: int, k: int) -> Dict[str, np.ndarray]:
     return d
 
 
+ALIAS_MIN_POINTS = 5  # identical values over at least this many rounds: one curve under two names
+
+
+def alias_groups(windows: np.ndarray, metrics: Sequence[Any]) -> np.ndarray:
+    """For rows of value windows (n, W), the index of the first row with the same metric and
+    the very same values in every column (nan where the other is nan too), or the row
+    itself. Why: trajectory tables report some evaluations twice under two names (OLMo's
+    ladder tables have `arc_challenge` and `arc_challenge_rc_0shot`, `commonsense_qa` and
+    `csqa_rc_0shot`, ...: 6 of 90 curves per run); without this one event pages twice and
+    an alias counts as a second sibling task out of band (toward a critical)."""
+    n = windows.shape[0]
+    out = np.arange(n)
+    if n < 2:
+        return out
+    fin = np.isfinite(windows)
+    first: Dict[Tuple[Any, bytes, bytes], int] = {}
+    for i in np.flatnonzero(fin.sum(1) >= ALIAS_MIN_POINTS):
+        key = (metrics[i], fin[i].tobytes(), np.where(fin[i], windows[i], 0.0).tobytes())
+        out[i] = first.setdefault(key, i)
+    return out
+
+
 class RuleBook:
     """Hysteresis, cooldown and de-duplication state, keyed by condition."""
 
@@ -382,7 +404,7 @@ class AlertEngine:
                                        "low": float(res["low"][i]), "high": float(res["high"][i])})
         have = eligible & np.isfinite(res["expected"])
         return self._fire_round(self.n_probe, step, tokens, phase, rows, y, bad, have, res, source,
-                                clear_rows=rows)
+                                clear_rows=rows, windows=self.win.y[rows] if bad.any() else None)
 
     # -- detection decision (shared) --
     def _decide(self, det: Dict[str, np.ndarray], kind: np.ndarray) -> Dict[str, np.ndarray]:
@@ -428,18 +450,32 @@ class AlertEngine:
     # -- firing (shared by live and batch) --
     def _fire_round(self, round_no: int, step: int, tokens: Optional[float], phase: str, rows: np.ndarray,
                     y: np.ndarray, bad: np.ndarray, have: np.ndarray, res: Dict[str, np.ndarray],
-                    source: Any, clear_rows: Optional[np.ndarray] = None) -> List[Alert]:
+                    source: Any, clear_rows: Optional[np.ndarray] = None,
+                    windows: Optional[np.ndarray] = None) -> List[Alert]:
         """Hysteresis is inside the detector (k >= m points); here: de-duplication,
         cooldown, sibling context, severity. `rows` are window rows, arrays are aligned
-        with them. Conditions of `clear_rows` not bad this round are cleared."""
+        with them. Conditions of `clear_rows` not bad this round are cleared. `windows`
+        (the rows' value windows, aligned too) identify aliases (`alias_groups`): one
+        curve reported under two names alerts once, naming both, and counts as one
+        sibling."""
         alerts: List[Alert] = []
         if bad.any():
+            canon = np.arange(len(rows))
+            if windows is not None:
+                cand = np.flatnonzero(have | bad)
+                # a bad row first, so that a group's alert is raised on a row that is out of band
+                cand = cand[np.argsort(~bad[cand], kind="stable")]
+                canon[cand] = cand[alias_groups(windows[cand], [self.meta[rows[i]]["metric"] for i in cand])]
             groups: Dict[Tuple[Any, Any], List[int]] = {}
-            for i in np.flatnonzero(have | bad):
+            for i in np.flatnonzero((have | bad) & (canon == np.arange(len(rows)))):
                 mt = self.meta[rows[i]]
                 if mt["cap"] and mt["task"] is not None:
                     groups.setdefault((mt["cap"], mt["metric"]), []).append(i)
             for i in np.flatnonzero(bad):
+                if canon[i] != i:
+                    continue  # an alias of a row that alerts (or not) for both
+                aka = [self.meta[rows[j]]["task"] or self.meta[rows[j]]["key"]
+                       for j in np.flatnonzero((canon == i) & (np.arange(len(rows)) != i))]
                 mt = self.meta[rows[i]]
                 key = self._cap_key(mt)
                 sib = [j for j in groups.get((mt["cap"], mt["metric"]), []) if j != i]
@@ -452,7 +488,7 @@ class AlertEngine:
                 self._dirty.add(key)
                 alerts.append(self._curve_alert(rule, severity, step, tokens, phase, mt, y[i], res, i,
                                                 source[i] if source is not None else "own", len(sib_bases),
-                                                len(bad_bases)))
+                                                len(bad_bases), aka))
                 self.alert_counts[rule] = self.alert_counts.get(rule, 0) + 1
         if clear_rows is not None and self._dirty:
             book = self.book.s
@@ -553,13 +589,14 @@ class AlertEngine:
             cand = np.flatnonzero(usable[c0:p])[-ANCHORS:] + c0
             anchor_of[cand] = seg[p]
 
+        Ypad = padded(y, np.nan)  # every point's value window (also what aliases are told by)
         judged = taken & (kind >= 0) & finite & ~warm_r[pr]
         jr = np.flatnonzero(judged)
         nr = P
         det = _empty_det(nr, K_LAGS)
         if jr.size:
             Xw = padded(x, np.nan)[jr]
-            Yw = padded(y, np.nan)[jr]
+            Yw = Ypad[jr]
             Vw = padded(v, np.nan)[jr]
             Sw = padded(seg, -2)[jr]
             Aw = padded(anchor_of, -1)[jr]
@@ -587,12 +624,12 @@ class AlertEngine:
                 continue
             sub = {k2: a[sel] for k2, a in res.items()}
             alerts += self._fire_round(n0 + r + 1, int(steps[r]), tokens[r], phases[r], rows_p[sel], y[sel],
-                                       bad[sel], have[sel], sub, None, clear_rows=rows_p[sel])
+                                       bad[sel], have[sel], sub, None, clear_rows=rows_p[sel], windows=Ypad[sel])
         self.n_probe = n0 + R
         # leave the live state where round-by-round replay would have left it
         last = np.append(cstart[1:], P) - 1
         self.win.x[rows_c[pc[last]]] = padded(x, np.nan)[last]
-        self.win.y[rows_c[pc[last]]] = padded(y, np.nan)[last]
+        self.win.y[rows_c[pc[last]]] = Ypad[last]
         self.win.var[rows_c[pc[last]]] = padded(v, np.nan)[last]
         Sl = padded(seg, -2)[last]
         self.win.use[rows_c[pc[last]]] = padded(usable, False)[last] & ((Sl == seg_r[-1]) |
@@ -644,7 +681,8 @@ class AlertEngine:
         wide = (n_sib >= 2 and n_sib_bad >= 2 and n_sib_bad * 2 >= n_sib) or mt["key"].startswith("capability/")
         return "capability_regression", "critical" if (deep and wide) else "warning"
 
-    def _curve_alert(self, rule, severity, step, tokens, phase, mt, obs, res, i, src, n_sib, n_sib_bad) -> Alert:
+    def _curve_alert(self, rule, severity, step, tokens, phase, mt, obs, res, i, src, n_sib, n_sib_bad,
+                     aka: Sequence[str] = ()) -> Alert:
         name = mt["task"] or mt["key"]
         what = f"{name} {mt['metric']}" if mt["metric"] else name
         cap = mt["cap"] or "unknown capability"
@@ -663,7 +701,8 @@ class AlertEngine:
                    "reference": f"reference run {self.reference.name if self.reference else ''}"}.get(src, src)
         sib_txt = f"; {n_sib_bad}/{n_sib} sibling tasks also out of band" if n_sib else ""
         msg = (f"{what} ({cap}) is {obs:.4g}, expected {exp:.4g} from the {src_txt} (band [{low:.4g}, {high:.4g}], "
-               f"{self.k:g} sigma; the last {kr} rounds average z={z:.1f}) in phase {phase}{sib_txt}. "
+               f"{self.k:g} sigma; the last {kr} rounds average z={z:.1f}) in phase {phase}{sib_txt}"
+               + (f"; the same values are reported as {', '.join(aka)}" if aka else "") + ". "
                f"Look first at: {first}.")
         return Alert(rule=rule, severity=severity, step=int(step), tokens=None if tokens is None else int(tokens),
                      run=self.run, source=self.source, model=self.model, capability=mt["cap"], task=mt["task"],

@@ -111,7 +111,45 @@ def test_real_dev_table_no_criticals(tmp_path):
     s = analyze(str(dev_path()), str(tmp_path / "o"))
     assert s["runs"] == 75 and s["rows"] == 632282
     assert s["alerts"]["by_severity"].get("critical", 0) == 0
-    # Regression guard, not the issue's target: the whole table measured 3.9 warnings per
-    # 50 run-rounds (0.04 per 50 curve-rounds) with the frozen-fit detector; the target of
-    # <= 1 per 50 run-rounds is not met yet (see the README, Alert quality).
-    assert s["alerts"]["total"] / s["rounds"] * 50 < 5.0
+    # Regression guard, not the issue's target (that is judged on the held-out split by
+    # benchmarks/alert_quality.py): the whole table measured 115 warnings over 7262
+    # run-rounds = 0.79 per 50 on 2026-11-30 (3.9 with the first frozen-fit detector).
+    assert s["alerts"]["total"] / s["rounds"] * 50 < 1.2
+
+
+def test_one_curve_under_two_names_alerts_once_in_batch_and_live():
+    """OLMo tables report some evaluations twice (`commonsense_qa` and `csqa_rc_0shot`): a
+    drop in such a pair is one alert naming both, in the table replay and live alike; a
+    fault in only one of the two names (values no longer identical) still alerts."""
+    import numpy as np
+    from fineline_monitor.analyze import replay_run
+    from fineline_monitor.core.alerts import AlertEngine
+    from fineline_monitor.core.config import AlertConfig
+    from fineline_monitor.core.expectations import capability_for, chance_for
+    from fineline_monitor.core.trajectory import _from_rows
+
+    def curves_with_alias(alias_dropped):
+        rows = [r for r in synth_rows(drop_from=30) if r["model"] == "b"]
+        alias = [dict(r, task="piqa_rc_0shot") for r in rows if r["task"] == "piqa"]
+        if not alias_dropped:
+            alias = [dict(r, value=r["value"] + 0.1 * (r["step"] >= 3000)) for r in alias]
+        txt = [[str(r[k]) if r[k] is not None else "" for k in ("source", "model", "params", "step", "tokens", "task",
+                                                                 "metric", "value", "stderr")] for r in rows + alias]
+        return _from_rows("mem", txt, header_line=1).curves
+
+    curves = curves_with_alias(alias_dropped=True)
+    batch, _ = replay_run(curves, AlertConfig())
+    assert [(a.step, a.task) for a in batch][:1] == [(3100, "piqa")], batch
+    assert {a.task for a in batch} == {"piqa"}
+    assert "the same values are reported as piqa_rc_0shot" in batch[0].message
+    eng = AlertEngine(AlertConfig(), run="synth/b")
+    live = []
+    for i, s in enumerate(curves[0].steps.tolist()):
+        live += eng.observe_curves(s, float(curves[0].tokens[i]), [f"probe/{c.task}/{c.metric}" for c in curves],
+                                   [c.task for c in curves], [c.metric for c in curves],
+                                   [capability_for(c.task) for c in curves], [float(c.values[i]) for c in curves],
+                                   [np.nan] * len(curves), [chance_for(c.task) for c in curves])
+    assert [(a.step, a.task, a.message) for a in live] == [(a.step, a.task, a.message) for a in batch]
+
+    only_one, _ = replay_run(curves_with_alias(alias_dropped=False), AlertConfig())
+    assert {a.task for a in only_one} == {"piqa"} and "reported as" not in only_one[0].message
