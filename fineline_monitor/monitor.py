@@ -28,7 +28,7 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fineline_monitor.core.cadence import probe_budget_next_step, should_collect, should_probe
 from fineline_monitor.core.config import MonitorConfig
@@ -122,7 +122,11 @@ class FineLineMonitor:
             self.indicators = self._guarded("indicators", lambda: self._build_indicators(step_metrics_fn), default=None)
         self.probes = None
         if (self.config.probe_every > 0 or self.config.probe_every_tokens > 0) and (model is not None or scorer is not None):
-            self.probes = self._guarded("probes", lambda: self._build_probes(scorer), default=None)
+            # A bad probes.* setting or request file (unknown task, unreadable file, no
+            # tokenizer, unknown context length) is the user's to fix and the same on every
+            # rank: it raises here, at attach time, instead of leaving the run without curves.
+            self.probes = self._guarded("probes", lambda: self._build_probes(scorer), default=None,
+                                        fatal=_probe_config_errors())
         self.engine = self._guarded("alerts", self._build_engine, default=None)
 
         meta = {"versions": _package_versions(), "world_size": self.dist.world_size,
@@ -329,13 +333,13 @@ class FineLineMonitor:
             self.should_stop = True
 
     # ---- isolation ---------------------------------------------------------------------
-    def _guarded(self, part: str, fn: Callable[[], Any], default: Any = None) -> Any:
+    def _guarded(self, part: str, fn: Callable[[], Any], default: Any = None, fatal: Tuple[type, ...] = ()) -> Any:
         if part in self._disabled:
             return default
         try:
             return fn()
         except Exception as e:  # noqa: BLE001
-            if self.strict:
+            if self.strict or isinstance(e, fatal):
                 raise
             self._report_error(part, e)
             self._disable(part, f"{type(e).__name__}: {e}")
@@ -449,6 +453,15 @@ def _to_float(x: Any) -> Optional[float]:
         return float(x.detach().float().item()) if hasattr(x, "detach") else float(x)
     except Exception:  # noqa: BLE001
         return None
+
+
+def _probe_config_errors() -> Tuple[type, ...]:
+    """What building the probes raises for a setting or file the user must fix (imported
+    here: the probe modules bring torch)."""
+    from fineline_monitor.probes.scoring import ScoringError
+    from fineline_monitor.probes.tasks import TaskError
+
+    return (TaskError, ScoringError)
 
 
 def _count_params(model: Any) -> Optional[int]:

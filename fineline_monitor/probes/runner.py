@@ -65,10 +65,10 @@ class ProbeRunner:
                  device: Any = None):
         self.cfg = cfg
         self.dist = dist or DistContext()
-        self.scorer = scorer if scorer is not None else build_scorer(
-            model, tokenizer, getattr(cfg, "max_length", 0) or 0, device=device)
         self.batch_size = int(cfg.batch_size)
         self.timeout_s = float(getattr(cfg, "timeout_s", 0) or 0)
+        # the task names and files first: a misspelt name is the likeliest mistake, and
+        # its error (with "did you mean") should not wait behind the scorer's
         self.tasks: Dict[str, Task] = {}
         names = resolve_names(cfg.tasks) if cfg.tasks else []
         for n in names:
@@ -80,6 +80,8 @@ class ProbeRunner:
                 self.tasks[name] = t
         if not self.tasks:
             raise TaskError("no probe tasks: set probes.tasks (e.g. ['default']) or probes.requests_files")
+        self.scorer = scorer if scorer is not None else build_scorer(
+            model, tokenizer, getattr(cfg, "max_length", 0) or 0, device=device)
         n_docs = limit if selection == "first" else int(cfg.docs_per_task)
         self.n_skipped: Dict[str, int] = {}
         self._select_and_encode(n_docs, selection, int(getattr(cfg, "seed", 0)))

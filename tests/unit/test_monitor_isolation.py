@@ -182,3 +182,19 @@ def test_probe_budget_survives_restart(tmp_path):
     assert (again._monitor_seconds, again._train_seconds, again._train_steps) == (12.0, 600.0, 300)
     assert (again._probe_seconds, again._last_round_seconds, again._next_probe_step) == (10.0, 5.0, 900)
     again.close()
+
+
+def test_bad_probe_config_fails_at_attach(tmp_path):
+    """Isolation is for faults while training; a misspelt task or a missing tokenizer is
+    the user's to fix and raises at attach time (DESIGN: bad config fails at attach) rather
+    than leaving the run silently without capability curves."""
+    import torch
+
+    from fineline_monitor.probes.scoring import ScoringError
+    from fineline_monitor.probes.tasks import TaskError
+
+    with pytest.raises(TaskError, match="unknown probe task 'hellaswagg'.*did you mean"):
+        FineLineMonitor(model=torch.nn.Linear(2, 2), tokenizer=object(),
+                        config=_cfg(tmp_path, probe_every=10, probes={"tasks": ["hellaswagg"]}), sinks=[])
+    with pytest.raises(ScoringError, match="probes need a tokenizer"):
+        FineLineMonitor(model=torch.nn.Linear(2, 2), config=_cfg(tmp_path, probe_every=10), sinks=[])
