@@ -105,6 +105,11 @@ class FineLineMonitor:
 
             self.sinks, self._store = build_sinks(self.config, self.out_dir, self.run, on_error=sink_failed)
             self.sinks = list(self.sinks)
+            if "store" not in self.config.sinks.enabled:
+                # said once: without the store nothing stays on local disk (no run.db for
+                # `report`/`export`, no alerts.jsonl to read when a paging sink is down)
+                log.warning("fineline_monitor: 'store' is not in sinks.enabled: no %s/run.db or alerts.jsonl "
+                            "will be written (fineline-monitor report/export need them)", self.out_dir)
             if self._store is not None:
                 # Alerts already delivered by an earlier life of this run (before a restart):
                 # a resumed run that replays their step must not page again.

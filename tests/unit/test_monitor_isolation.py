@@ -198,3 +198,12 @@ def test_bad_probe_config_fails_at_attach(tmp_path):
                         config=_cfg(tmp_path, probe_every=10, probes={"tasks": ["hellaswagg"]}), sinks=[])
     with pytest.raises(ScoringError, match="probes need a tokenizer"):
         FineLineMonitor(model=torch.nn.Linear(2, 2), config=_cfg(tmp_path, probe_every=10), sinks=[])
+
+
+def test_without_the_store_nothing_is_written_and_the_user_is_told(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fineline_monitor"):
+        mon = FineLineMonitor(config=_cfg(tmp_path, sinks={"enabled": ["console"]}), sinks=[])
+        mon.step(step=0, loss=1.0, tokens=0, lr=1e-3)
+        mon.close()
+    assert sum("'store' is not in sinks.enabled" in r.getMessage() for r in caplog.records) == 1
+    assert not (tmp_path / "run.db").exists() and not (tmp_path / "alerts.jsonl").exists()
