@@ -53,6 +53,9 @@ def _f(x: Any) -> Optional[float]:
     return v
 
 
+SCALER_SKIPS_WARN = 3  # skipped (overflow) steps in one collection window that make a warning
+
+
 class StepRules:
     """Per-step indicator rules with their rolling state."""
 
@@ -64,7 +67,6 @@ class StepRules:
         self.ratio: Dict[str, ScalarWindow] = {}
         self.loss_high = 0  # consecutive collections with the loss far above its level
         self.nonfinite_seen = 0
-        self.skipped_last: Optional[float] = None
         self.last_expectation: Optional[Dict[str, Any]] = None
 
     def observe(self, step: int, metrics: Dict[str, float], phase: str) -> List[Finding]:
@@ -82,34 +84,31 @@ class StepRules:
         nf_loss = _f(m.get("optim/nonfinite_loss")) or 0.0
         nf_grad = _f(m.get("optim/nonfinite_grad")) or 0.0
         gn = _f(m.get("optim/grad_norm"))
-        scaler = m.get("optim/loss_scale") is not None
         if (loss is not None and not math.isfinite(loss)) or nf_loss > 0:
             out.append(Finding("nonfinite", "critical", "train/loss", loss, None, None,
                                "the training loss is NaN/inf. Look first at: the batch of this step (data "
                                "corruption), the LR at this step, and the last grad_norm / attention-logit "
                                "values; restore from the last good checkpoint.", key="loss"))
-        grad_bad = nf_grad > 0 or (gn is not None and not math.isfinite(gn))
-        if grad_bad:
-            skipped = _f(m.get("optim/skipped_steps"))
-            if scaler:
-                # Mixed precision with a dynamic loss scale skips overflowing steps by design;
-                # only a scaler that keeps skipping is a problem.
-                new_skips = None if skipped is None or self.skipped_last is None else skipped - self.skipped_last
-                if new_skips is not None and new_skips >= 3:
-                    out.append(Finding("nonfinite", "warning", "optim/nonfinite_grad", nf_grad, 0.0, None,
-                                       f"{new_skips:.0f} steps skipped for overflowing gradients since the last "
-                                       "collection (loss scale "
-                                       f"{_f(m.get('optim/loss_scale'))}). Look first at: the loss scale trend, "
-                                       "grad_norm, attention logits.", key="grad-scaler"))
-            else:
-                out.append(Finding("nonfinite", "critical", "optim/nonfinite_grad", nf_grad if gn is None else gn,
-                                   0.0, None,
-                                   "gradients are NaN/inf without a loss scaler to skip them. Look first at: "
-                                   "the batch of this step, the LR, the grad_norm history, attention logits.",
-                                   key="grad"))
-        s = _f(m.get("optim/skipped_steps"))
-        if s is not None:
-            self.skipped_last = s
+        # optim/nonfinite_grad counts NaN/inf gradient norms on steps that were applied:
+        # steps a dynamic loss scaler skipped for overflow are counted apart, in
+        # optim/skipped_steps (steps skipped since the last collection), by the indicators.
+        if nf_grad > 0 or (gn is not None and not math.isfinite(gn)):
+            out.append(Finding("nonfinite", "critical", "optim/nonfinite_grad", nf_grad if gn is None else gn,
+                               0.0, None,
+                               "gradients are NaN/inf on a step that was not skipped (no loss scaler caught "
+                               "them), so the update was applied. Look first at: the batch of this step, the LR, "
+                               "the grad_norm history, attention logits.", key="grad"))
+        skipped = _f(m.get("optim/skipped_steps")) or 0.0
+        if skipped >= SCALER_SKIPS_WARN:
+            # Mixed precision with a dynamic loss scale skips an overflowing step by design
+            # (about one per scale-growth window); several per collection is a scaler that
+            # keeps overflowing.
+            scale = _f(m.get("optim/loss_scale"))
+            out.append(Finding("nonfinite", "warning", "optim/skipped_steps", skipped, 0.0, None,
+                               f"{skipped:.0f} steps skipped for overflowing gradients since the last collection"
+                               + (f" (loss scale {scale:g})" if scale is not None else "")
+                               + ". Look first at: the loss scale trend, grad_norm, attention logits.",
+                               key="grad-scaler"))
         return out
 
     # ---- loss spike (robust z) and divergence ------------------------------------------
@@ -204,15 +203,13 @@ class StepRules:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"loss": self.loss.state_dict(), "grad": self.grad.state_dict(),
-                "ratio": {k: v.state_dict() for k, v in self.ratio.items()}, "loss_high": self.loss_high,
-                "skipped_last": self.skipped_last}
+                "ratio": {k: v.state_dict() for k, v in self.ratio.items()}, "loss_high": self.loss_high}
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         self.loss = ScalarWindow.from_state(sd["loss"])
         self.grad = ScalarWindow.from_state(sd["grad"])
         self.ratio = {k: ScalarWindow.from_state(v) for k, v in sd.get("ratio", {}).items()}
-        self.loss_high = int(sd.get("loss_high", 0))
-        self.skipped_last = sd.get("skipped_last")
+        self.loss_high = int(sd.get("loss_high", 0))  # (a "skipped_last" key of older states is ignored)
 
 
 def probe_extra_rules(cfg: Any, extra: Dict[str, float]) -> List[Finding]:

@@ -149,13 +149,20 @@ def test_nonfinite_is_critical_immediately_but_scaler_skips_are_not():
     eng = AlertEngine(AlertConfig(), run="r")
     a = eng.observe_metrics(10, 0, 1e-3, _metrics(float("nan")))
     assert [x.severity for x in a if x.rule == "nonfinite"] == ["critical"]
+    # the indicators' semantics: optim/skipped_steps = overflow steps the scaler skipped in
+    # this collection window; optim/nonfinite_grad = NaN/inf gradients on applied steps
     eng = AlertEngine(AlertConfig(), run="r")
-    out = eng.observe_metrics(10, 0, 1e-3, _metrics(3.0, **{"optim/nonfinite_grad": 1.0, "optim/loss_scale": 1024.0,
-                                                            "optim/skipped_steps": 1.0}))
-    assert out == []
-    out = eng.observe_metrics(20, 0, 1e-3, _metrics(3.0, **{"optim/nonfinite_grad": 1.0, "optim/loss_scale": 64.0,
-                                                            "optim/skipped_steps": 8.0}))
-    assert [x.severity for x in out] == ["warning"]
+    scaled = {"optim/loss_scale": 1024.0}
+    assert eng.observe_metrics(10, 0, 1e-3, _metrics(3.0, **scaled, **{"optim/skipped_steps": 1.0})) == []
+    assert eng.observe_metrics(20, 0, 1e-3, _metrics(3.0, **scaled, **{"optim/skipped_steps": 2.0})) == []
+    # a steady overflow rate warns in every window that has it (not only when a running total grows)
+    for step in (30, 40):
+        out = eng.observe_metrics(step, 0, 1e-3, _metrics(3.0, **scaled, **{"optim/skipped_steps": 5.0}))
+        assert [(x.rule, x.severity) for x in out] == ([("nonfinite", "warning")] if step == 30 else [])
+        assert step == 40 or "5 steps skipped" in out[0].message and "1024" in out[0].message
+    # NaN gradients the scaler did not skip were applied: critical even with a scaler present
+    out = eng.observe_metrics(50, 0, 1e-3, _metrics(3.0, **scaled, **{"optim/nonfinite_grad": 2.0}))
+    assert [(x.rule, x.severity) for x in out] == [("nonfinite", "critical")]
 
 
 def test_stability_rules_at_probe_rounds():
