@@ -66,6 +66,9 @@ class FineLineMonitor:
         self.dist = dist or DistContext.detect(self.config.dist_timeout_s)
         self.strict = self.config.strict
         self.checkpoint_fn = checkpoint_fn
+        if "checkpoint" in self.config.alerts.on_critical and checkpoint_fn is None and self.dist.is_logging_rank:
+            log.warning("fineline_monitor: alerts.on_critical has `checkpoint` but no checkpoint_fn was passed "
+                        "to the monitor: that action will do nothing")
         self.run = self.config.run_name or time.strftime("run-%Y%m%d-%H%M%S")
         self.out_dir = Path(self.config.out_dir)
         self.should_stop = False  # set on every rank when a critical alert asks for a stop

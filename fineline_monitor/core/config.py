@@ -45,7 +45,9 @@ class ProbeConfig:
         "Context length for scoring; 0 takes the model's. Longer inputs are left-truncated and counted."))
     seed: int = _f(1234, help="Seed of the document subset choice.")
     timeout_s: float = _f(1800.0, min=1.0, max=7 * 86400.0, help=(
-        "A probe round that takes longer than this on any rank is abandoned and probes are disabled."))
+        "A probe round whose slowest rank took longer than this is discarded and probes are disabled. "
+        "Checked when the round ends, on every rank alike: a forward pass inside tensor-parallel "
+        "collectives cannot be interrupted on one rank without hanging the others."))
 
 
 @dataclass
@@ -89,8 +91,10 @@ class AlertConfig:
     update_ratio_min: float = _f(1e-6, min=0.0, help="Update/param ratio below this is out of range.")
     update_ratio_max: float = _f(1e-1, min=0.0, help="Update/param ratio above this is out of range.")
     on_critical: List[str] = _f(factory=list, choices=("checkpoint", "stop"), help=(
-        "Actions on a critical alert: `checkpoint` calls the checkpoint callback, `stop` makes "
-        "`monitor.should_stop` true on every rank."))
+        "Actions on a critical alert, taken at the next collect step on every rank alike: "
+        "`checkpoint` calls `checkpoint_fn(step)` (a constructor argument of FineLineMonitor, "
+        "DeepSpeedMonitor and MegatronMonitor; without it the action is skipped with a warning at "
+        "attach), `stop` makes `monitor.should_stop` true."))
 
 
 @dataclass

@@ -207,3 +207,11 @@ def test_without_the_store_nothing_is_written_and_the_user_is_told(tmp_path, cap
         mon.close()
     assert sum("'store' is not in sinks.enabled" in r.getMessage() for r in caplog.records) == 1
     assert not (tmp_path / "run.db").exists() and not (tmp_path / "alerts.jsonl").exists()
+
+
+def test_checkpoint_action_without_a_callback_is_flagged_at_attach(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fineline_monitor"):
+        FineLineMonitor(config=_cfg(tmp_path, alerts={"on_critical": ["checkpoint"]}), sinks=[]).close()
+        FineLineMonitor(config=_cfg(tmp_path / "b", alerts={"on_critical": ["checkpoint"]}), sinks=[],
+                        checkpoint_fn=lambda step: None).close()
+    assert sum("no checkpoint_fn" in r.getMessage() for r in caplog.records) == 1
