@@ -21,7 +21,8 @@ functions every iteration, looked up at call time:
   pre-hooks are disabled around it exactly as `evaluate()` does.
 
 Arguments are bound by name (`inspect.signature`), so the wrappers survive reordering of
-positional parameters between Megatron-LM versions. `uninstall()` restores the originals.
+positional parameters between Megatron-LM versions. `uninstall()` restores the originals and
+closes the monitor; without it the monitor is closed when the interpreter exits.
 Megatron-LM itself is not on PyPI; the wrapping logic is tested against megatron-core
 with stand-ins for these two functions that have Megatron-LM's signatures
 (tests/integration/test_megatron_lm_hook.py).
@@ -29,6 +30,7 @@ with stand-ins for these two functions that have Megatron-LM's signatures
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import inspect
@@ -57,11 +59,20 @@ class MegatronLMHook:
             self._orig[name] = fn
         mod.train_step = self._wrap_train_step(self._orig["train_step"])
         mod.training_log = self._wrap_training_log(self._orig["training_log"])
+        # pretrain() returns (or sys.exit()s) without telling us: close the monitor when the
+        # interpreter exits, or `fineline_run_finished` never turns 1 and the textfile /
+        # push-gateway "training stalled" alert fires after a normal end. close() only
+        # flushes sinks (no collective), so it is safe that late.
+        atexit.register(self._close_monitor)
         return self
 
     def uninstall(self) -> None:
         for name, fn in self._orig.items():
             setattr(self.mod, name, fn)
+        self._close_monitor()
+        atexit.unregister(self._close_monitor)
+
+    def _close_monitor(self) -> None:
         if self.monitor is not None:
             self.monitor.close()
 
