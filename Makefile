@@ -12,19 +12,26 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test install install-dev clean FORCE
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The torch pin as a file holding TORCH_SPEC: rewritten, and so newer than the install
+# stamps, only when the spec given to make differs from the one last installed.
+TORCH_STAMP := $(VENV)/.torch-spec
+$(TORCH_STAMP): FORCE | $(BIN)/python
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(TORCH_SPEC)" ]; then echo "$(TORCH_SPEC)" > $@; fi
+FORCE:
+
 # Stamps: re-install only when pyproject.toml or the torch pin changes.
-$(VENV)/.installed-runtime: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-runtime: pyproject.toml $(TORCH_STAMP) | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[prometheus]"
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: pyproject.toml $(TORCH_STAMP) | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[dev]"
 	touch $@ $(VENV)/.installed-runtime
