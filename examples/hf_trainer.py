@@ -37,6 +37,10 @@ def main(argv=None) -> int:
     trainer.train()
     C.dump_probe_round(callback.monitor, out)
     if C.rank() == 0:
+        import json
+
+        # the Trainer's own per-step log, to compare with what the monitor recorded
+        (out / "trainer_log.json").write_text(json.dumps(trainer.state.log_history))
         print(f"[hf-trainer] steps={trainer.state.global_step} disabled={callback.monitor.disabled_parts}", flush=True)
     C.shutdown_distributed()
     return 0

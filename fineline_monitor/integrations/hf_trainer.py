@@ -4,14 +4,15 @@
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       callbacks=[FineLineCallback(config=cfg, tokenizer=tok)])
 
-The Trainer calls `on_log` with the logged loss / grad_norm / learning_rate every
-`logging_steps`, and `on_step_end` after every optimizer step (gradient accumulation is
-already folded in: `state.global_step` counts optimizer steps). The monitor is built on
-`on_train_begin` (the model and optimizer exist then) and stepped on `on_step_end`, with
-the most recent logged values (set `logging_steps=1` for a per-step loss). Tokens come
-from `state.num_input_tokens_seen` when `include_num_input_tokens_seen` is on. Ranks:
-the Trainer's torch.distributed group is plain data parallelism (DistContext.detect());
-rank 0 logs.
+The Trainer calls `on_step_end` after every optimizer step (gradient accumulation is
+already folded in: `state.global_step` counts optimizer steps) and, on a logging step,
+`on_log` right after it with that step's loss / grad_norm / learning_rate. So a step
+whose `control.should_log` is set is handed to the monitor from `on_log`, with its own
+values (set `logging_steps=1` for a per-step loss); other steps from `on_step_end`,
+without a loss. The monitor is built on `on_train_begin` (the model and optimizer exist
+then). Tokens come from `state.num_input_tokens_seen` when `include_num_input_tokens_seen`
+is on. Ranks: the Trainer's torch.distributed group is plain data parallelism
+(DistContext.detect()); rank 0 logs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class FineLineCallback(_Base):  # type: ignore[misc,valid-type]
         self.monitor_kw = monitor_kw
         self.monitor = None
         self._last: Dict[str, float] = {}
+        self._pending: Optional[int] = None  # a step waiting for its on_log
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, processing_class=None, **kw):
         from fineline_monitor.monitor import FineLineMonitor
@@ -43,19 +45,41 @@ class FineLineCallback(_Base):  # type: ignore[misc,valid-type]
                                            **self.monitor_kw)
 
     def on_log(self, args, state, control, logs: Optional[Dict[str, float]] = None, **kw):
+        if not logs or "loss" not in logs:  # evaluation logs have eval_* keys only
+            return
         for key in ("loss", "grad_norm", "learning_rate"):
-            if logs and key in logs:
+            if key in logs:
                 self._last[key] = float(logs[key])
+        if self._pending == state.global_step:
+            self._pending = None
+            self._step(state, control, loss=self._last.pop("loss", None), grad_norm=self._last.pop("grad_norm", None))
 
     def on_step_end(self, args, state, control, **kw):
         if self.monitor is None:
             return
+        self._flush_pending(state, control)
+        if control.should_log:
+            # the Trainer logs this step right after this callback: step the monitor from
+            # on_log, with this step's loss (values here would be the previous log's)
+            self._pending = int(state.global_step)
+            return
+        self._step(state, control)
+
+    def _flush_pending(self, state, control) -> None:
+        """A step announced for logging whose log never came (the Trainer skips a log
+        when nothing new was accumulated): step it without values."""
+        if self._pending is not None:
+            step, self._pending = self._pending, None
+            self._step(state, control, step=step)
+
+    def _step(self, state, control, *, step: Optional[int] = None, loss: Any = None, grad_norm: Any = None) -> None:
         tokens = getattr(state, "num_input_tokens_seen", None) or None
-        self.monitor.step(step=int(state.global_step), loss=self._last.pop("loss", None), tokens=tokens,
-                          lr=self._last.get("learning_rate"), grad_norm=self._last.pop("grad_norm", None))
+        self.monitor.step(step=int(state.global_step if step is None else step), loss=loss, tokens=tokens,
+                          lr=self._last.get("learning_rate"), grad_norm=grad_norm)
         if self.monitor.should_stop:
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kw):
         if self.monitor is not None:
+            self._flush_pending(state, control)
             self.monitor.close()
