@@ -301,7 +301,7 @@ class PrometheusSink(Sink):
 
     def __init__(self, run: str, *, mode: str = "http", registry: Any = None, host: str = "127.0.0.1",
                  port: int = 0, textfile: Optional[Path] = None, pushgateway_url: Optional[str] = None,
-                 alert_hold_s: float = 1800.0, write_interval_s: float = 2.0, queue_size: int = 1):
+                 pushgateway_url_env: Optional[str] = None, alert_hold_s: float = 1800.0, write_interval_s: float = 2.0, queue_size: int = 1):
         from prometheus_client import CollectorRegistry
 
         if mode not in ("http", "textfile", "pushgateway"):
@@ -314,7 +314,10 @@ class PrometheusSink(Sink):
         self.host = host
         self.port: Optional[int] = None
         self.textfile = Path(textfile) if textfile is not None else None
+        # from_config passes the variable's name, not its value: the URL (which may carry
+        # credentials) is read from the environment at each push and never kept on the sink
         self._push_url = pushgateway_url
+        self._push_url_env = pushgateway_url_env
         self.write_interval_s = write_interval_s
         self._last_write = 0.0
         self._server = None
@@ -334,7 +337,7 @@ class PrometheusSink(Sink):
             self._worker = BackgroundWorker("prometheus", lambda _: self._write_textfile(), queue_size=queue_size,
                                             max_retries=1, backoff_s=0.2)
         else:
-            if not pushgateway_url:
+            if not self._url():
                 raise ValueError("prometheus pushgateway mode needs a push-gateway URL")
             self._worker = BackgroundWorker("prometheus", lambda _: self._push(), queue_size=queue_size,
                                             max_retries=2, backoff_s=1.0, redact=self._redact)
@@ -354,7 +357,7 @@ class PrometheusSink(Sink):
                 raise ConfigError(f"sinks.prometheus_mode is `pushgateway` but the environment variable "
                                   f"`{sc.pushgateway_url_env}` (sinks.pushgateway_url_env) is empty; set it to the "
                                   f"push-gateway URL, e.g. http://pushgateway:9091")
-            kw["pushgateway_url"] = url
+            kw["pushgateway_url_env"] = sc.pushgateway_url_env
         return cls(run, **kw)
 
     # ---- delivery ------------------------------------------------------------------------
@@ -366,11 +369,17 @@ class PrometheusSink(Sink):
     def _push(self) -> None:
         from prometheus_client import push_to_gateway
 
-        push_to_gateway(self._push_url, job="fineline", registry=self.registry,
+        push_to_gateway(self._url(), job="fineline", registry=self.registry,
                         grouping_key={"run": self.state.run}, timeout=5.0)
 
+    def _url(self) -> str:
+        if self._push_url_env:
+            return os.environ.get(self._push_url_env, "").strip()
+        return self._push_url or ""
+
     def _redact(self, text: str) -> str:
-        return text.replace(self._push_url, "<pushgateway-url>") if self._push_url else text
+        url = self._url()
+        return text.replace(url, "<pushgateway-url>") if url else text
 
     def _export_soon(self, force: bool = False) -> None:
         if self._worker is None:

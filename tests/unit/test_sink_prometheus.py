@@ -158,6 +158,9 @@ def test_pushgateway_mode_pushes_to_a_real_pushgateway(monkeypatch, tmp_path):
         monkeypatch.setenv("FINELINE_PUSHGATEWAY_URL", url)
         cfg = MonitorConfig(sinks={"enabled": ["prometheus"], "prometheus_mode": "pushgateway"})
         s = PrometheusSink.from_config(cfg, out_dir=tmp_path, run="pg-run")
+        # the URL (it may carry credentials) is read from the environment at each push,
+        # never kept on the sink (README: secrets are read when used)
+        assert url not in repr(vars(s)) and url not in repr(vars(s._worker))
         s.log_metrics(5, 50, {"train/loss": 3.25})
         s.log_alert(Alert("loss_spike", "warning", 5, "spike"))
         s.close()
