@@ -434,6 +434,10 @@ class FineLineMonitor:
         """The run store (logging rank only), for reading back what was recorded."""
         return self._store
 
+    def flush(self) -> None:
+        """Make every sink write out what it holds (no collective; the run goes on)."""
+        self._emit("flush")
+
     def close(self) -> None:
         if self._closed:
             return

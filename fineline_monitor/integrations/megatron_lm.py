@@ -34,6 +34,7 @@ import atexit
 import contextlib
 import importlib
 import inspect
+import sys
 from typing import Any, Callable, Dict, Optional
 
 
@@ -63,18 +64,26 @@ class MegatronLMHook:
         # interpreter exits, or `fineline_run_finished` never turns 1 and the textfile /
         # push-gateway "training stalled" alert fires after a normal end. close() only
         # flushes sinks (no collective), so it is safe that late.
-        atexit.register(self._close_monitor)
+        atexit.register(self._at_exit)
         return self
 
     def uninstall(self) -> None:
         for name, fn in self._orig.items():
             setattr(self.mod, name, fn)
-        self._close_monitor()
-        atexit.unregister(self._close_monitor)
-
-    def _close_monitor(self) -> None:
         if self.monitor is not None:
             self.monitor.close()
+        atexit.unregister(self._at_exit)
+
+    def _at_exit(self) -> None:
+        if self.monitor is None:
+            return
+        if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
+            # the script died of an uncaught exception (Python sets sys.last_* before atexit
+            # runs): keep what was logged, but do not say the run finished, so the
+            # stalled-training alert still pages for the dead job
+            self.monitor.flush()
+            return
+        self.monitor.close()
 
     # ---- wrappers ----------------------------------------------------------------------------
     def _wrap_train_step(self, orig: Callable) -> Callable:

@@ -1,7 +1,9 @@
 """The Megatron-LM hook closes the monitor when the training script exits without calling
 uninstall() (pretrain() just returns): the textfile exporter then says the run finished,
-so the "training stalled" alert does not fire after a normal end. Megatron-LM's module is
-a stand-in here (its hook logic is tested with megatron-core in tests/integration)."""
+so the "training stalled" alert does not fire after a normal end. A script that dies of
+an uncaught exception is not marked finished (that alert is the page for a dead job).
+Megatron-LM's module is a stand-in here (its hook logic is tested with megatron-core in
+tests/integration)."""
 
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from _alert_helpers import REPO
 
 SCRIPT = textwrap.dedent("""
     import sys, types
+    from pathlib import Path
     from fineline_monitor import FineLineMonitor, MonitorConfig
     from fineline_monitor.integrations.megatron_lm import install
     training = types.SimpleNamespace(train_step=lambda *a, **k: None, training_log=lambda *a, **k: None)
@@ -21,22 +24,35 @@ SCRIPT = textwrap.dedent("""
     hook.monitor.step(step=1, loss=2.0, tokens=4096, lr=1e-3)
     if sys.argv[2] == "uninstall":
         hook.uninstall()
+        print("BEFORE EXIT", [l for l in (Path(sys.argv[1]) / "metrics.prom").read_text().splitlines()
+                              if l.startswith("fineline_run_finished")])
+    elif sys.argv[2] == "crash":
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
     # else: the script ends, as pretrain_gpt.py does
 """)
 
 
-def _finished(tmp_path, how):
+def _run(tmp_path, how):
     out = tmp_path / how
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(out), how], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 0, r.stderr
-    lines = [l for l in (out / "metrics.prom").read_text().splitlines() if l.startswith("fineline_run_finished")]
-    return lines
+    finished = [l for l in (out / "metrics.prom").read_text().splitlines() if l.startswith("fineline_run_finished")]
+    return r, finished
 
 
 def test_monitor_closed_at_exit_without_uninstall(tmp_path):
-    assert _finished(tmp_path, "exit") == ['fineline_run_finished{run="mlm"} 1.0']
+    r, finished = _run(tmp_path, "exit")
+    assert r.returncode == 0, r.stderr
+    assert finished == ['fineline_run_finished{run="mlm"} 1.0']
 
 
-def test_uninstall_closes_once(tmp_path):
-    assert _finished(tmp_path, "uninstall") == ['fineline_run_finished{run="mlm"} 1.0']
+def test_uninstall_closes_before_the_script_ends(tmp_path):
+    r, finished = _run(tmp_path, "uninstall")
+    assert r.returncode == 0, r.stderr
+    assert """BEFORE EXIT ['fineline_run_finished{run="mlm"} 1.0']""" in r.stdout
+
+
+def test_a_crashed_script_is_not_marked_finished(tmp_path):
+    r, finished = _run(tmp_path, "crash")
+    assert r.returncode == 1 and "illegal memory access" in r.stderr
+    assert finished == ['fineline_run_finished{run="mlm"} 0.0']
