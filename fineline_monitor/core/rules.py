@@ -13,8 +13,9 @@ collections, so the first steps of a tiny CPU demo do not page anyone.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from fineline_monitor.core.history import ScalarWindow
 
@@ -53,7 +54,8 @@ def _f(x: Any) -> Optional[float]:
     return v
 
 
-SCALER_SKIPS_WARN = 3  # skipped (overflow) steps in one collection window that make a warning
+SKIP_HORIZON = 200  # steps over which loss-scaler skips are counted
+SKIP_WARN = 10  # skips within SKIP_HORIZON steps that warn (5%, ~50-100x a healthy dynamic scaler's rate)
 
 
 class StepRules:
@@ -67,18 +69,19 @@ class StepRules:
         self.ratio: Dict[str, ScalarWindow] = {}
         self.loss_high = 0  # consecutive collections with the loss far above its level
         self.nonfinite_seen = 0
+        self.skips: Deque[Tuple[int, float]] = deque()  # (collect step, steps skipped in its window)
         self.last_expectation: Optional[Dict[str, Any]] = None
 
     def observe(self, step: int, metrics: Dict[str, float], phase: str) -> List[Finding]:
         out: List[Finding] = []
-        out += self._nonfinite(metrics)
+        out += self._nonfinite(step, metrics, phase)
         out += self._loss(step, metrics, phase)
         out += self._grad(step, metrics, phase)
         out += self._update_ratio(step, metrics, phase)
         return out
 
     # ---- non-finite: critical, immediately ---------------------------------------------
-    def _nonfinite(self, m: Dict[str, float]) -> List[Finding]:
+    def _nonfinite(self, step: int, m: Dict[str, float], phase: str) -> List[Finding]:
         out = []
         loss = _f(m.get("train/loss"))
         nf_loss = _f(m.get("optim/nonfinite_loss")) or 0.0
@@ -89,26 +92,38 @@ class StepRules:
                                "the training loss is NaN/inf. Look first at: the batch of this step (data "
                                "corruption), the LR at this step, and the last grad_norm / attention-logit "
                                "values; restore from the last good checkpoint.", key="loss"))
-        # optim/nonfinite_grad counts NaN/inf gradient norms on steps that were applied:
+        # optim/nonfinite_grad counts NaN/inf gradient norms on steps not flagged as skipped;
         # steps a dynamic loss scaler skipped for overflow are counted apart, in
         # optim/skipped_steps (steps skipped since the last collection), by the indicators.
-        if nf_grad > 0 or (gn is not None and not math.isfinite(gn)):
+        grad_bad = nf_grad > 0 or (gn is not None and not math.isfinite(gn))
+        skipped = _f(m.get("optim/skipped_steps")) or 0.0
+        scale = _f(m.get("optim/loss_scale"))
+        if grad_bad and scale is not None and scale != 1.0:
+            # a dynamic loss scaler skips every step whose gradients overflow; an adapter that
+            # cannot tell which steps it skipped (the framework does not say) reports them as
+            # non-finite: with a loss scale in play they are counted as skips, not applied NaN.
+            # (A scale of exactly 1 is what bf16/fp32 optimizers report: no scaler, no skip.)
+            skipped += max(nf_grad, 1.0)
+        elif grad_bad:
             out.append(Finding("nonfinite", "critical", "optim/nonfinite_grad", nf_grad if gn is None else gn,
                                0.0, None,
-                               "gradients are NaN/inf on a step that was not skipped (no loss scaler caught "
-                               "them), so the update was applied. Look first at: the batch of this step, the LR, "
-                               "the grad_norm history, attention logits.", key="grad"))
-        skipped = _f(m.get("optim/skipped_steps")) or 0.0
-        if skipped >= SCALER_SKIPS_WARN:
-            # Mixed precision with a dynamic loss scale skips an overflowing step by design
-            # (about one per scale-growth window); several per collection is a scaler that
-            # keeps overflowing.
-            scale = _f(m.get("optim/loss_scale"))
-            out.append(Finding("nonfinite", "warning", "optim/skipped_steps", skipped, 0.0, None,
-                               f"{skipped:.0f} steps skipped for overflowing gradients since the last collection"
-                               + (f" (loss scale {scale:g})" if scale is not None else "")
-                               + ". Look first at: the loss scale trend, grad_norm, attention logits.",
-                               key="grad-scaler"))
+                               "gradients are NaN/inf and no loss scaler is there to skip the step, so the update "
+                               "was applied. Look first at: the batch of this step, the LR, the grad_norm history, "
+                               "attention logits.", key="grad"))
+        # Skips are judged as a rate over the last SKIP_HORIZON steps, outside warmup: a
+        # dynamic scaler in steady state skips about one step per growth interval (1000-2000
+        # steps), and backs off from its initial scale with a burst of skips at start-up.
+        while self.skips and self.skips[0][0] <= step - SKIP_HORIZON:
+            self.skips.popleft()
+        if skipped > 0 and phase not in ("warmup", "rewarm"):
+            self.skips.append((int(step), float(skipped)))
+        recent = sum(n for _, n in self.skips)
+        if recent >= SKIP_WARN:
+            out.append(Finding("nonfinite", "warning", "optim/skipped_steps", recent, 0.0, None,
+                               f"{recent:.0f} of the last {SKIP_HORIZON} steps were skipped for overflowing "
+                               f"gradients" + (f" (loss scale now {scale:g})" if scale is not None else "")
+                               + ": the loss scaler keeps overflowing. Look first at: the loss scale trend, "
+                               "grad_norm, attention logits.", key="grad-scaler"))
         return out
 
     # ---- loss spike (robust z) and divergence ------------------------------------------
@@ -203,13 +218,15 @@ class StepRules:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"loss": self.loss.state_dict(), "grad": self.grad.state_dict(),
-                "ratio": {k: v.state_dict() for k, v in self.ratio.items()}, "loss_high": self.loss_high}
+                "ratio": {k: v.state_dict() for k, v in self.ratio.items()}, "loss_high": self.loss_high,
+                "skips": [list(x) for x in self.skips]}
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         self.loss = ScalarWindow.from_state(sd["loss"])
         self.grad = ScalarWindow.from_state(sd["grad"])
         self.ratio = {k: ScalarWindow.from_state(v) for k, v in sd.get("ratio", {}).items()}
         self.loss_high = int(sd.get("loss_high", 0))  # (a "skipped_last" key of older states is ignored)
+        self.skips = deque((int(a), float(b)) for a, b in sd.get("skips", []))
 
 
 def probe_extra_rules(cfg: Any, extra: Dict[str, float]) -> List[Finding]:

@@ -17,7 +17,7 @@ is on. Ranks: the Trainer's torch.distributed group is plain data parallelism
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 try:  # the base class, when transformers is installed (it is a core dependency)
     from transformers import TrainerCallback as _Base
@@ -33,7 +33,7 @@ class FineLineCallback(_Base):  # type: ignore[misc,valid-type]
         self.monitor_kw = monitor_kw
         self.monitor = None
         self._last: Dict[str, float] = {}
-        self._pending: Optional[int] = None  # a step waiting for its on_log
+        self._pending: Optional[Tuple[int, Optional[int], bool]] = None  # (step, tokens, skipped) awaiting on_log
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, processing_class=None, **kw):
         from fineline_monitor.monitor import FineLineMonitor
@@ -50,36 +50,45 @@ class FineLineCallback(_Base):  # type: ignore[misc,valid-type]
         for key in ("loss", "grad_norm", "learning_rate"):
             if key in logs:
                 self._last[key] = float(logs[key])
-        if self._pending == state.global_step:
+        if self._pending is not None and self._pending[0] == state.global_step:
+            step, tokens, skipped = self._pending
             self._pending = None
-            self._step(state, control, loss=self._last.pop("loss", None), grad_norm=self._last.pop("grad_norm", None))
+            self._step(control, step, tokens, skipped, loss=self._last.pop("loss", None),
+                       grad_norm=self._last.pop("grad_norm", None))
+        # else: a log after its step was handed over (logging_strategy="epoch" logs from
+        # on_epoch_end): its values go with the next step, late rather than lost
 
     def on_step_end(self, args, state, control, **kw):
         if self.monitor is None:
             return
-        self._flush_pending(state, control)
+        self._flush_pending(control)
+        tokens = getattr(state, "num_input_tokens_seen", None) or None
+        # fp16 AMP: accelerate's optimizer says whether the GradScaler skipped this step
+        # (its logged grad_norm is then inf, which is no fault)
+        skipped = bool(getattr(kw.get("optimizer"), "step_was_skipped", False))
         if control.should_log:
             # the Trainer logs this step right after this callback: step the monitor from
             # on_log, with this step's loss (values here would be the previous log's)
-            self._pending = int(state.global_step)
+            self._pending = (int(state.global_step), tokens, skipped)
             return
-        self._step(state, control)
+        self._step(control, int(state.global_step), tokens, skipped, loss=self._last.pop("loss", None),
+                   grad_norm=self._last.pop("grad_norm", None))
 
-    def _flush_pending(self, state, control) -> None:
+    def _flush_pending(self, control) -> None:
         """A step announced for logging whose log never came (the Trainer skips a log
         when nothing new was accumulated): step it without values."""
         if self._pending is not None:
-            step, self._pending = self._pending, None
-            self._step(state, control, step=step)
+            (step, tokens, skipped), self._pending = self._pending, None
+            self._step(control, step, tokens, skipped)
 
-    def _step(self, state, control, *, step: Optional[int] = None, loss: Any = None, grad_norm: Any = None) -> None:
-        tokens = getattr(state, "num_input_tokens_seen", None) or None
-        self.monitor.step(step=int(state.global_step if step is None else step), loss=loss, tokens=tokens,
-                          lr=self._last.get("learning_rate"), grad_norm=grad_norm)
+    def _step(self, control, step: int, tokens: Optional[int], skipped: bool, *, loss: Any = None,
+              grad_norm: Any = None) -> None:
+        self.monitor.step(step=step, loss=loss, tokens=tokens, lr=self._last.get("learning_rate"),
+                          grad_norm=grad_norm, skipped=skipped)
         if self.monitor.should_stop:
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kw):
         if self.monitor is not None:
-            self._flush_pending(state, control)
+            self._flush_pending(control)
             self.monitor.close()

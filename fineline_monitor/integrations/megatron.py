@@ -450,7 +450,9 @@ class MegatronMonitor(MonitorPassThrough):
             groups = getattr(opt, "param_groups", None)
             if groups:
                 lr = float(groups[0]["lr"])
-        if loss_scale is None and opt is not None and hasattr(opt, "get_loss_scale"):
+        if loss_scale is None and opt is not None and _grad_scaler(opt) is not None:
+            # only a real (fp16) grad scaler: bf16/fp32 optimizers report a constant 1.0,
+            # which would make their NaN gradients look like scaler skips
             try:
                 ls = opt.get_loss_scale()
                 loss_scale = float(ls.item() if hasattr(ls, "item") else ls)
@@ -460,6 +462,15 @@ class MegatronMonitor(MonitorPassThrough):
             grad_norm = self.grad_norm_fn()
         return self.monitor.step(step=step, loss=loss, tokens=tokens, lr=lr, grad_norm=grad_norm,
                                  loss_scale=loss_scale, skipped=skipped, batch_tokens=batch_tokens)
+
+
+def _grad_scaler(optimizer: Any) -> Any:
+    """megatron's MixedPrecisionOptimizer keeps its loss scaler in `grad_scaler` (None for
+    bf16); ChainedOptimizer reports the first chained optimizer's scale."""
+    chained = getattr(optimizer, "chained_optimizers", None)
+    if chained:
+        return getattr(chained[0], "grad_scaler", None)
+    return getattr(optimizer, "grad_scaler", None)
 
 
 def _torch_optimizer(optimizer: Any) -> Any:

@@ -47,7 +47,7 @@ SIMPLE: Dict[str, Tuple[str, str]] = {
     "optim/nonfinite_loss": ("fineline_optim_nonfinite_loss", "Non-finite losses in the last collection window."),
     "optim/nonfinite_grad": ("fineline_optim_nonfinite_grad", "Non-finite gradients in the last collection window."),
     "optim/loss_scale": ("fineline_optim_loss_scale", "Mixed-precision loss scale."),
-    "optim/skipped_steps": ("fineline_optim_skipped_steps", "Optimizer steps skipped (overflow) so far."),
+    "optim/skipped_steps": ("fineline_optim_skipped_steps", "Optimizer steps skipped for overflow since the last collection."),
     "optim/grad_rms_over_eps_min": ("fineline_optim_grad_rms_over_eps_min",
                                     "Smallest gradient RMS / Adam eps over parameter groups."),
     "optim/hessian_trace": ("fineline_optim_hessian_trace", "Hutchinson estimate of the Hessian trace."),
