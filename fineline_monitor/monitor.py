@@ -133,8 +133,12 @@ class FineLineMonitor:
             # A bad probes.* setting or request file (unknown task, unreadable file, no
             # tokenizer, unknown context length) is the user's to fix and the same on every
             # rank: it raises here, at attach time, instead of leaving the run without curves.
-            self.probes = self._guarded("probes", lambda: self._build_probes(scorer), default=None,
-                                        fatal=_probe_config_errors())
+            try:
+                self.probes = self._guarded("probes", lambda: self._build_probes(scorer), default=None,
+                                            fatal=_probe_config_errors())
+            except Exception:
+                self._emit("close")  # the sinks already started (exporter port, store, threads)
+                raise
         self.engine = self._guarded("alerts", self._build_engine, default=None)
 
         meta = {"versions": _package_versions(), "world_size": self.dist.world_size,

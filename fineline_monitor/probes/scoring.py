@@ -70,6 +70,12 @@ class ScoringError(ValueError):
     """A request that cannot be scored (e.g. its continuation is longer than the model's context)."""
 
 
+class ScoringSelfCheckError(RuntimeError):
+    """The model's scores through the fast path disagree with its own plain forward pass.
+    Not a setting the user got wrong (so not a ScoringError, which fails at attach time):
+    the monitor disables probes and training goes on."""
+
+
 # ---- tokenization ---------------------------------------------------------------------
 
 class TokenizerAdapter:
@@ -565,7 +571,7 @@ class HFScorer(Scorer):
                 self.check_report[f"packing={packing},fast_head={fast},mask={str(mdt).replace('torch.', '')}"] = err
                 if err <= tol:
                     return
-        raise ScoringError(f"the model's scores disagree with its own forward pass: {self.check_report}")
+        raise ScoringSelfCheckError(f"the model's scores disagree with its own forward pass: {self.check_report}")
 
     def score_tokens(self, batch: TokenBatch) -> Tuple[torch.Tensor, torch.Tensor]:
         kw: Dict[str, Any] = {"use_cache": False}

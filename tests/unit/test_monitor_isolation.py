@@ -215,3 +215,34 @@ def test_checkpoint_action_without_a_callback_is_flagged_at_attach(tmp_path, cap
         FineLineMonitor(config=_cfg(tmp_path / "b", alerts={"on_critical": ["checkpoint"]}), sinks=[],
                         checkpoint_fn=lambda step: None).close()
     assert sum("no checkpoint_fn" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_probe_self_check_failure_is_isolated_and_fatal_errors_close_the_sinks(tmp_path, monkeypatch):
+    """A scorer whose fast path disagrees with the model's own forward is a monitor
+    problem, not the user's setting: probes are disabled and training goes on. A fatal
+    set-up error closes the sinks already started before it raises."""
+    import torch
+
+    from fineline_monitor.probes import ProbeRunner
+    from fineline_monitor.probes.scoring import ScoringSelfCheckError
+
+    def disagree(self, *a, **kw):
+        raise ScoringSelfCheckError("the model's scores disagree with its own forward pass")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ProbeRunner, "__init__", disagree)
+        mon = FineLineMonitor(model=torch.nn.Linear(2, 2), tokenizer=object(), config=_cfg(tmp_path, probe_every=10),
+                              sinks=[])
+    assert mon.probes is None and "probes" in mon.disabled_parts
+    mon.close()
+
+    class Closing(Recorder):
+        closed = 0
+
+        def close(self):
+            Closing.closed += 1
+
+    with pytest.raises(Exception, match="unknown probe task"):
+        FineLineMonitor(model=torch.nn.Linear(2, 2), tokenizer=object(), sinks=[Closing()],
+                        config=_cfg(tmp_path / "b", probe_every=10, probes={"tasks": ["hellaswagg"]}))
+    assert Closing.closed == 1
