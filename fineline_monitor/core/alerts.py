@@ -459,48 +459,54 @@ class AlertEngine:
         curve reported under two names alerts once, naming both, and counts as one
         sibling."""
         alerts: List[Alert] = []
+        n = len(rows)
+        canon = np.arange(n)
+        if bad.any() and windows is not None:
+            cand = np.flatnonzero(have | bad)
+            # the lowest window row of a group represents it: a stable key round after round,
+            # so one event keeps one condition (cooldown, de-duplication) under either name
+            cand = cand[np.argsort(rows[cand], kind="stable")]
+            canon[cand] = cand[alias_groups(windows[cand], [self.meta[rows[i]]["metric"] for i in cand])]
+        # a group is bad when any of its names is (the names' detector state can differ: a
+        # reference run or paired anchors known under one name only)
+        group_bad = np.zeros(n, dtype=bool)
+        group_bad[canon[bad]] = True
+        group_bad = group_bad[canon]
         if bad.any():
-            canon = np.arange(len(rows))
-            if windows is not None:
-                cand = np.flatnonzero(have | bad)
-                # a bad row first, so that a group's alert is raised on a row that is out of band
-                cand = cand[np.argsort(~bad[cand], kind="stable")]
-                canon[cand] = cand[alias_groups(windows[cand], [self.meta[rows[i]]["metric"] for i in cand])]
             groups: Dict[Tuple[Any, Any], List[int]] = {}
-            for i in np.flatnonzero((have | bad) & (canon == np.arange(len(rows)))):
+            for i in np.flatnonzero((have | bad) & (canon == np.arange(n))):
                 mt = self.meta[rows[i]]
                 if mt["cap"] and mt["task"] is not None:
                     groups.setdefault((mt["cap"], mt["metric"]), []).append(i)
-            for i in np.flatnonzero(bad):
-                if canon[i] != i:
-                    continue  # an alias of a row that alerts (or not) for both
-                aka = [self.meta[rows[j]]["task"] or self.meta[rows[j]]["key"]
-                       for j in np.flatnonzero((canon == i) & (np.arange(len(rows)) != i))]
+            for i in np.flatnonzero(group_bad & (canon == np.arange(n))):
+                members = np.flatnonzero(canon == i)
+                src = i if bad[i] else int(members[bad[members]][0])  # the row whose detector fired
+                aka = [self.meta[rows[j]]["task"] or self.meta[rows[j]]["key"] for j in members if j != i]
                 mt = self.meta[rows[i]]
                 key = self._cap_key(mt)
                 sib = [j for j in groups.get((mt["cap"], mt["metric"]), []) if j != i]
                 sib_bases = {self.meta[rows[j]]["base_task"] for j in sib} - {mt["base_task"]}
-                bad_bases = {self.meta[rows[j]]["base_task"] for j in sib if bad[j]} - {mt["base_task"]}
-                rule, severity = self._classify(i, mt, y, res, len(sib_bases), len(bad_bases))
+                bad_bases = {self.meta[rows[j]]["base_task"] for j in sib if group_bad[j]} - {mt["base_task"]}
+                rule, severity = self._classify(src, mt, y, res, len(sib_bases), len(bad_bases))
                 if not self.book.update(key, True, round_no, hysteresis=1, cooldown=self.cooldown,
                                         severity=severity):
                     continue
                 self._dirty.add(key)
-                alerts.append(self._curve_alert(rule, severity, step, tokens, phase, mt, y[i], res, i,
-                                                source[i] if source is not None else "own", len(sib_bases),
+                alerts.append(self._curve_alert(rule, severity, step, tokens, phase, mt, y[src], res, src,
+                                                source[src] if source is not None else "own", len(sib_bases),
                                                 len(bad_bases), aka))
                 self.alert_counts[rule] = self.alert_counts.get(rule, 0) + 1
         if clear_rows is not None and self._dirty:
             book = self.book.s
-            for i in np.flatnonzero(~bad):
+            for i in np.flatnonzero(~group_bad):
                 key = self._cap_key(self.meta[rows[i]])
                 if key in self._dirty:
                     self.book.update(key, False, round_no, hysteresis=1, cooldown=self.cooldown, severity="warning")
                     st = book.get(key)
                     if st is None or (not st[0] and not st[2]):
                         self._dirty.discard(key)
-        for i in np.flatnonzero(bad):
-            self._dirty.add(self._cap_key(self.meta[rows[i]]))
+        for i in np.flatnonzero(group_bad):
+            self._dirty.add(self._cap_key(self.meta[rows[canon[i]]]))
         return alerts
 
     # ---- offline: a whole run's table at once -------------------------------------------

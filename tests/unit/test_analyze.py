@@ -153,3 +153,28 @@ def test_one_curve_under_two_names_alerts_once_in_batch_and_live():
 
     only_one, _ = replay_run(curves_with_alias(alias_dropped=False), AlertConfig())
     assert {a.task for a in only_one} == {"piqa"} and "reported as" not in only_one[0].message
+
+
+def test_an_alias_group_keeps_one_condition_whichever_name_is_out_of_band():
+    """The two names' detector state can differ (a reference run known under one name):
+    the group is represented by its first row, so the event is one condition (one page,
+    then de-duplicated) even when the name that is out of band changes between rounds."""
+    import numpy as np
+    from fineline_monitor.core.alerts import AlertEngine
+    from fineline_monitor.core.config import AlertConfig
+
+    eng = AlertEngine(AlertConfig(), run="r")
+    keys = ["probe/piqa/acc", "probe/piqa_rc_0shot/acc"]
+    rows = eng._ensure_meta(keys, ["piqa", "piqa_rc_0shot"], ["acc", "acc"], ["commonsense"] * 2, [0.5, 0.5])
+    win = np.tile(np.linspace(0.6, 0.7, 10), (2, 1))
+    res = {"expected": np.array([0.72, 0.72]), "low": np.array([0.69, 0.69]), "high": np.array([0.75, 0.75]),
+           "z": np.array([-5.0, -5.0]), "k": np.array([2, 2]), "noise": np.array([0.005, 0.005]),
+           "gain": np.array([0.0, 0.0]), "level_last": np.array([0.72, 0.72])}
+    y = np.array([0.6, 0.6])
+    have = np.array([True, True])
+    fired = []
+    for r, bad in enumerate(([False, True], [True, False], [False, True])):
+        fired += eng._fire_round(r + 1, 100 * (r + 1), None, "stable", rows, y, np.array(bad), have, res, None,
+                                 clear_rows=rows, windows=win)
+    assert [(a.task, a.step) for a in fired] == [("piqa", 100)]
+    assert "reported as piqa_rc_0shot" in fired[0].message
