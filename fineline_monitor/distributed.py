@@ -16,6 +16,23 @@ from typing import Any, List, Optional
 log = logging.getLogger("fineline_monitor")
 
 
+def collective_device(group: Any = None) -> Any:
+    """Where a tensor must live for a collective over `group`: the current CUDA device for a
+    NCCL-only group (NCCL takes no CPU tensors: "No backend type associated with device type
+    cpu"; DeepSpeed, Megatron and Accelerate start NCCL-only groups), the CPU for gloo and
+    for a group with both (`cpu:gloo,cuda:nccl`)."""
+    import torch
+    import torch.distributed as dist
+
+    try:
+        backend = str(dist.get_backend(group)).lower()
+    except Exception:  # noqa: BLE001 - no process group: nothing to place for
+        return torch.device("cpu")
+    if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @dataclass
 class DistContext:
     rank: int = 0
@@ -26,6 +43,7 @@ class DistContext:
     is_logging_rank: bool = True  # the rank that owns the loss: logs, pages, writes the store
     timeout_s: float = 300.0
     _logger_src: Optional[int] = field(default=None, init=False, repr=False, compare=False)
+    _coll_device: Any = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def distributed(self) -> bool:
@@ -57,10 +75,16 @@ class DistContext:
         import torch
 
         dist = self._dist()
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._device())
         work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
         self._wait(work)
-        return t.tolist()
+        return t.cpu().tolist()
+
+    def _device(self) -> Any:
+        """The device of the monitor's world-group tensors (a group's backend never changes)."""
+        if self._coll_device is None:
+            self._coll_device = collective_device(None)
+        return self._coll_device
 
     def _wait(self, work: Any) -> None:
         """Wait for a monitor collective. Past `timeout_s` we say so, once, and keep waiting:
@@ -101,7 +125,8 @@ class DistContext:
         import torch
 
         dist = self._dist()
-        t = torch.tensor([float(self.rank) if self.is_logging_rank else float(self.world_size)])
+        t = torch.tensor([float(self.rank) if self.is_logging_rank else float(self.world_size)],
+                         device=self._device())
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 

@@ -44,7 +44,9 @@ class ProbeAborted(RuntimeError):
 def _bounded_all_reduce(value: float, op: str, timeout_s: float, group: Any = None) -> float:
     import torch.distributed as dist
 
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    from fineline_monitor.distributed import collective_device
+
+    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device(group))
     work = dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=group, async_op=True)
     if not work.wait(timeout=datetime.timedelta(seconds=timeout_s)):  # pragma: no cover - gloo raises
         raise TimeoutError(f"probe agreement did not complete in {timeout_s:.0f}s")

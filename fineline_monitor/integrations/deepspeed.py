@@ -299,7 +299,10 @@ class DeepSpeedMonitor(MonitorPassThrough):
             if t.numel():
                 sq += t.detach().double().pow(2).sum().cpu()
         if self.dist.dp_size > 1:
-            _bounded_all_reduce(sq, self.dist.dp_group, self.dist.timeout_s)
+            from fineline_monitor.distributed import collective_device
+
+            sq = _bounded_all_reduce(sq.to(collective_device(self.dist.dp_group)), self.dist.dp_group,
+                                     self.dist.timeout_s)
         return {"optim/param_norm": float(sq.sqrt())}
 
     # ---- per micro-step --------------------------------------------------------------------

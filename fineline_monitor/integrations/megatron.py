@@ -321,7 +321,11 @@ def tp_grad_norm(model: Any) -> float:
             continue
         total += g.detach().double().pow(2).sum().cpu()
     if dist.is_initialized() and ps.get_model_parallel_group() is not None:
-        dist.all_reduce(total, group=ps.get_model_parallel_group())
+        from fineline_monitor.distributed import collective_device
+
+        group = ps.get_model_parallel_group()
+        total = total.to(collective_device(group))  # NCCL takes no CPU tensors
+        dist.all_reduce(total, group=group)
     return float(total.sqrt())
 
 
@@ -334,8 +338,11 @@ def _reduce_attention_max(recorder_max: Dict[str, Any]) -> None:
     if not recorder_max or ps.get_tensor_model_parallel_world_size() <= 1:
         return
     names = sorted(recorder_max)
-    t = torch.stack([recorder_max[n].detach().float().reshape(()) for n in names])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+    from fineline_monitor.distributed import collective_device
+
+    group = ps.get_tensor_model_parallel_group()
+    t = torch.stack([recorder_max[n].detach().float().reshape(()) for n in names]).to(collective_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     for n, v in zip(names, t):
         recorder_max[n] = v
 
