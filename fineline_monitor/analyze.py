@@ -185,9 +185,8 @@ def analyze(path: str, out: str, *, reference: Optional[str] = None, reference_m
     traj = read_trajectory(path)
     ref = None
     if reference:
-        ref = ReferenceCurves.from_csv(reference, reference_model or cfg.reference_model,
-                                       align=getattr(cfg, "reference_align", "tokens"),
-                                       total_tokens=float(getattr(cfg, "total_tokens", 0) or 0))
+        ref = ReferenceCurves.from_csv(reference, reference_model or cfg.reference_model, align=cfg.reference_align,
+                                       total_tokens=cfg.reference_total_tokens)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = traj.runs()

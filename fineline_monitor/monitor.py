@@ -133,13 +133,10 @@ class FineLineMonitor:
             # A bad probes.* setting or request file (unknown task, unreadable file, no
             # tokenizer, unknown context length) is the user's to fix and the same on every
             # rank: it raises here, at attach time, instead of leaving the run without curves.
-            try:
-                self.probes = self._guarded("probes", lambda: self._build_probes(scorer), default=None,
-                                            fatal=_probe_config_errors())
-            except Exception:
-                self._emit("close")  # the sinks already started (exporter port, store, threads)
-                raise
-        self.engine = self._guarded("alerts", self._build_engine, default=None)
+            self.probes = self._build_or_fail("probes", lambda: self._build_probes(scorer), _probe_config_errors())
+        # a reference run that cannot be read is the user's to fix too: without this the
+        # whole alert engine (every rule, every page) would be disabled by one bad path
+        self.engine = self._build_or_fail("alerts", self._build_engine, _reference_errors())
 
         meta = {"versions": _package_versions(), "world_size": self.dist.world_size,
                 "params": _count_params(model), "pid": os.getpid()}
@@ -345,6 +342,16 @@ class FineLineMonitor:
             self.should_stop = True
 
     # ---- isolation ---------------------------------------------------------------------
+    def _build_or_fail(self, part: str, fn: Callable[[], Any], fatal: Tuple[type, ...]) -> Any:
+        """Build a part at attach time: errors of the `fatal` kinds (bad settings or input
+        files) raise, after closing the sinks already started (exporter port, store,
+        threads); anything else disables the part alone."""
+        try:
+            return self._guarded(part, fn, default=None, fatal=fatal)
+        except Exception:
+            self._emit("close")
+            raise
+
     def _guarded(self, part: str, fn: Callable[[], Any], default: Any = None, fatal: Tuple[type, ...] = ()) -> Any:
         if part in self._disabled:
             return default
@@ -469,6 +476,14 @@ def _to_float(x: Any) -> Optional[float]:
         return float(x.detach().float().item()) if hasattr(x, "detach") else float(x)
     except Exception:  # noqa: BLE001
         return None
+
+
+def _reference_errors() -> Tuple[type, ...]:
+    """What reading `alerts.reference_csv` raises for a bad path, table or setting."""
+    from fineline_monitor.core.config import ConfigError
+    from fineline_monitor.core.trajectory import TrajectoryError
+
+    return (TrajectoryError, ConfigError)
 
 
 def _probe_config_errors() -> Tuple[type, ...]:

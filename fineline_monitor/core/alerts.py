@@ -162,9 +162,8 @@ class AlertEngine:
         self.paired_anchor: Dict[str, Dict[str, float]] = {}  # task -> doc_id(str) -> gold logprob
         self.reference = reference
         if reference is None and getattr(cfg, "reference_csv", ""):
-            reference = ReferenceCurves.from_csv(cfg.reference_csv, getattr(cfg, "reference_model", ""),
-                                                 align=getattr(cfg, "reference_align", "tokens"),
-                                                 total_tokens=float(getattr(cfg, "total_tokens", 0) or 0))
+            reference = ReferenceCurves.from_csv(cfg.reference_csv, cfg.reference_model, align=cfg.reference_align,
+                                                 total_tokens=cfg.reference_total_tokens)
             self.reference = reference
         self.alert_counts: Dict[str, int] = {}
         self._reset_arrays()

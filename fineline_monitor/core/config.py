@@ -82,6 +82,11 @@ class AlertConfig:
         "Declared phases as `name@step` (e.g. `warmup@0`, `stable@2000`, `decay@90000`); empty infers them."))
     reference_csv: str = _f("", help="Trajectory CSV of a reference run (a pilot or smaller model).")
     reference_model: str = _f("", help="Which `(source/)model` of the reference CSV to follow.")
+    reference_align: str = _f("tokens", choices=("tokens", "fraction"), help=(
+        "Align the reference run on training tokens (log scale), or on the fraction of its schedule "
+        "(a run of another length: needs reference_total_tokens)."))
+    reference_total_tokens: float = _f(0.0, min=0.0, help=(
+        "This run's planned training tokens, for reference_align `fraction`."))
     loss_spike_z: float = _f(6.0, min=1.0, help="Loss z-score (vs rolling window) that counts as a spike.")
     grad_spike_factor: float = _f(10.0, min=1.0, help="Grad norm above this multiple of its rolling median is a spike.")
     attn_logit_warning: float = _f(1e3, min=0.0, help="Max attention logit that raises a warning (Wortsman et al.).")

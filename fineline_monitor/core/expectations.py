@@ -296,8 +296,10 @@ class ReferenceCurves:
     """A reference run's curves, interpolated on log tokens or on the schedule fraction."""
 
     def __init__(self, curves: Sequence, align: str = "tokens", total_tokens: float = 0.0):
+        from fineline_monitor.core.config import ConfigError
+
         if align not in ("tokens", "fraction"):
-            raise ValueError(f"reference alignment {align!r} must be `tokens` or `fraction`")
+            raise ConfigError(f"reference alignment {align!r} must be `tokens` or `fraction`")
         self.align = align
         self.table: Dict[Tuple[str, str], Tuple[np.ndarray, np.ndarray]] = {}
         self.name = ""
@@ -309,7 +311,8 @@ class ReferenceCurves:
         self.ref_total = ref_total
         self.own_total = float(total_tokens)
         if align == "fraction" and self.own_total <= 0:
-            raise ValueError("reference alignment `fraction` needs `alerts.total_tokens` (this run's planned tokens)")
+            raise ConfigError("reference alignment `fraction` needs `alerts.reference_total_tokens` "
+                             "(this run's planned training tokens)")
         for c in curves:
             ok = np.isfinite(c.tokens) & (c.tokens > 0) & np.isfinite(c.values)
             if ok.sum() < 2:

@@ -246,3 +246,28 @@ def test_probe_self_check_failure_is_isolated_and_fatal_errors_close_the_sinks(t
         FineLineMonitor(model=torch.nn.Linear(2, 2), tokenizer=object(), sinks=[Closing()],
                         config=_cfg(tmp_path / "b", probe_every=10, probes={"tasks": ["hellaswagg"]}))
     assert Closing.closed == 1
+
+
+def test_unreadable_reference_run_fails_at_attach(tmp_path):
+    """alerts.reference_csv that cannot be used raises at attach (it disabled the whole
+    alert engine before: no rule, no page); schedule-fraction alignment is reachable from
+    the config and names its missing setting."""
+    from fineline_monitor.core.config import ConfigError
+    from fineline_monitor.core.trajectory import TrajectoryError, write_trajectory_csv
+
+    with pytest.raises(TrajectoryError, match="no such file"):
+        FineLineMonitor(config=_cfg(tmp_path, alerts={"reference_csv": str(tmp_path / "missing.csv")}), sinks=[])
+    ref = tmp_path / "ref.csv"
+    write_trajectory_csv(ref, [{"source": "s", "model": m, "params": 1, "step": st, "tokens": st * 1000, "task": "piqa",
+                                "metric": "acc", "value": 0.5 + st / 1000, "stderr": None}
+                               for m in ("a", "b") for st in (100, 200, 300)])
+    with pytest.raises(TrajectoryError, match="holds 2 runs; set `alerts.reference_model`"):
+        FineLineMonitor(config=_cfg(tmp_path / "m", alerts={"reference_csv": str(ref)}), sinks=[])
+    with pytest.raises(ConfigError, match="reference_total_tokens"):
+        FineLineMonitor(config=_cfg(tmp_path / "f", alerts={"reference_csv": str(ref), "reference_model": "s/a",
+                                                            "reference_align": "fraction"}), sinks=[])
+    mon = FineLineMonitor(config=_cfg(tmp_path / "ok", alerts={"reference_csv": str(ref), "reference_model": "s/a",
+                                                               "reference_align": "fraction",
+                                                               "reference_total_tokens": 6e5}), sinks=[])
+    assert mon.engine is not None and mon.engine.reference.value("piqa", "acc", 3e5) == pytest.approx(0.65)
+    mon.close()
