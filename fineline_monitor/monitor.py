@@ -36,6 +36,7 @@ from fineline_monitor.core.types import Alert, ProbeRound
 from fineline_monitor.distributed import DistContext
 
 log = logging.getLogger("fineline_monitor")
+LOCAL_SINKS = ("sink:store", "sink:alerts_file")  # synchronous writes to local disk
 
 STATE_VERSION = 1
 
@@ -384,11 +385,12 @@ class FineLineMonitor:
     def disabled_parts(self) -> Dict[str, str]:
         return dict(self._disabled)
 
-    def _emit(self, method: str, *args: Any) -> None:
-        """Call `method` on every sink; a failing sink is disabled alone."""
+    def _emit(self, method: str, *args: Any, local_only: bool = False) -> None:
+        """Call `method` on every sink (or only the local-disk ones); a failing sink is
+        disabled alone."""
         for sink in list(self.sinks):
             name = f"sink:{getattr(sink, 'name', type(sink).__name__)}"
-            if name in self._disabled:
+            if name in self._disabled or (local_only and name not in LOCAL_SINKS):
                 continue
             fn = getattr(sink, method, None)
             if fn is not None:
@@ -405,9 +407,11 @@ class FineLineMonitor:
         return self.last_probe
 
     def state_dict(self) -> Dict[str, Any]:
-        """Monitor state for the training checkpoint. Also flushes the store, so every
-        row logged before this checkpoint is durable."""
-        self._emit("flush")
+        """Monitor state for the training checkpoint. Also flushes the local record (the
+        store and alerts.jsonl), so every row logged before this checkpoint is durable. Not
+        the network sinks: their flush waits for a delivery (up to a minute for a W&B or
+        webhook endpoint that hangs), and a checkpoint must not stall training on them."""
+        self._emit("flush", local_only=True)
         sd: Dict[str, Any] = {"version": STATE_VERSION, "run": self.run, "step": self._step,
                               "first_step": self._first_step, "last_probe_tokens": self._last_probe_tokens,
                               "next_probe_step": self._next_probe_step,
@@ -424,6 +428,15 @@ class FineLineMonitor:
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"monitor state version {sd.get('version')!r} is not {STATE_VERSION}")
+        saved_run = sd.get("run")
+        if saved_run and saved_run != self.run and self.dist.is_logging_rank:
+            # the sinks were started under this run's name at attach; renaming them now would
+            # leave an empty run behind, so say it plainly instead
+            log.warning("fineline_monitor: the loaded state belongs to run %r but this monitor is run %r%s: the "
+                        "resumed run is recorded (and alerts replayed since the checkpoint are paged) as a new "
+                        "run; set run_name=%r to continue the same run", saved_run, self.run,
+                        " (run_name was empty, so it was named from the time)" if not self.config.run_name else "",
+                        saved_run)
         self._first_step = sd.get("first_step")
         self._last_probe_tokens = sd.get("last_probe_tokens")
         self._next_probe_step = sd.get("next_probe_step")

@@ -135,7 +135,9 @@ class SinkConfig:
 class MonitorConfig:
     """Configuration of FineLineMonitor. Load from YAML with `MonitorConfig.from_yaml(path)`."""
 
-    run_name: str = _f("", help="Run name; empty derives one from the time.")
+    run_name: str = _f("", help=(
+        "Run name; empty derives one from the time. Set it for a run that resumes from checkpoints: "
+        "a restart then continues the same run (rows, alert de-duplication, dashboards)."))
     out_dir: str = _f("fineline-out", help="Folder of the run store (run.db), alerts.jsonl, report.html.")
     probe_every: int = _f(500, min=0, help="Probe every this many optimizer steps; 0 turns probes off.")
     probe_every_tokens: int = _f(0, min=0, help="Alternatively probe every this many training tokens (0: unused).")

@@ -271,3 +271,53 @@ def test_unreadable_reference_run_fails_at_attach(tmp_path):
                                                                "reference_total_tokens": 6e5}), sinks=[])
     assert mon.engine is not None and mon.engine.reference.value("piqa", "acc", 3e5) == pytest.approx(0.65)
     mon.close()
+
+
+def test_checkpointing_does_not_wait_for_a_hanging_network_sink(tmp_path):
+    """state_dict() makes the local record durable (store, alerts.jsonl) but does not wait
+    for a background sink whose endpoint hangs: a checkpoint must not stall training."""
+    import threading
+    import time
+
+    from fineline_monitor.sinks.background import BackgroundSink
+
+    gate = threading.Event()
+
+    class Hanging(Recorder):
+        name = "webhook"
+
+        def log_metrics(self, step, tokens, metrics):
+            gate.wait(30)
+
+    hanging = BackgroundSink(Hanging(), close_timeout_s=5.0)
+    mon = FineLineMonitor(config=_cfg(tmp_path), sinks=[hanging])
+    try:
+        for step in range(3):
+            mon.step(step=step, loss=1.0, tokens=step, lr=1e-3)
+        t0 = time.perf_counter()
+        sd = mon.state_dict()
+        assert time.perf_counter() - t0 < 1.0 and sd["run"] == "t"
+        # the store was flushed: another connection sees every step already
+        import sqlite3
+
+        rows = sqlite3.connect(tmp_path / "run.db").execute(
+            "select count(distinct step) from metrics where name='train/loss'").fetchone()[0]
+        assert rows == 3
+    finally:
+        gate.set()
+        mon.close()
+
+
+def test_resuming_under_another_run_name_is_flagged(tmp_path, caplog):
+    mon = FineLineMonitor(config=_cfg(tmp_path, run_name="pilot"), sinks=[])
+    mon.step(step=0, loss=1.0, tokens=0, lr=1e-3)
+    sd = mon.state_dict()
+    mon.close()
+    with caplog.at_level(logging.WARNING, logger="fineline_monitor"):
+        again = FineLineMonitor(config=_cfg(tmp_path, run_name=""), sinks=[])
+        again.load_state_dict(sd)
+        same = FineLineMonitor(config=_cfg(tmp_path / "b", run_name="pilot"), sinks=[])
+        same.load_state_dict(sd)
+    msgs = [r.getMessage() for r in caplog.records if "belongs to run" in r.getMessage()]
+    assert len(msgs) == 1 and "set run_name='pilot'" in msgs[0] and "named from the time" in msgs[0]
+    again.close(), same.close()
