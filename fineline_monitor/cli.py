@@ -85,19 +85,12 @@ def _run_export(args) -> int:
         print(f"fineline-monitor export: {e}", file=sys.stderr)
         return 2
     runs = [args.run] if args.run else store.runs()
-    import csv
-
     fh = sys.stdout if args.output == "-" else open(args.output, "w", newline="")
-    cols = ["source", "model", "params", "step", "tokens", "task", "metric", "value", "stderr"]
-    w = csv.DictWriter(fh, fieldnames=cols)
-    w.writeheader()
-    n = 0
-    for run in runs:
-        for row in store.iter_trajectory_rows(run):
-            w.writerow({k: ("" if v is None else v) for k, v in row.items()})
-            n += 1
-    if fh is not sys.stdout:
-        fh.close()
+    try:
+        n = store.export_trajectory_csv(fh, args.run or None, all_runs=not args.run)
+    finally:
+        if fh is not sys.stdout:
+            fh.close()
     print(f"exported {n} rows from {len(runs)} run(s)", file=sys.stderr)
     return 0
 

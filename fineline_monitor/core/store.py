@@ -233,7 +233,11 @@ class RunStore:
                    "task": r["task"], "metric": r["metric"], "value": r["value"], "stderr": r["stderr"]}
 
     def export_trajectory_csv(self, out: str | os.PathLike | io.TextIOBase, run: Optional[str] = None,
-                              *, source: str = "fineline") -> int:
+                              *, source: str = "fineline", all_runs: bool = False) -> int:
+        """Write the trajectory CSV of `run` (default: this store's run; `all_runs`: every run
+        in the store) to a path or an open text file; returns the number of rows. The store
+        keeps NaN as NULL; a value is never an empty cell in the CSV (`analyze` refuses
+        that), so a NULL value is written `nan`; other NULLs (tokens, stderr) stay empty."""
         cols = ["source", "model", "params", "step", "tokens", "task", "metric", "value", "stderr"]
         own = isinstance(out, (str, os.PathLike))
         fh = open(out, "w", newline="") if own else out
@@ -241,9 +245,10 @@ class RunStore:
             w = csv.DictWriter(fh, fieldnames=cols)
             w.writeheader()
             n = 0
-            for row in self.iter_trajectory_rows(run, source=source):
-                w.writerow({k: ("" if v is None else v) for k, v in row.items()})
-                n += 1
+            for r in (self.runs() if all_runs else [run]):
+                for row in self.iter_trajectory_rows(r, source=source):
+                    w.writerow({k: (("nan" if k == "value" else "") if v is None else v) for k, v in row.items()})
+                    n += 1
             return n
         finally:
             if own:

@@ -156,16 +156,18 @@ def read_trajectory(path: str | os.PathLike) -> Trajectory:
 
 
 def _numeric_column(path: str, rows: List[List[str]], j: int, name: str, *, optional: bool,
-                    line_of, nonneg: bool = False, integer: bool = False) -> np.ndarray:
+                    line_of, nonneg: bool = False, integer: bool = False, nonfinite: bool = False) -> np.ndarray:
+    """`nonfinite`: `nan`, `inf` and `-inf` written out are values (a diverged run's loss),
+    an empty cell is still an error."""
     raw = [r[j] for r in rows]
     if optional:
         raw = [s if s.strip() else "nan" for s in raw]
     try:
-        arr = np.array(raw, dtype=np.float64)
+        arr = np.array([s if s.strip() else "x" for s in raw] if nonfinite else raw, dtype=np.float64)
     except ValueError:
         arr = None
     if arr is not None:
-        bad = ~np.isfinite(arr)
+        bad = np.zeros(arr.shape, dtype=bool) if nonfinite else ~np.isfinite(arr)
         if optional:  # empty cells became nan and are allowed; inf is not
             bad &= ~np.isnan(arr)
         if integer:
@@ -178,7 +180,7 @@ def _numeric_column(path: str, rows: List[List[str]], j: int, name: str, *, opti
     else:
         i = next(k for k, s in enumerate(raw) if not _is_float(s))
     what = "a non-negative " if nonneg else "a "
-    what += "integer" if integer else "finite number"
+    what += "integer" if integer else ("number (nan/inf written out are allowed)" if nonfinite else "finite number")
     if optional:
         what += " or empty"
     raise TrajectoryError(f"{path}:{line_of(i)}: column `{name}` must be {what}, got {rows[i][j]!r}")
@@ -231,7 +233,7 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
     params = _numeric_column(path, rows, 2, "params", optional=True, line_of=line_of, nonneg=True)
     steps = _numeric_column(path, rows, 3, "step", optional=False, line_of=line_of, nonneg=True, integer=True)
     tokens = _numeric_column(path, rows, 4, "tokens", optional=True, line_of=line_of, nonneg=True)
-    values = _numeric_column(path, rows, 7, "value", optional=False, line_of=line_of)
+    values = _numeric_column(path, rows, 7, "value", optional=False, line_of=line_of, nonfinite=True)
     stderr = _numeric_column(path, rows, 8, "stderr", optional=True, line_of=line_of, nonneg=True)
     istep = steps.astype(np.int64)
     order = np.lexsort((istep, met, tsk, mod, src))
@@ -245,7 +247,8 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
         keep = np.ones(len(order), dtype=bool)
         for k in np.flatnonzero(dup):
             a, b = order[k - 1], order[k]
-            same = values[a] == values[b] and (stderr[a] == stderr[b] or (np.isnan(stderr[a]) and np.isnan(stderr[b])))
+            same = (values[a] == values[b] or (np.isnan(values[a]) and np.isnan(values[b]))) and \
+                (stderr[a] == stderr[b] or (np.isnan(stderr[a]) and np.isnan(stderr[b])))
             if not same:
                 la, lb = sorted([line_of(a), line_of(b)], key=lambda s: (len(s), s))
                 raise TrajectoryError(

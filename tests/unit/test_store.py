@@ -1,8 +1,11 @@
 """Run store: WAL mode, idempotent writes per (run, step, name), trajectory CSV export."""
 
 import csv
+import math
 import io
 import sqlite3
+
+import pytest
 
 from fineline_monitor.core.store import RunStore
 from fineline_monitor.core.types import Alert, ProbeRound, RequestScore, TaskResult
@@ -77,3 +80,32 @@ def test_readonly_store_reads_while_writer_open(tmp_path):
     w.log_metrics(1, 1, {"x": 1.0})
     r = RunStore(tmp_path / "run.db", readonly=True)
     assert r.runs() == ["r"] and r.series("x", "r") == [(1, 1, 1.0)]
+
+
+def test_export_of_a_diverged_run_reads_back_for_analyze(tmp_path):
+    """DESIGN: the trajectory CSV is analyze's input *and* what the store exports. A NaN
+    value (stored as NULL) is exported as `nan`, which the reader takes as a value; an
+    empty value cell stays an error."""
+    import subprocess
+    import sys
+
+    from fineline_monitor.core.trajectory import TrajectoryError, read_trajectory
+
+    s = RunStore(tmp_path / "run.db", "r")
+    s.start_run("r", {}, {"params": 3})
+    for step, acc in ((10, 0.3), (20, 0.4), (30, float("nan"))):
+        s.log_probe(_round(step, acc))
+    s.close()
+    out = tmp_path / "exp.csv"
+    r = subprocess.run([sys.executable, "-m", "fineline_monitor.cli", "export", str(tmp_path), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    acc = [c for c in read_trajectory(str(out)).curves if c.metric == "acc"][0]
+    assert acc.values[:2].tolist() == [0.3, 0.4] and math.isnan(acc.values[2])
+    r = subprocess.run([sys.executable, "-m", "fineline_monitor.analyze", str(out), "--out", str(tmp_path / "an")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    bad = tmp_path / "bad.csv"
+    bad.write_text(out.read_text().replace(",nan,", ",,", 1))
+    with pytest.raises(TrajectoryError, match="column `value` must be a number"):
+        read_trajectory(str(bad))
