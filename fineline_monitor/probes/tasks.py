@@ -61,8 +61,9 @@ class Task:
     capability: str
     kind: str  # "mc" or "bpb"
     primary_metric: str
-    docs: List[Doc]
+    docs: List[Doc]  # by doc_id: the seeded subset does not depend on how a file is ordered
     source: str = ""
+    file_order: Optional[List[int]] = None  # doc_ids as they first appear in the file, if not ascending
 
     def subset(self, n: Optional[int], seed: int, mode: str = "seeded") -> List[Doc]:
         """Candidate documents in selection order.
@@ -77,6 +78,9 @@ class Task:
             rng.shuffle(docs)
         elif mode != "first":
             raise ValueError(f"subset mode must be 'seeded' or 'first', got {mode!r}")
+        elif self.file_order is not None:
+            at = {d: i for i, d in enumerate(self.file_order)}
+            docs.sort(key=lambda d: at[d.doc_id])
         return docs
 
 
@@ -225,7 +229,8 @@ def _task_from_json(d: Dict[str, Any]) -> Task:
                   continuations=[str(c) for c in x["continuations"]], gold=int(x["gold"]))
         docs.append(doc)
     return Task(name=str(d["name"]), capability=str(d["capability"]), kind=str(d["kind"]),
-                primary_metric=str(d["primary_metric"]), docs=docs, source=str(d.get("source", "")))
+                primary_metric=str(d["primary_metric"]), docs=docs, source=str(d.get("source", "")),
+                file_order=None if d.get("file_order") is None else [int(i) for i in d["file_order"]])
 
 
 def load_task(name: str) -> Task:
@@ -394,6 +399,7 @@ def parse_requests(lines: Iterable[str], *, source: str, name: str, capability: 
             primary = "bpb"
         else:
             primary = "acc_norm" if (acc_norm or family in _ACC_NORM_TASKS) else "acc"
+        in_file = list(docs)  # dict order: first appearance in the file
         out[tname] = Task(name=tname, capability=cap, kind=kind, primary_metric=primary, docs=out_docs,
-                          source=source)
+                          source=source, file_order=None if in_file == sorted(in_file) else in_file)
     return out

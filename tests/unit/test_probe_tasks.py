@@ -85,6 +85,21 @@ def test_user_file_ok(tmp_path):
     assert T.load_requests_file(str(gz))["z"].docs[0].n_choices == 2
 
 
+def test_first_n_follows_file_order_and_the_seeded_subset_does_not(tmp_path):
+    """`probe --limit N` takes the first N documents in file order (DESIGN); the seeded
+    subset is drawn from documents by doc_id, so reordering a file does not change it."""
+    rows = [r for d in (30, 10, 20) for r in (_row(d, 0, 0), _row(d, 1, 0, cont=" 5"))]
+    task = T.load_requests_file(_write(tmp_path, rows))["mine"]
+    assert [d.doc_id for d in task.subset(None, 0, mode="first")] == [30, 10, 20]
+    shuffled = tmp_path / "again"
+    shuffled.mkdir()
+    again = T.load_requests_file(_write(shuffled, sorted(rows, key=lambda r: r["doc_id"])))["mine"]
+    assert [d.doc_id for d in again.subset(None, 0, mode="first")] == [10, 20, 30]
+    assert [d.doc_id for d in task.subset(None, 7)] == [d.doc_id for d in again.subset(None, 7)]
+    back = T._task_from_json(json.loads(json.dumps(__import__("dataclasses").asdict(task))))
+    assert back.file_order == [30, 10, 20]
+
+
 @pytest.mark.parametrize("rows,pattern", [
     (["{not json"], r"mine.jsonl:1: not valid JSON"),
     ([_row(0, 0, 0), {"doc_id": 0, "idx": 1, "label": 0}], r"mine.jsonl:2: field `request`"),
