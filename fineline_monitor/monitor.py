@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fineline_monitor.core.cadence import probe_budget_next_step, should_collect, should_probe
-from fineline_monitor.core.config import MonitorConfig
+from fineline_monitor.core.config import MonitorConfig, validate
 from fineline_monitor.core.types import Alert, ProbeRound
 from fineline_monitor.distributed import DistContext
 
@@ -45,6 +45,8 @@ def _as_config(config: Any) -> MonitorConfig:
     if config is None:
         return MonitorConfig()
     if isinstance(config, MonitorConfig):
+        # checked again: fields assigned after construction (cfg.probe_every = -5) were not
+        validate(config)
         return config
     if isinstance(config, dict):
         return MonitorConfig.from_dict(config)
@@ -122,7 +124,7 @@ class FineLineMonitor:
                 self._paged = {(int(st), rule, key) for st, rule, key in rows}
         else:
             self.sinks = []
-        if sinks:
+        if sinks and self.dist.is_logging_rank:  # user sinks too: one writer per run (DESIGN)
             self.sinks.extend(sinks)
 
         # ---- parts (each optional, each isolated) ----------------------------------

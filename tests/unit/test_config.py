@@ -88,3 +88,12 @@ def test_readme_config_reference_is_current(repo_root):
     field changes (this test names the drift)."""
     readme = (repo_root / "README.md").read_text()
     assert reference_markdown() in readme, "README config table is stale: paste `fineline-monitor config-reference`"
+
+
+def test_a_config_changed_after_construction_is_checked_at_attach(tmp_path):
+    from fineline_monitor import FineLineMonitor
+
+    cfg = MonitorConfig(out_dir=str(tmp_path), sinks={"enabled": ["store"]})
+    cfg.probe_every = -5
+    with pytest.raises(ConfigError, match="`probe_every` got -5; must be >= 0"):
+        FineLineMonitor(config=cfg, sinks=[])

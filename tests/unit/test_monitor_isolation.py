@@ -321,3 +321,17 @@ def test_resuming_under_another_run_name_is_flagged(tmp_path, caplog):
     msgs = [r.getMessage() for r in caplog.records if "belongs to run" in r.getMessage()]
     assert len(msgs) == 1 and "set run_name='pilot'" in msgs[0] and "named from the time" in msgs[0]
     again.close(), same.close()
+
+
+def test_user_sinks_only_on_the_logging_rank(tmp_path):
+    from fineline_monitor.distributed import DistContext
+
+    rec = Recorder()
+    other = DistContext(rank=1, world_size=2, dp_rank=1, dp_size=2, is_logging_rank=False)
+    mon = FineLineMonitor(config=_cfg(tmp_path, indicators={"enabled": False}), sinks=[rec], dist=other)
+    assert mon.sinks == [] and mon.store is None
+    mon.close()
+    logger = DistContext(rank=0, world_size=2, dp_rank=0, dp_size=2, is_logging_rank=True)
+    mon = FineLineMonitor(config=_cfg(tmp_path / "r0", indicators={"enabled": False}), sinks=[rec], dist=logger)
+    assert rec in mon.sinks
+    mon.close()
