@@ -160,8 +160,8 @@ def run_demo(args: DemoArgs, stream=None) -> dict:
         probes={"tasks": [t for t in args.tasks.split(",") if t], "docs_per_task": args.docs_per_task,
                 "batch_size": 32},
         indicators={"collect_every": 5},
-        sinks={"enabled": ["store", "console", "prometheus"], "prometheus_mode": "textfile",
-               "console_every": 25},
+        sinks={"enabled": ["store", "console"] + (["prometheus"] if _have_prometheus_client(say) else []),
+               "prometheus_mode": "textfile", "console_every": 25},
     )
     monitor = FineLineMonitor(model=model, optimizer=optimizer, config=monitor_cfg, tokenizer=tok,
                               run_meta={"demo": True, "corpus": CORPUS_SOURCE, "params": n_params,
@@ -224,6 +224,18 @@ def _active_injection(injection: Optional[Tuple[str, int]], step: int) -> Option
     return kind if at <= step < at + length else None
 
 
+def _have_prometheus_client(say) -> bool:
+    """The demo writes metrics.prom when prometheus-client (the `prometheus` extra, which
+    `make demo` installs) is there; on a plain `pip install fineline-monitor` it says so and
+    goes on without it."""
+    import importlib.util
+
+    if importlib.util.find_spec("prometheus_client") is not None:
+        return True
+    say("prometheus-client is not installed (pip install 'fineline-monitor[prometheus]'): no metrics.prom")
+    return False
+
+
 def _summarize(out: Path, monitor, injection, args: DemoArgs, n_params: int, train_seconds: float,
                total_seconds: float, losses: List[float]) -> dict:
     from fineline_monitor.core.store import RunStore
@@ -284,4 +296,5 @@ def _print_summary(s: dict, report: Path, say) -> None:
             say(f"injected {inj['kind']} at step {inj['step']}: NO alert raised")
     if s["disabled_parts"]:
         say(f"monitor parts disabled by errors: {s['disabled_parts']}")
-    say(f"wrote {s['out']}/run.db, alerts.jsonl, metrics.prom, {report}")
+    prom = ", metrics.prom" if (Path(s["out"]) / "metrics.prom").exists() else ""
+    say(f"wrote {s['out']}/run.db, alerts.jsonl{prom}, {report}")

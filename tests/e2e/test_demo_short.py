@@ -89,3 +89,18 @@ def test_demo_reruns_over_its_own_output(tmp_path):
         _demo(out, "--steps", "6", "--probe-every", "0", "--inject", "none")
     s = RunStore(out / "run.db", readonly=True)
     assert len(s.runs()) == 1 and len(s.series("train/loss", s.runs()[0])) >= 1
+
+
+def test_demo_runs_without_the_prometheus_extra(tmp_path):
+    """A plain `pip install fineline-monitor` has no prometheus-client: the demo says so and
+    writes everything else (it raised an ImportError before)."""
+    code = ("import sys, importlib.util as u; f = u.find_spec; "
+            "u.find_spec = lambda n, *a: None if n == 'prometheus_client' else f(n, *a); "
+            "sys.modules['prometheus_client'] = None; "
+            "from fineline_monitor.cli import main; "
+            f"sys.exit(main(['demo', '--out', {str(tmp_path / 'out')!r}, '--steps', '8', '--probe-every', '4', "
+            "'--docs-per-task', '2', '--inject', 'none', '--threads', '2']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "prometheus-client is not installed" in p.stderr
+    assert (tmp_path / "out" / "run.db").exists() and not (tmp_path / "out" / "metrics.prom").exists()
