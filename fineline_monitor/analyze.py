@@ -197,7 +197,12 @@ def analyze(path: str, out: str, *, reference: Optional[str] = None, reference_m
         run_summaries.append(summ)
     with open(out_dir / "alerts.jsonl", "w") as fh:
         for a in all_alerts:
-            fh.write(a.to_jsonl() + "\n")
+            row = a.to_json()
+            if a.task is None:
+                # DESIGN: a run-wide alert (loss, gradients, stability) leaves task/metric null
+                # in analyze output; which indicator fired is in `rule` and `message`
+                row["metric"] = None
+            fh.write(json.dumps(row) + "\n")
     summary = {
         "input": str(path), "reference": reference or None,
         "reference_run": ref.name if ref else None,

@@ -178,3 +178,15 @@ def test_an_alias_group_keeps_one_condition_whichever_name_is_out_of_band():
                                  clear_rows=rows, windows=win)
     assert [(a.task, a.step) for a in fired] == [("piqa", 100)]
     assert "reported as piqa_rc_0shot" in fired[0].message
+
+
+def test_run_wide_alerts_leave_task_and_metric_null_in_analyze_output(tmp_path):
+    p = tmp_path / "loss.csv"
+    rows = [{"source": "s", "model": "m", "params": 1, "step": st * 10, "tokens": st * 10 ** 6, "task": "train",
+             "metric": "loss", "value": (9.0 if st == 30 else 3.0 + 0.01 * ((st * 7) % 5)), "stderr": None}
+            for st in range(1, 41)]
+    write_trajectory_csv(p, rows)
+    analyze(str(p), str(tmp_path / "o"))
+    got = [json.loads(l) for l in (tmp_path / "o" / "alerts.jsonl").read_text().splitlines()]
+    assert got and got[0]["rule"] == "loss_spike" and got[0]["step"] == 300
+    assert all(r["task"] is None and r["metric"] is None for r in got)
