@@ -511,8 +511,12 @@ def _probe_config_errors() -> Tuple[type, ...]:
 
 
 def _count_params(model: Any) -> Optional[int]:
+    """This process's view of the model's size; ZeRO-3 partitioned parameters count their
+    full size (`ds_numel`). Adapters whose ranks hold parts of the model (TP, PP) pass the
+    whole model's count in run_meta, which takes precedence."""
     try:
-        return int(sum(p.numel() for p in model.parameters())) if model is not None else None
+        return int(sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters())) \
+            if model is not None else None
     except Exception:  # noqa: BLE001
         return None
 

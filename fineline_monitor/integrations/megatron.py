@@ -329,6 +329,29 @@ def tp_grad_norm(model: Any) -> float:
     return float(total.sqrt())
 
 
+def model_param_count(core: Any) -> int:
+    """The whole model's parameters (what `params` in the run metadata and the exported
+    table means), not this rank's: TP-duplicated parameters (layer norms, biases of row-
+    parallel layers) counted once, the last pipeline stage's copy of tied embeddings
+    (`shared`) left out, summed over the model-parallel group (TP x PP). A collective: every
+    rank builds the monitor."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    n = sum(p.numel() for p in core.parameters()
+            if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False))
+    group = ps.get_model_parallel_group() if dist.is_initialized() else None
+    if group is not None and dist.get_world_size(group=group) > 1:
+        from fineline_monitor.distributed import collective_device
+
+        t = torch.tensor([float(n)], dtype=torch.float64, device=collective_device(group))
+        dist.all_reduce(t, group=group)
+        n = int(t.item())
+    return int(n)
+
+
 def _reduce_attention_max(recorder_max: Dict[str, Any]) -> None:
     """MAX-reduce the per-rank attention maxima over the TP group, in place."""
     import torch
@@ -413,7 +436,8 @@ class MegatronMonitor(MonitorPassThrough):
             scorer = backend_scorer(backend, tokenizer, cfg.probes, self.dist,
                                     max_length=backend.max_sequence_length or 2048, equal_batches=True)
         meta = {"framework": "megatron-core", "tp": ps.get_tensor_model_parallel_world_size(),
-                "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
+                "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
+                "params": model_param_count(core)}
         meta.update(run_meta or {})
         # The indicators read torch optimizers' param_groups; megatron's optimizer wrappers
         # expose them too (over the rank's own shard under the distributed optimizer).

@@ -4,6 +4,7 @@ inside a probe round does not hang the other one."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import sys
 from pathlib import Path
@@ -39,6 +40,11 @@ def test_zero_stage_trains_probes_records_and_matches_single_process(tmp_path, s
     assert set(got) == set(ref) and len(ref) > 20
     worst = max(abs(got[k] - ref[k]) for k in ref)
     assert worst < 1e-4, f"ZeRO-{stage} probe logprobs differ from single-process by {worst}"
+    # `params` in the run metadata is the whole model's (ZeRO-3 partitions count in full)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    meta = json.loads(con.execute("select meta from runs").fetchone()[0])
+    assert meta["params"] == sum(p.numel() for p in GPT2LMHeadModel(GPT2Config.from_pretrained(out)).parameters())
 
 
 def test_rank_failing_inside_probe_round_does_not_hang(tmp_path):

@@ -5,6 +5,7 @@ probes and records; its per-request log-probabilities equal a TP=1 run of the sa
 from __future__ import annotations
 
 import shutil
+import json
 import sqlite3
 import sys
 from pathlib import Path
@@ -52,6 +53,12 @@ def test_tp2_trains_probes_records_and_matches_tp1(tmp_path):
         rows = sqlite3.connect(path / "run.db").execute(
             "select name, value from metrics where step = ? and name like 'stability/%'", (step,))
         return dict(rows)
+
+    # `params` in the run metadata is the whole model's on both (TP duplicates counted once)
+    def params(path):
+        return json.loads(sqlite3.connect(path / "run.db").execute("select meta from runs").fetchone()[0])["params"]
+
+    assert params(out) == params(one) > 0
 
     s2, s1 = stability(out, 4), stability(one, 0)
     for name in ("stability/output_logit_max", "stability/output_logsumexp_mean", "stability/attn_logit_max"):
