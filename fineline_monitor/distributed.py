@@ -16,11 +16,14 @@ from typing import Any, List, Optional
 log = logging.getLogger("fineline_monitor")
 
 
-def collective_device(group: Any = None) -> Any:
-    """Where a tensor must live for a collective over `group`: the current CUDA device for a
-    NCCL-only group (NCCL takes no CPU tensors: "No backend type associated with device type
-    cpu"; DeepSpeed, Megatron and Accelerate start NCCL-only groups), the CPU for gloo and
-    for a group with both (`cpu:gloo,cuda:nccl`)."""
+def collective_device(group: Any = None, hint: Any = None) -> Any:
+    """Where a tensor must live for a collective over `group`: a CUDA device for a NCCL-only
+    group (NCCL takes no CPU tensors: "No backend type associated with device type cpu";
+    DeepSpeed, Megatron and Accelerate start NCCL-only groups), the CPU for gloo and for a
+    group with both (`cpu:gloo,cuda:nccl`). Which CUDA device: `hint` (the model's, set by
+    the monitor) when it is one, else the device the group was bound to, else the current
+    one; a script that never called torch.cuda.set_device still has its model on its own
+    GPU, while the current device would be cuda:0 on every rank."""
     import torch
     import torch.distributed as dist
 
@@ -28,9 +31,18 @@ def collective_device(group: Any = None) -> Any:
         backend = str(dist.get_backend(group)).lower()
     except Exception:  # noqa: BLE001 - no process group: nothing to place for
         return torch.device("cpu")
-    if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    if "nccl" not in backend or "gloo" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if hint is not None and getattr(hint, "type", None) == "cuda":
+        return hint
+    try:
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        bound = getattr(pg, "bound_device_id", None)
+    except Exception:  # noqa: BLE001
+        bound = None
+    if bound is not None:
+        return bound
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 @dataclass
@@ -44,6 +56,7 @@ class DistContext:
     timeout_s: float = 300.0
     _logger_src: Optional[int] = field(default=None, init=False, repr=False, compare=False)
     _coll_device: Any = field(default=None, init=False, repr=False, compare=False)
+    device_hint: Any = field(default=None, repr=False, compare=False)  # the model's device (monitor sets it)
 
     @property
     def distributed(self) -> bool:
@@ -83,7 +96,7 @@ class DistContext:
     def _device(self) -> Any:
         """The device of the monitor's world-group tensors (a group's backend never changes)."""
         if self._coll_device is None:
-            self._coll_device = collective_device(None)
+            self._coll_device = collective_device(None, self.device_hint)
         return self._coll_device
 
     def _wait(self, work: Any) -> None:

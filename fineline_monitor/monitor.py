@@ -67,6 +67,8 @@ class FineLineMonitor:
         self.optimizer = optimizer
         self.tokenizer = tokenizer
         self.dist = dist or DistContext.detect(self.config.dist_timeout_s)
+        if getattr(self.dist, "device_hint", None) is None:
+            self.dist.device_hint = _model_device(model)  # where NCCL collectives must put their tensors
         self.strict = self.config.strict
         self.checkpoint_fn = checkpoint_fn
         if "checkpoint" in self.config.alerts.on_critical and checkpoint_fn is None and self.dist.is_logging_rank:
@@ -132,14 +134,48 @@ class FineLineMonitor:
         if self.config.indicators.enabled and model is not None:
             self.indicators = self._guarded("indicators", lambda: self._build_indicators(step_metrics_fn), default=None)
         self.probes = None
-        if (self.config.probe_every > 0 or self.config.probe_every_tokens > 0) and (model is not None or scorer is not None):
-            # A bad probes.* setting or request file (unknown task, unreadable file, no
-            # tokenizer, unknown context length) is the user's to fix and the same on every
-            # rank: it raises here, at attach time, instead of leaving the run without curves.
-            self.probes = self._build_or_fail("probes", lambda: self._build_probes(scorer), _probe_config_errors())
-        # a reference run that cannot be read is the user's to fix too: without this the
-        # whole alert engine (every rule, every page) would be disabled by one bad path
-        self.engine = self._build_or_fail("alerts", self._build_engine, _reference_errors())
+        self.engine = None
+        want_probes = (self.config.probe_every > 0 or self.config.probe_every_tokens > 0) and \
+            (model is not None or scorer is not None)
+        fatal: Optional[BaseException] = None
+        try:
+            if want_probes:
+                # A bad probes.* setting or request file (unknown task, unreadable file, no
+                # tokenizer, unknown context length) is the user's to fix: it raises at
+                # attach time instead of leaving the run without curves.
+                self.probes = self._guarded("probes", lambda: self._build_probes(scorer), default=None,
+                                            fatal=_probe_config_errors())
+            if self.dist.is_logging_rank:  # the only rank that judges and pages
+                # a reference run that cannot be read is the user's to fix too: without this
+                # the whole alert engine (every rule, every page) would be disabled by one bad path
+                self.engine = self._guarded("alerts", self._build_engine, default=None, fatal=_reference_errors())
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank together
+            fatal = e
+        if self.dist.distributed:
+            # Ranks agree on the outcome of attach (one collective; every rank attaches):
+            # a file present on one node only, or a scorer self-check that fails on one GPU,
+            # must not leave some ranks with probes (or running) and others without.
+            want_ind = self.config.indicators.enabled and model is not None
+            try:
+                bad_attach, bad_probes, bad_ind = self.dist.max_values(
+                    [1.0 if fatal is not None else 0.0, 1.0 if want_probes and self.probes is None else 0.0,
+                     1.0 if want_ind and self.indicators is None else 0.0])
+            except Exception as e:  # noqa: BLE001
+                if fatal is None:
+                    fatal = e
+                bad_attach = bad_probes = bad_ind = 1.0
+            if bad_attach and fatal is None:
+                fatal = RuntimeError("fineline_monitor: another rank failed to attach the monitor (a bad setting or "
+                                     "a file missing there); see that rank's error")
+            if bad_probes and self.probes is not None:
+                self.probes = None
+                self._disable("probes", "probes failed to build on another rank")
+            if bad_ind and self.indicators is not None:  # some indicators are collectives (ZeRO-3, TP norms)
+                self.indicators = None
+                self._disable("indicators", "indicators failed to build on another rank")
+        if fatal is not None:
+            self._emit("close")  # the sinks already started (exporter port, store, threads)
+            raise fatal
 
         meta = {"versions": _package_versions(), "world_size": self.dist.world_size,
                 "params": _count_params(model), "pid": os.getpid()}
@@ -345,16 +381,6 @@ class FineLineMonitor:
             self.should_stop = True
 
     # ---- isolation ---------------------------------------------------------------------
-    def _build_or_fail(self, part: str, fn: Callable[[], Any], fatal: Tuple[type, ...]) -> Any:
-        """Build a part at attach time: errors of the `fatal` kinds (bad settings or input
-        files) raise, after closing the sinks already started (exporter port, store,
-        threads); anything else disables the part alone."""
-        try:
-            return self._guarded(part, fn, default=None, fatal=fatal)
-        except Exception:
-            self._emit("close")
-            raise
-
     def _guarded(self, part: str, fn: Callable[[], Any], default: Any = None, fatal: Tuple[type, ...] = ()) -> Any:
         if part in self._disabled:
             return default
@@ -489,6 +515,14 @@ def _to_float(x: Any) -> Optional[float]:
         return None
     try:
         return float(x.detach().float().item()) if hasattr(x, "detach") else float(x)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _model_device(model: Any) -> Any:
+    try:
+        p = next(iter(model.parameters()), None) if model is not None else None
+        return None if p is None else p.device
     except Exception:  # noqa: BLE001
         return None
 

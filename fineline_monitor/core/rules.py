@@ -70,6 +70,7 @@ class StepRules:
         self.loss_high = 0  # consecutive collections with the loss far above its level
         self.nonfinite_seen = 0
         self.skips: Deque[Tuple[int, float]] = deque()  # (collect step, steps skipped in its window)
+        self.first_step: Optional[int] = None  # first step seen since attach (or in the saved state)
         self.last_expectation: Optional[Dict[str, Any]] = None
 
     def observe(self, step: int, metrics: Dict[str, float], phase: str) -> List[Finding]:
@@ -113,9 +114,14 @@ class StepRules:
         # Skips are judged as a rate over the last SKIP_HORIZON steps, outside warmup: a
         # dynamic scaler in steady state skips about one step per growth interval (1000-2000
         # steps), and backs off from its initial scale with a burst of skips at start-up.
+        # The start-up back-off is ignored twice over: in warmup, and in the first
+        # SKIP_HORIZON steps after attach (the phase is only known from the second LR
+        # sample, and Megatron's 2^32 initial scale skips ~30 iterations from step 1).
+        if self.first_step is None:
+            self.first_step = int(step)
         while self.skips and self.skips[0][0] <= step - SKIP_HORIZON:
             self.skips.popleft()
-        if skipped > 0 and phase not in ("warmup", "rewarm"):
+        if skipped > 0 and phase not in ("warmup", "rewarm") and step - self.first_step >= SKIP_HORIZON:
             self.skips.append((int(step), float(skipped)))
         recent = sum(n for _, n in self.skips)
         if recent >= SKIP_WARN:
@@ -219,7 +225,7 @@ class StepRules:
     def state_dict(self) -> Dict[str, Any]:
         return {"loss": self.loss.state_dict(), "grad": self.grad.state_dict(),
                 "ratio": {k: v.state_dict() for k, v in self.ratio.items()}, "loss_high": self.loss_high,
-                "skips": [list(x) for x in self.skips]}
+                "skips": [list(x) for x in self.skips], "first_step": self.first_step}
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         self.loss = ScalarWindow.from_state(sd["loss"])
@@ -227,6 +233,7 @@ class StepRules:
         self.ratio = {k: ScalarWindow.from_state(v) for k, v in sd.get("ratio", {}).items()}
         self.loss_high = int(sd.get("loss_high", 0))  # (a "skipped_last" key of older states is ignored)
         self.skips = deque((int(a), float(b)) for a, b in sd.get("skips", []))
+        self.first_step = sd.get("first_step")
 
 
 def probe_extra_rules(cfg: Any, extra: Dict[str, float]) -> List[Finding]:

@@ -41,12 +41,12 @@ class ProbeAborted(RuntimeError):
     """Raised on every rank when any rank failed during a probe round."""
 
 
-def _bounded_all_reduce(value: float, op: str, timeout_s: float, group: Any = None) -> float:
+def _bounded_all_reduce(value: float, op: str, timeout_s: float, group: Any = None, hint: Any = None) -> float:
     import torch.distributed as dist
 
     from fineline_monitor.distributed import collective_device
 
-    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device(group))
+    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device(group, hint))
     work = dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=group, async_op=True)
     if not work.wait(timeout=datetime.timedelta(seconds=timeout_s)):  # pragma: no cover - gloo raises
         raise TimeoutError(f"probe agreement did not complete in {timeout_s:.0f}s")
@@ -124,7 +124,8 @@ class CollectiveSafeScorer(Scorer):
         its own error, the others ProbeAborted)."""
         ok = err is None
         if self._distributed:
-            ok = _bounded_all_reduce(1.0 if ok else 0.0, "MIN", self.dist.timeout_s) >= 0.5
+            ok = _bounded_all_reduce(1.0 if ok else 0.0, "MIN", self.dist.timeout_s,
+                                     hint=getattr(self.dist, "device_hint", None)) >= 0.5
         if err is not None:
             raise err
         if not ok:
@@ -147,7 +148,8 @@ class CollectiveSafeScorer(Scorer):
         self._agree(err, "preparation")
         n = len(batches)
         if self.equal_batches and self._distributed:
-            n = int(_bounded_all_reduce(float(n), "MAX", self.dist.timeout_s))
+            n = int(_bounded_all_reduce(float(n), "MAX", self.dist.timeout_s,
+                                        hint=getattr(self.dist, "device_hint", None)))
         merged: Dict[int, Tuple[float, int, bool]] = {}
         seen: set = set()
         self.batches_run = 0

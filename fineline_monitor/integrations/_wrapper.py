@@ -23,5 +23,8 @@ class MonitorPassThrough:
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         self.monitor.load_state_dict(sd)
 
+    def flush(self) -> None:
+        self.monitor.flush()
+
     def close(self) -> None:
         self.monitor.close()

@@ -301,8 +301,8 @@ class DeepSpeedMonitor(MonitorPassThrough):
         if self.dist.dp_size > 1:
             from fineline_monitor.distributed import collective_device
 
-            sq = _bounded_all_reduce(sq.to(collective_device(self.dist.dp_group)), self.dist.dp_group,
-                                     self.dist.timeout_s)
+            sq = _bounded_all_reduce(sq.to(collective_device(self.dist.dp_group, self.dist.device_hint)),
+                                     self.dist.dp_group, self.dist.timeout_s)
         return {"optim/param_norm": float(sq.sqrt())}
 
     # ---- per micro-step --------------------------------------------------------------------

@@ -17,6 +17,7 @@ is on. Ranks: the Trainer's torch.distributed group is plain data parallelism
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Tuple
 
 try:  # the base class, when transformers is installed (it is a core dependency)
@@ -56,7 +57,8 @@ class FineLineCallback(_Base):  # type: ignore[misc,valid-type]
             self._step(control, step, tokens, skipped, loss=self._last.pop("loss", None),
                        grad_norm=self._last.pop("grad_norm", None))
         # else: a log after its step was handed over (logging_strategy="epoch" logs from
-        # on_epoch_end): its values go with the next step, late rather than lost
+        # on_epoch_end): its values go with the next step, late rather than lost (the very
+        # last one, after the last step, is not handed over)
 
     def on_step_end(self, args, state, control, **kw):
         if self.monitor is None:
@@ -71,8 +73,11 @@ class FineLineCallback(_Base):  # type: ignore[misc,valid-type]
             # on_log, with this step's loss (values here would be the previous log's)
             self._pending = (int(state.global_step), tokens, skipped)
             return
+        gn = self._last.pop("grad_norm", None)
+        if gn is not None and not math.isfinite(gn):
+            gn = None  # a late value: whether its step was an AMP skip is not known any more
         self._step(control, int(state.global_step), tokens, skipped, loss=self._last.pop("loss", None),
-                   grad_norm=self._last.pop("grad_norm", None))
+                   grad_norm=gn)
 
     def _flush_pending(self, control) -> None:
         """A step announced for logging whose log never came (the Trainer skips a log

@@ -324,9 +324,14 @@ def tp_grad_norm(model: Any) -> float:
         from fineline_monitor.distributed import collective_device
 
         group = ps.get_model_parallel_group()
-        total = total.to(collective_device(group))  # NCCL takes no CPU tensors
+        total = total.to(collective_device(group, _param_device(core)))  # NCCL takes no CPU tensors
         dist.all_reduce(total, group=group)
     return float(total.sqrt())
+
+
+def _param_device(module: Any) -> Any:
+    p = next(iter(module.parameters()), None)
+    return None if p is None else p.device
 
 
 def model_param_count(core: Any) -> int:
@@ -346,7 +351,7 @@ def model_param_count(core: Any) -> int:
     if group is not None and dist.get_world_size(group=group) > 1:
         from fineline_monitor.distributed import collective_device
 
-        t = torch.tensor([float(n)], dtype=torch.float64, device=collective_device(group))
+        t = torch.tensor([float(n)], dtype=torch.float64, device=collective_device(group, _param_device(core)))
         dist.all_reduce(t, group=group)
         n = int(t.item())
     return int(n)
@@ -364,7 +369,8 @@ def _reduce_attention_max(recorder_max: Dict[str, Any]) -> None:
     from fineline_monitor.distributed import collective_device
 
     group = ps.get_tensor_model_parallel_group()
-    t = torch.stack([recorder_max[n].detach().float().reshape(()) for n in names]).to(collective_device(group))
+    t = torch.stack([recorder_max[n].detach().float().reshape(()) for n in names])
+    t = t.to(collective_device(group, t.device))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     for n, v in zip(names, t):
         recorder_max[n] = v

@@ -34,8 +34,11 @@ import atexit
 import contextlib
 import importlib
 import inspect
+import logging
 import sys
 from typing import Any, Callable, Dict, Optional
+
+log = logging.getLogger("fineline_monitor")
 
 
 class MegatronLMHook:
@@ -77,13 +80,16 @@ class MegatronLMHook:
     def _at_exit(self) -> None:
         if self.monitor is None:
             return
-        if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
-            # the script died of an uncaught exception (Python sets sys.last_* before atexit
-            # runs): keep what was logged, but do not say the run finished, so the
-            # stalled-training alert still pages for the dead job
-            self.monitor.flush()
-            return
-        self.monitor.close()
+        try:
+            if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
+                # the script died of an uncaught exception (Python sets sys.last_* before
+                # atexit runs): keep what was logged, but do not say the run finished, so the
+                # stalled-training alert still pages for the dead job
+                self.monitor.flush()
+            else:
+                self.monitor.close()
+        except Exception:  # noqa: BLE001 - at exit there is nobody left to tell but the log
+            log.exception("fineline_monitor: closing the monitor at exit failed")
 
     # ---- wrappers ----------------------------------------------------------------------------
     def _wrap_train_step(self, orig: Callable) -> Callable:

@@ -248,7 +248,7 @@ def resolve_names(names: Iterable[str]) -> List[str]:
 # ---- loading ------------------------------------------------------------------------
 
 _MEM_CACHE: Dict[str, Task] = {}
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: Task.file_order
 _UNCOND_DOCID_OFFSET = 1_000_000
 
 

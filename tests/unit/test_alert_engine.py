@@ -159,6 +159,19 @@ def test_nonfinite_is_critical_immediately_but_scaler_skips_are_not():
     assert [(x.rule, x.severity) for x in out] == [("nonfinite", "critical")]
 
 
+def test_fp16_start_up_back_off_does_not_warn_before_the_phase_is_known():
+    """Loops that count from step 1 collect their first window before the phase tracker has
+    two LR samples; Megatron's 2^32 initial scale skips ~30 iterations there."""
+    eng = AlertEngine(AlertConfig(), run="r")
+    out = []
+    for step in range(10, 400, 10):
+        skips = 10.0 if step <= 30 else 0.0
+        lr = 1e-4 * min(1.0, step / 100)
+        out += eng.observe_metrics(step, 0, lr, _metrics(3.0, lr=lr, **{"optim/loss_scale": 2.0 ** 29,
+                                                                         "optim/skipped_steps": skips}))
+    assert [a for a in out if a.rule == "nonfinite"] == []
+
+
 def test_loss_scaler_skips_warn_as_a_rate_outside_warmup():
     """optim/skipped_steps = overflow steps skipped in the collection window (the
     indicators' meaning); a dynamic scaler's start-up back-off (warmup) and its steady ~1 in
@@ -181,11 +194,12 @@ def test_loss_scaler_skips_warn_as_a_rate_outside_warmup():
     assert [(x.rule, x.severity, x.step) for x in fired] == [("nonfinite", "warning", 1140)]
     assert "of the last 200 steps were skipped" in fired[0].message and "1024" in fired[0].message
     # unflagged NaN gradients with a loss scale present are counted as skips, not critical
+    # (after the first 200 steps since attach, which hold the start-up back-off)
     eng = AlertEngine(AlertConfig(warmup_steps=0), run="r")
-    out = []
-    for step in range(10, 60, 10):
+    out = eng.observe_metrics(0, 0, 1e-3, _metrics(3.0, **scaled))
+    for step in range(210, 260, 10):
         out += eng.observe_metrics(step, 0, 1e-3, _metrics(3.0, **scaled, **{"optim/nonfinite_grad": 2.0}))
-    assert [(x.rule, x.severity, x.step) for x in out] == [("nonfinite", "warning", 50)]
+    assert [(x.rule, x.severity, x.step) for x in out] == [("nonfinite", "warning", 250)]
     # the count survives a restart (state_dict)
     eng2 = AlertEngine(AlertConfig(warmup_steps=0), run="r")
     eng2.load_state_dict(json.loads(json.dumps(eng.state_dict())))

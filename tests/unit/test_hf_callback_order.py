@@ -63,3 +63,11 @@ def test_a_log_that_never_comes_is_flushed_and_skips_are_passed():
     _end(cb, 3, True)
     cb.on_train_end(None, SimpleNamespace(global_step=3), SimpleNamespace(should_training_stop=False))
     assert [s["step"] for s in cb.monitor.steps] == [1, 2, 3]
+
+
+def test_a_late_non_finite_grad_norm_is_dropped():
+    cb = _cb()
+    state, control = _end(cb, 1, False, skipped=True)
+    cb.on_log(None, state, control, logs={"loss": 2.0, "grad_norm": float("inf")})  # epoch log after step 1
+    _end(cb, 2, False)
+    assert [(s["step"], s["loss"], s["grad_norm"]) for s in cb.monitor.steps] == [(1, None, None), (2, 2.0, None)]

@@ -20,7 +20,16 @@ SCRIPT = textwrap.dedent("""
     hook = install(training_module=training)
     cfg = MonitorConfig(run_name="mlm", out_dir=sys.argv[1], probe_every=0,
                         sinks={"enabled": ["prometheus"], "prometheus_mode": "textfile"})
-    hook.monitor = FineLineMonitor(config=cfg)  # what the first train_step call builds
+    from fineline_monitor.integrations._wrapper import MonitorPassThrough
+
+    class Adapter(MonitorPassThrough):  # the first train_step call builds a MegatronMonitor: an adapter
+        def __init__(self, monitor):
+            self.monitor = monitor
+
+        def step(self, **kw):
+            return self.monitor.step(**kw)
+
+    hook.monitor = Adapter(FineLineMonitor(config=cfg))
     hook.monitor.step(step=1, loss=2.0, tokens=4096, lr=1e-3)
     if sys.argv[2] == "uninstall":
         hook.uninstall()
