@@ -28,6 +28,32 @@ def synth_rows(drop_from=None):
     return rows
 
 
+def curves_of(rows):
+    """Trajectory rows (dicts) -> Curves, through the CSV reader's own validation."""
+    from fineline_monitor.core.trajectory import _from_rows
+
+    txt = [[str(r[k]) if r[k] is not None else "" for k in ("source", "model", "params", "step", "tokens", "task",
+                                                             "metric", "value", "stderr")] for r in rows]
+    return _from_rows("mem", txt, header_line=1).curves
+
+
+def replay_live(curves, run="synth/b"):
+    """The same curves fed round by round through observe_curves (what observe_probe does)."""
+    import numpy as np
+    from fineline_monitor.core.alerts import AlertEngine
+    from fineline_monitor.core.config import AlertConfig
+    from fineline_monitor.core.expectations import capability_for, chance_for
+
+    eng = AlertEngine(AlertConfig(), run=run)
+    live = []
+    for i, s in enumerate(curves[0].steps.tolist()):
+        live += eng.observe_curves(s, float(curves[0].tokens[i]), [f"probe/{c.task}/{c.metric}" for c in curves],
+                                   [c.task for c in curves], [c.metric for c in curves],
+                                   [capability_for(c.task) for c in curves], [float(c.values[i]) for c in curves],
+                                   [np.nan] * len(curves), [chance_for(c.task) for c in curves])
+    return live
+
+
 def test_analyze_writes_alerts_and_summary(tmp_path):
     p = tmp_path / "traj.csv"
     write_trajectory_csv(p, synth_rows(drop_from=32))
@@ -54,25 +80,12 @@ def test_parallel_replay_equals_serial(tmp_path):
 
 def test_batch_replay_matches_round_by_round_engine():
     """analyze's whole-table pass gives the same alerts as feeding observe_curves round by round."""
-    import numpy as np
     from fineline_monitor.analyze import replay_run
-    from fineline_monitor.core.alerts import AlertEngine
     from fineline_monitor.core.config import AlertConfig
-    from fineline_monitor.core.expectations import capability_for, chance_for
-    from fineline_monitor.core.trajectory import _from_rows
 
-    rows = [[str(r[k]) if r[k] is not None else "" for k in ("source", "model", "params", "step", "tokens", "task",
-                                                              "metric", "value", "stderr")]
-            for r in synth_rows(drop_from=30) if r["model"] == "b"]
-    curves = _from_rows("mem", rows, header_line=1).curves
+    curves = curves_of([r for r in synth_rows(drop_from=30) if r["model"] == "b"])
     batch, _ = replay_run(curves, AlertConfig())
-    eng = AlertEngine(AlertConfig(), run="synth/b")
-    live = []
-    for i, s in enumerate(curves[0].steps.tolist()):
-        live += eng.observe_curves(s, float(curves[0].tokens[i]), [f"probe/{c.task}/{c.metric}" for c in curves],
-                                   [c.task for c in curves], [c.metric for c in curves],
-                                   [capability_for(c.task) for c in curves], [float(c.values[i]) for c in curves],
-                                   [np.nan] * len(curves), [chance_for(c.task) for c in curves])
+    live = replay_live(curves)
     assert batch, "the injected drop must be found"
     assert [(a.step, a.task, a.rule, a.severity) for a in batch] == [(a.step, a.task, a.rule, a.severity) for a in live]
     assert all(abs(a.expected - b.expected) < 1e-9 for a, b in zip(batch, live))
@@ -121,34 +134,22 @@ def test_one_curve_under_two_names_alerts_once_in_batch_and_live():
     """OLMo tables report some evaluations twice (`commonsense_qa` and `csqa_rc_0shot`): a
     drop in such a pair is one alert naming both, in the table replay and live alike; a
     fault in only one of the two names (values no longer identical) still alerts."""
-    import numpy as np
     from fineline_monitor.analyze import replay_run
-    from fineline_monitor.core.alerts import AlertEngine
     from fineline_monitor.core.config import AlertConfig
-    from fineline_monitor.core.expectations import capability_for, chance_for
-    from fineline_monitor.core.trajectory import _from_rows
 
     def curves_with_alias(alias_dropped):
         rows = [r for r in synth_rows(drop_from=30) if r["model"] == "b"]
         alias = [dict(r, task="piqa_rc_0shot") for r in rows if r["task"] == "piqa"]
         if not alias_dropped:
             alias = [dict(r, value=r["value"] + 0.1 * (r["step"] >= 3000)) for r in alias]
-        txt = [[str(r[k]) if r[k] is not None else "" for k in ("source", "model", "params", "step", "tokens", "task",
-                                                                 "metric", "value", "stderr")] for r in rows + alias]
-        return _from_rows("mem", txt, header_line=1).curves
+        return curves_of(rows + alias)
 
     curves = curves_with_alias(alias_dropped=True)
     batch, _ = replay_run(curves, AlertConfig())
     assert [(a.step, a.task) for a in batch][:1] == [(3100, "piqa")], batch
     assert {a.task for a in batch} == {"piqa"}
     assert "the same values are reported as piqa_rc_0shot" in batch[0].message
-    eng = AlertEngine(AlertConfig(), run="synth/b")
-    live = []
-    for i, s in enumerate(curves[0].steps.tolist()):
-        live += eng.observe_curves(s, float(curves[0].tokens[i]), [f"probe/{c.task}/{c.metric}" for c in curves],
-                                   [c.task for c in curves], [c.metric for c in curves],
-                                   [capability_for(c.task) for c in curves], [float(c.values[i]) for c in curves],
-                                   [np.nan] * len(curves), [chance_for(c.task) for c in curves])
+    live = replay_live(curves)
     assert [(a.step, a.task, a.message) for a in live] == [(a.step, a.task, a.message) for a in batch]
 
     only_one, _ = replay_run(curves_with_alias(alias_dropped=False), AlertConfig())
