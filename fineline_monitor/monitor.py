@@ -247,6 +247,10 @@ class FineLineMonitor:
         metrics: Optional[Dict[str, float]] = None
         if self.indicators is not None and "indicators" not in self._disabled:
             metrics = self._guarded("indicators", lambda: self.indicators.collect(step), default=None)
+        if metrics is None and self.indicators is not None and self.dist.distributed:
+            # this rank's indicators failed (now or earlier): keep joining their collectives,
+            # which the other ranks' indicators still run (no-op if already run this step)
+            self._guarded("indicators:collectives", lambda: self.indicators.run_collectives(step))
         if metrics is None:
             # Without indicators the loss still goes next to the probe curves.
             metrics = {k: v for k, v in (("train/loss", _to_float(loss)), ("train/lr", lr)) if v is not None}

@@ -56,6 +56,7 @@ class StepIndicators:
         self.optimizer = optimizer
         self.cfg = cfg
         self.extra_fn = extra_fn
+        self._collectives_step: Optional[int] = None  # the collect step whose collectives ran
         self.K = max(1, int(cfg.collect_every))
         self.window = max(2, int(cfg.loss_window))
         self.do_update_ratio = bool(getattr(cfg, "update_ratio", True))
@@ -212,12 +213,36 @@ class StepIndicators:
                 self._snap_step = step
 
     # ---- collect --------------------------------------------------------------------------
+    def run_collectives(self, step: int) -> Dict[str, float]:
+        """The framework's extra step metrics (`extra_fn`: e.g. the ZeRO-3 parameter norm, an
+        all-reduce), once per collect step. First thing in `collect`, before any local work
+        that could fail on one rank only; and the monitor calls it at collect steps even
+        after this rank's indicators were disabled by an error, so every rank keeps joining
+        the same collectives (a rank that stopped would pair the others' all-reduce with
+        the next training all-reduce)."""
+        if self._collectives_step == step:
+            return {}
+        self._collectives_step = step
+        out: Dict[str, float] = {}
+        if self.extra_fn is not None and not self._extra_failed:
+            try:
+                for k, v in (self.extra_fn() or {}).items():
+                    fv = float(v.item() if isinstance(v, torch.Tensor) else v)
+                    if math.isfinite(fv):
+                        out[str(k)] = fv
+            except Exception as e:  # noqa: BLE001 - a framework metric must not kill the indicators
+                self._extra_failed = True
+                log.warning("fineline_monitor: extra step metrics failed and are disabled: %s: %s",
+                            type(e).__name__, e)
+        return out
+
     def collect(self, step: int) -> Dict[str, float]:
         """One host copy of the buffer; returns the latest values and window aggregates."""
+        extra = self.run_collectives(step)
         n = min(self._n, self.K)
         out: Dict[str, float] = {}
         if self._buf is None or n == 0:
-            return out
+            return extra
         flat = self._buf.tolist()  # the single device -> host transfer
         dev_rows = np.asarray(flat[: self._ex_off], dtype=np.float64).reshape(self.K, NCOLS)
         # rows in step order, oldest first
@@ -309,16 +334,7 @@ class StepIndicators:
         self._extra_valid = False
         self._extra_has_ratio = False
 
-        if self.extra_fn is not None and not self._extra_failed:
-            try:
-                for k, v in (self.extra_fn() or {}).items():
-                    fv = float(v.item() if isinstance(v, torch.Tensor) else v)
-                    if math.isfinite(fv):
-                        out[str(k)] = fv
-            except Exception as e:  # noqa: BLE001 - a framework metric must not kill the indicators
-                self._extra_failed = True
-                log.warning("fineline_monitor: extra step metrics failed and are disabled: %s: %s",
-                            type(e).__name__, e)
+        out.update(extra)
         self._last = out
         return out
 

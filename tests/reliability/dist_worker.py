@@ -14,6 +14,9 @@ Scenarios (argv[2]):
   actions        rank 0 has a pending `stop`, rank 1 a (wrong) local `checkpoint`
   real_raise     the real ProbeRunner on a tiny GPT-2 (documents sharded over both ranks); from
                  the 2nd probe round on, rank 1's model raises in every no-grad forward
+  indicator_raise  the indicators carry a collective step metric (like the ZeRO-3 parameter
+                 norm: an all-reduce at every collect step); rank 1's indicators fail in their
+                 local part at its 2nd collect and are disabled there
 """
 
 import datetime
@@ -100,7 +103,29 @@ cfg = MonitorConfig(run_name="dist", out_dir=os.path.join(out, "mon"), probe_eve
                     probe_max_overhead=0.0,  # fixed cadence: the test counts rounds
                     dist_timeout_s=DIST_TIMEOUT_S, indicators={"collect_every": 2}, probes=probe_cfg,
                     alerts={"on_critical": ["checkpoint", "stop"]}, sinks={"enabled": ["store"]})
-mon = FineLineMonitor(model=model, optimizer=opt, config=cfg, checkpoint_fn=checkpoints.append, tokenizer=tok)
+world_sums = []
+
+
+def world_metric():
+    t = torch.ones(1)
+    dist.all_reduce(t)  # a collective at every collect step, on every rank
+    world_sums.append(float(t.item()))
+    return {"test/world_sum": t}
+
+
+mon = FineLineMonitor(model=model, optimizer=opt, config=cfg, checkpoint_fn=checkpoints.append, tokenizer=tok,
+                      step_metrics_fn=world_metric if scenario == "indicator_raise" else None)
+if scenario == "indicator_raise":
+    orig_collect, collects = mon.indicators.collect, [0]
+
+    def failing_collect(step):
+        collects[0] += 1
+        if rank == 1 and collects[0] == 2:
+            mon.indicators.run_collectives(step)  # what collect runs first; then the local part fails
+            raise RuntimeError("indicator bug on rank 1 (injected)")
+        return orig_collect(step)
+
+    mon.indicators.collect = failing_collect
 real_rounds = [0]
 if REAL:
     assert mon.probes is not None, mon.disabled_parts
@@ -141,6 +166,7 @@ mon.close()
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"rank": rank, "losses": losses, "disabled": mon.disabled_parts, "rounds": real_rounds[0] if REAL else probes.rounds,
                "should_stop": mon.should_stop, "stop_seen_at": stop_seen_at, "checkpoints": checkpoints,
+               "world_sums": world_sums,
                "seconds": time.time() - t0}, f)
 dist.barrier()
 dist.destroy_process_group()

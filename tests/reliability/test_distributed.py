@@ -109,6 +109,23 @@ def test_actions_come_from_the_logging_rank(tmp_path, fault_table):
 
 
 @pytest.mark.timeout(HARD_LIMIT_S + 30)
+def test_indicators_failing_on_one_rank_keep_joining_their_collectives(tmp_path, fault_table):
+    """A collective indicator (the ZeRO-3 parameter norm is one) runs at every collect step. If
+    rank 1's indicators fail and rank 1 stopped calling it, rank 0's all-reduce would pair with
+    rank 1's next DDP gradient all-reduce (a crash or a hang). Rank 1 keeps joining it."""
+    what = "rank 1's indicators fail (local part) while they carry a collective step metric"
+    rcs, res, wall, logs = _launch(tmp_path, "indicator_raise", fault_table, what)
+    ok = _finished(rcs, res) and "indicators" in res[1]["disabled"] and "indicators" not in res[0]["disabled"]
+    fault_table.record(AREA, what, "indicators disabled on rank 1 alone; rank 1 still joins the collective "
+                       "metric at every collect step; training finishes on both", injected=1, survived=int(ok))
+    assert _finished(rcs, res), _tail(logs)
+    assert "indicators" in res[1]["disabled"] and "indicators" not in res[0]["disabled"], res
+    n_collects = len(range(0, STEPS, 2))
+    for r in (0, 1):
+        assert res[r]["world_sums"] == [2.0] * n_collects, (r, res[r]["world_sums"])
+
+
+@pytest.mark.timeout(HARD_LIMIT_S + 30)
 def test_one_rank_raises_inside_a_probe_round(tmp_path, fault_table):
     what = "exception on rank 1 inside a probe round (after the probe's collectives)"
     rcs, res, wall, logs = _launch(tmp_path, "raise_after", fault_table, what)
