@@ -16,6 +16,15 @@ from typing import Any, List, Optional
 log = logging.getLogger("fineline_monitor")
 
 
+def module_device(module: Any) -> Any:
+    """The device of a module's first parameter; None without one (or without a module)."""
+    try:
+        p = next(iter(module.parameters()), None) if module is not None else None
+    except Exception:  # noqa: BLE001 - not a module
+        return None
+    return None if p is None else p.device
+
+
 def collective_device(group: Any = None, hint: Any = None) -> Any:
     """Where a tensor must live for a collective over `group`: a CUDA device for a NCCL-only
     group (NCCL takes no CPU tensors: "No backend type associated with device type cpu";

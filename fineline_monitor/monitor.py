@@ -31,12 +31,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fineline_monitor.core.cadence import probe_budget_next_step, should_collect, should_probe
-from fineline_monitor.core.config import MonitorConfig, validate
+from fineline_monitor.core.config import ConfigError, MonitorConfig, validate
+from fineline_monitor.core.trajectory import TrajectoryError
 from fineline_monitor.core.types import Alert, ProbeRound
-from fineline_monitor.distributed import DistContext
+from fineline_monitor.distributed import DistContext, module_device
 
 log = logging.getLogger("fineline_monitor")
 LOCAL_SINKS = ("sink:store", "sink:alerts_file")  # synchronous writes to local disk
+# what reading `alerts.reference_csv` raises for a bad path, table or setting (fatal at attach)
+REFERENCE_ERRORS = (TrajectoryError, ConfigError)
 
 STATE_VERSION = 1
 
@@ -68,7 +71,7 @@ class FineLineMonitor:
         self.tokenizer = tokenizer
         self.dist = dist or DistContext.detect(self.config.dist_timeout_s)
         if getattr(self.dist, "device_hint", None) is None:
-            self.dist.device_hint = _model_device(model)  # where NCCL collectives must put their tensors
+            self.dist.device_hint = module_device(model)  # where NCCL collectives must put their tensors
         self.strict = self.config.strict
         self.checkpoint_fn = checkpoint_fn
         if "checkpoint" in self.config.alerts.on_critical and checkpoint_fn is None and self.dist.is_logging_rank:
@@ -148,7 +151,7 @@ class FineLineMonitor:
             if self.dist.is_logging_rank:  # the only rank that judges and pages
                 # a reference run that cannot be read is the user's to fix too: without this
                 # the whole alert engine (every rule, every page) would be disabled by one bad path
-                self.engine = self._guarded("alerts", self._build_engine, default=None, fatal=_reference_errors())
+                self.engine = self._guarded("alerts", self._build_engine, default=None, fatal=REFERENCE_ERRORS)
         except Exception as e:  # noqa: BLE001 - raised below, on every rank together
             fatal = e
         if self.dist.distributed:
@@ -521,22 +524,6 @@ def _to_float(x: Any) -> Optional[float]:
         return float(x.detach().float().item()) if hasattr(x, "detach") else float(x)
     except Exception:  # noqa: BLE001
         return None
-
-
-def _model_device(model: Any) -> Any:
-    try:
-        p = next(iter(model.parameters()), None) if model is not None else None
-        return None if p is None else p.device
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _reference_errors() -> Tuple[type, ...]:
-    """What reading `alerts.reference_csv` raises for a bad path, table or setting."""
-    from fineline_monitor.core.config import ConfigError
-    from fineline_monitor.core.trajectory import TrajectoryError
-
-    return (TrajectoryError, ConfigError)
 
 
 def _probe_config_errors() -> Tuple[type, ...]:

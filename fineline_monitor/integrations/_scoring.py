@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from fineline_monitor.distributed import collective_device
 from fineline_monitor.probes.scoring import IGNORE_INDEX, Row, Scorer, TokenBatch
 
 
@@ -43,8 +44,6 @@ class ProbeAborted(RuntimeError):
 
 def _bounded_all_reduce(value: float, op: str, timeout_s: float, group: Any = None, hint: Any = None) -> float:
     import torch.distributed as dist
-
-    from fineline_monitor.distributed import collective_device
 
     t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device(group, hint))
     work = dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=group, async_op=True)

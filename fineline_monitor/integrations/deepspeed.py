@@ -47,7 +47,7 @@ import datetime
 import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from fineline_monitor.distributed import DistContext
+from fineline_monitor.distributed import DistContext, collective_device
 from fineline_monitor.integrations._wrapper import MonitorPassThrough
 
 log = logging.getLogger("fineline_monitor")
@@ -299,8 +299,6 @@ class DeepSpeedMonitor(MonitorPassThrough):
             if t.numel():
                 sq += t.detach().double().pow(2).sum().cpu()
         if self.dist.dp_size > 1:
-            from fineline_monitor.distributed import collective_device
-
             sq = _bounded_all_reduce(sq.to(collective_device(self.dist.dp_group, self.dist.device_hint)),
                                      self.dist.dp_group, self.dist.timeout_s)
         return {"optim/param_norm": float(sq.sqrt())}

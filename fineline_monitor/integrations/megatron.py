@@ -43,7 +43,7 @@ import contextlib
 import logging
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from fineline_monitor.distributed import DistContext
+from fineline_monitor.distributed import DistContext, collective_device, module_device
 from fineline_monitor.integrations._wrapper import MonitorPassThrough
 
 log = logging.getLogger("fineline_monitor")
@@ -321,17 +321,10 @@ def tp_grad_norm(model: Any) -> float:
             continue
         total += g.detach().double().pow(2).sum().cpu()
     if dist.is_initialized() and ps.get_model_parallel_group() is not None:
-        from fineline_monitor.distributed import collective_device
-
         group = ps.get_model_parallel_group()
-        total = total.to(collective_device(group, _param_device(core)))  # NCCL takes no CPU tensors
+        total = total.to(collective_device(group, module_device(core)))  # NCCL takes no CPU tensors
         dist.all_reduce(total, group=group)
     return float(total.sqrt())
-
-
-def _param_device(module: Any) -> Any:
-    p = next(iter(module.parameters()), None)
-    return None if p is None else p.device
 
 
 def model_param_count(core: Any) -> int:
@@ -349,9 +342,7 @@ def model_param_count(core: Any) -> int:
             if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False))
     group = ps.get_model_parallel_group() if dist.is_initialized() else None
     if group is not None and dist.get_world_size(group=group) > 1:
-        from fineline_monitor.distributed import collective_device
-
-        t = torch.tensor([float(n)], dtype=torch.float64, device=collective_device(group, _param_device(core)))
+        t = torch.tensor([float(n)], dtype=torch.float64, device=collective_device(group, module_device(core)))
         dist.all_reduce(t, group=group)
         n = int(t.item())
     return int(n)
@@ -366,8 +357,6 @@ def _reduce_attention_max(recorder_max: Dict[str, Any]) -> None:
     if not recorder_max or ps.get_tensor_model_parallel_world_size() <= 1:
         return
     names = sorted(recorder_max)
-    from fineline_monitor.distributed import collective_device
-
     group = ps.get_tensor_model_parallel_group()
     t = torch.stack([recorder_max[n].detach().float().reshape(()) for n in names])
     t = t.to(collective_device(group, t.device))

@@ -61,6 +61,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fineline_monitor.distributed import module_device
+
 IGNORE_INDEX = -100
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when neither config nor tokenizer says
 _TOKENIZER_INFINITY = 1_000_000_000_000_000_019_884_624_838_656
@@ -622,10 +624,7 @@ def _accepts(model: Any, name: str) -> bool:
 
 
 def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
+    return module_device(model) or torch.device("cpu")
 
 
 def _model_max_length(model: Any, tokenizer: Any) -> Optional[int]:

@@ -301,7 +301,8 @@ class PrometheusSink(Sink):
 
     def __init__(self, run: str, *, mode: str = "http", registry: Any = None, host: str = "127.0.0.1",
                  port: int = 0, textfile: Optional[Path] = None, pushgateway_url: Optional[str] = None,
-                 pushgateway_url_env: Optional[str] = None, alert_hold_s: float = 1800.0, write_interval_s: float = 2.0, queue_size: int = 1):
+                 pushgateway_url_env: Optional[str] = None, alert_hold_s: float = 1800.0,
+                 write_interval_s: float = 2.0, queue_size: int = 1):
         from prometheus_client import CollectorRegistry
 
         if mode not in ("http", "textfile", "pushgateway"):
