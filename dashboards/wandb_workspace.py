@@ -2,7 +2,8 @@
 
 Sections: alerts and loss, one section per capability (capability score with its expected
 band, then each task's probe metrics), optimization-state indicators, monitor health.
-Every key is one the W&B sink logs (fineline_monitor/sinks/wandb_sink.py); x axis tokens.
+Every key is a registered metric name (fineline_monitor/metric_names.py) as the W&B sink
+logs it (fineline_monitor/sinks/wandb_sink.py); x axis tokens.
 
     python dashboards/wandb_workspace.py --entity ENTITY --project PROJECT [--save]
 
@@ -13,7 +14,10 @@ it creates the saved view in your project (needs WANDB_API_KEY).
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Dict, List, Optional
+
+from fineline_monitor import metric_names as names
 
 CAPABILITY_TASKS: Dict[str, List[str]] = {
     "commonsense": ["hellaswag", "piqa", "winogrande", "socialiqa", "csqa", "copa"],
@@ -23,7 +27,7 @@ CAPABILITY_TASKS: Dict[str, List[str]] = {
     "code": ["codex_humaneval", "codex_mbpp", "mt_mbpp", "basic_skills_coding"],
     "examination": ["mmlu", "arc_challenge"],
 }
-X = "train/tokens"
+X = names.TOKENS
 
 
 def build_workspace(entity: str, project: str, name: str = "FineLine monitor",
@@ -34,44 +38,48 @@ def build_workspace(entity: str, project: str, name: str = "FineLine monitor",
     caps = capabilities or CAPABILITY_TASKS
 
     def line(title: str, ys: List[str], log_y: bool = False, regex: Optional[str] = None) -> "wr.LinePlot":
+        unknown = [y for y in ys if not names.is_registered(y)]
+        if unknown:
+            raise ValueError(f"panel {title!r} plots keys the W&B sink never logs: {unknown}")
         kw = {"metric_regex": regex} if regex else {}
         return wr.LinePlot(title=title, x=X, y=ys, log_y=log_y or None, **kw)
 
+    def per_item(metric: str) -> str:
+        return re.escape(names.per_item(metric, "")) + ".*"
+
     sections = [ws.Section(name="Loss and alerts", is_open=True, panels=[
-        line("training loss", ["train/loss"]),
-        line("loss z-score", ["train/loss_z"]),
-        line("alerts fired", ["alerts/critical", "alerts/warning"]),
-        line("training phase (0 warmup, 1 stable, 2 decay, 3 anneal, 4 rewarm)", ["train/phase_index"]),
-        line("learning rate", ["train/lr"]),
+        line("training loss", [names.LOSS]),
+        line("loss z-score", [names.LOSS_Z]),
+        line("alerts fired", [names.alert_count_key("critical"), names.alert_count_key("warning")]),
+        line("training phase (0 warmup, 1 stable, 2 decay, 3 anneal, 4 rewarm)", [names.PHASE_INDEX]),
+        line("learning rate", [names.LR]),
     ])]
     for cap, tasks in caps.items():
-        panels = [line(f"{cap}: score vs expected band", [f"capability/{cap}", f"capability/{cap}_expected",
-                                                          f"capability/{cap}_low", f"capability/{cap}_high"])]
+        score = names.capability_key(cap)
+        panels = [line(f"{cap}: score vs expected band", [score, f"{score}_expected", f"{score}_low", f"{score}_high"])]
         for t in tasks:
-            panels.append(line(f"{t} accuracy", [f"probe_{cap}/{t}/acc", f"probe_{cap}/{t}/acc_norm",
-                                                 f"probe_{cap}/{t}/acc_expected", f"probe_{cap}/{t}/acc_low",
-                                                 f"probe_{cap}/{t}/acc_high"]))
-            panels.append(line(f"{t} gold bits per byte", [f"probe_{cap}/{t}/bpb"]))
+            acc, acc_norm, bpb = (f"probe_{cap}/{t}/{m}" for m in ("acc", "acc_norm", "bpb"))
+            panels.append(line(f"{t} accuracy", [acc, acc_norm, f"{acc}_expected", f"{acc}_low", f"{acc}_high"]))
+            panels.append(line(f"{t} gold bits per byte", [bpb]))
         sections.append(ws.Section(name=f"Capability: {cap}", is_open=cap == "math", panels=panels))
     sections.append(ws.Section(name="Optimization-state indicators", is_open=True, panels=[
-        line("gradient norm", ["optim/grad_norm"], log_y=True),
-        line("update / parameter ratio", ["optim/update_ratio"], log_y=True),
-        line("update ratio per group", [], log_y=True, regex=r"optim/update_ratio/.*"),
-        line("parameter norm", ["optim/param_norm"]),
-        line("max attention logit", ["stability/attn_logit_max"], log_y=True),
-        line("max attention logit per layer", [], log_y=True, regex=r"stability/attn_logit_max/.*"),
-        line("output logits", ["stability/output_logit_max", "stability/output_logsumexp_mean"]),
-        line("grad RMS / Adam eps (min)", ["optim/grad_rms_over_eps_min"], log_y=True),
-        line("activation RMS per layer", [], regex=r"stability/act_rms/.*"),
-        line("non-finite losses / gradients", ["optim/nonfinite_loss", "optim/nonfinite_grad",
-                                               "optim/skipped_steps"]),
-        line("loss scale", ["optim/loss_scale"], log_y=True),
-        line("Hessian trace", ["optim/hessian_trace"]),
+        line("gradient norm", [names.GRAD_NORM], log_y=True),
+        line("update / parameter ratio", [names.UPDATE_RATIO], log_y=True),
+        line("update ratio per group", [], log_y=True, regex=per_item(names.UPDATE_RATIO)),
+        line("parameter norm", [names.PARAM_NORM]),
+        line("max attention logit", [names.ATTN_LOGIT_MAX], log_y=True),
+        line("max attention logit per layer", [], log_y=True, regex=per_item(names.ATTN_LOGIT_MAX)),
+        line("output logits", [names.OUTPUT_LOGIT_MAX, names.OUTPUT_LOGSUMEXP_MEAN]),
+        line("grad RMS / Adam eps (min)", [names.GRAD_RMS_OVER_EPS_MIN], log_y=True),
+        line("activation RMS per layer", [], regex=per_item(names.ACT_RMS)),
+        line("non-finite losses / gradients", [names.NONFINITE_LOSS, names.NONFINITE_GRAD, names.SKIPPED_STEPS]),
+        line("loss scale", [names.LOSS_SCALE], log_y=True),
+        line("Hessian trace", [names.HESSIAN_TRACE]),
     ]))
     sections.append(ws.Section(name="Monitor health", panels=[
-        line("probe round seconds", ["monitor/probe_seconds"]),
-        line("tokens/s: training and probes", ["train/tokens_per_s", "monitor/probe_tokens_per_s"]),
-        line("monitor internal errors", ["fineline/internal_error"]),
+        line("probe round seconds", [names.PROBE_SECONDS]),
+        line("tokens/s: training and probes", [names.TOKENS_PER_S, names.PROBE_TOKENS_PER_S]),
+        line("monitor internal errors", [names.INTERNAL_ERROR]),
     ]))
     return ws.Workspace(entity=entity, project=project, name=name, sections=sections)
 

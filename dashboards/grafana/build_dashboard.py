@@ -5,15 +5,20 @@ The JSON is the artifact to import; this script is its source, so panels stay co
 
     python dashboards/grafana/build_dashboard.py
 
-Only metrics the exporter really exports are used (tests/e2e/test_dashboard_metrics.py
-checks every name against an exposition produced by a real monitor run).
+Every `fineline_*` name a query uses must be a family registered in
+fineline_monitor/metric_names.py: `build()` refuses any other (and
+tests/e2e/test_dashboard_metrics.py checks every name against an exposition produced by
+a real monitor run).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from fineline_monitor.metric_names import prometheus_sample_names
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 R = 'run=~"$run"'
@@ -222,9 +227,24 @@ def build() -> Dict[str, Any]:
     }
 
 
+_METRIC = re.compile(r"\b(fineline_[a-z0-9_]+)\b(?!\s*\()")
+
+
+def unregistered_names(dashboard: Dict[str, Any]) -> List[str]:
+    """`fineline_*` names the dashboard's queries use that the exporter does not register."""
+    known = prometheus_sample_names()
+    text = json.dumps([p.get("targets", []) for p in dashboard["panels"]] + [dashboard["annotations"],
+                                                                            dashboard["templating"]])
+    return sorted({n for n in _METRIC.findall(text) if n not in known})
+
+
 def main() -> None:
+    dashboard = build()
+    unknown = unregistered_names(dashboard)
+    if unknown:
+        raise SystemExit(f"the dashboard queries families the exporter does not write: {unknown}")
     out = Path(__file__).with_name("fineline.json")
-    out.write_text(json.dumps(build(), indent=2) + "\n")
+    out.write_text(json.dumps(dashboard, indent=2) + "\n")
     print(out)
 
 

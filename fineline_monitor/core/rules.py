@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
+from fineline_monitor import metric_names as names
 from fineline_monitor.core.history import ScalarWindow
 
 RULES = {
@@ -84,12 +85,12 @@ class StepRules:
     # ---- non-finite: critical, immediately ---------------------------------------------
     def _nonfinite(self, step: int, m: Dict[str, float], phase: str) -> List[Finding]:
         out = []
-        loss = _f(m.get("train/loss"))
-        nf_loss = _f(m.get("optim/nonfinite_loss")) or 0.0
-        nf_grad = _f(m.get("optim/nonfinite_grad")) or 0.0
-        gn = _f(m.get("optim/grad_norm"))
+        loss = _f(m.get(names.LOSS))
+        nf_loss = _f(m.get(names.NONFINITE_LOSS)) or 0.0
+        nf_grad = _f(m.get(names.NONFINITE_GRAD)) or 0.0
+        gn = _f(m.get(names.GRAD_NORM))
         if (loss is not None and not math.isfinite(loss)) or nf_loss > 0:
-            out.append(Finding("nonfinite", "critical", "train/loss", loss, None, None,
+            out.append(Finding("nonfinite", "critical", names.LOSS, loss, None, None,
                                "the training loss is NaN/inf. Look first at: the batch of this step (data "
                                "corruption), the LR at this step, and the last grad_norm / attention-logit "
                                "values; restore from the last good checkpoint.", key="loss"))
@@ -97,8 +98,8 @@ class StepRules:
         # steps a dynamic loss scaler skipped for overflow are counted apart, in
         # optim/skipped_steps (steps skipped since the last collection), by the indicators.
         grad_bad = nf_grad > 0 or (gn is not None and not math.isfinite(gn))
-        skipped = _f(m.get("optim/skipped_steps")) or 0.0
-        scale = _f(m.get("optim/loss_scale"))
+        skipped = _f(m.get(names.SKIPPED_STEPS)) or 0.0
+        scale = _f(m.get(names.LOSS_SCALE))
         if grad_bad and scale is not None and scale != 1.0:
             # a dynamic loss scaler skips every step whose gradients overflow; an adapter that
             # cannot tell which steps it skipped (the framework does not say) reports them as
@@ -106,7 +107,7 @@ class StepRules:
             # (A scale of exactly 1 is what bf16/fp32 optimizers report: no scaler, no skip.)
             skipped += max(nf_grad, 1.0)
         elif grad_bad:
-            out.append(Finding("nonfinite", "critical", "optim/nonfinite_grad", nf_grad if gn is None else gn,
+            out.append(Finding("nonfinite", "critical", names.NONFINITE_GRAD, nf_grad if gn is None else gn,
                                0.0, None,
                                "gradients are NaN/inf and no loss scaler is there to skip the step, so the update "
                                "was applied. Look first at: the batch of this step, the LR, the grad_norm history, "
@@ -125,7 +126,7 @@ class StepRules:
             self.skips.append((int(step), float(skipped)))
         recent = sum(n for _, n in self.skips)
         if recent >= SKIP_WARN:
-            out.append(Finding("nonfinite", "warning", "optim/skipped_steps", recent, 0.0, None,
+            out.append(Finding("nonfinite", "warning", names.SKIPPED_STEPS, recent, 0.0, None,
                                f"{recent:.0f} of the last {SKIP_HORIZON} steps were skipped for overflowing "
                                f"gradients" + (f" (loss scale now {scale:g})" if scale is not None else "")
                                + ": the loss scaler keeps overflowing. Look first at: the loss scale trend, "
@@ -134,7 +135,7 @@ class StepRules:
 
     # ---- loss spike (robust z) and divergence ------------------------------------------
     def _loss(self, step: int, m: Dict[str, float], phase: str) -> List[Finding]:
-        loss = _f(m.get("train/loss"))
+        loss = _f(m.get(names.LOSS))
         if loss is None or not math.isfinite(loss):
             return []
         out: List[Finding] = []
@@ -146,17 +147,17 @@ class StepRules:
             # relative floor: a loss that moves by 0.2% is not a spike whatever the noise says
             noise = max(noise if math.isfinite(noise) else 0.0, 2e-3 * abs(level), 1e-6)
             z = (loss - level) / noise
-            self.last_expectation = {"name": "train/loss", "expected": level, "low": level - thr * noise,
+            self.last_expectation = {"name": names.LOSS, "expected": level, "low": level - thr * noise,
                                      "high": level + thr * noise}
             if z > thr:
                 self.loss_high += 1
-                out.append(Finding("loss_spike", "warning", "train/loss", loss, level,
+                out.append(Finding("loss_spike", "warning", names.LOSS, loss, level,
                                    [level - thr * noise, level + thr * noise],
                                    f"robust z = {z:.1f} (threshold {thr:g}). Look first at: the LR at this step, "
                                    "the data batch (corruption, a repeated or out-of-domain shard), grad_norm.",
                                    key="loss"))
                 if self.loss_high >= 5:
-                    out.append(Finding("loss_divergence", "critical", "train/loss", loss, level,
+                    out.append(Finding("loss_divergence", "critical", names.LOSS, loss, level,
                                        [level - thr * noise, level + thr * noise],
                                        f"the loss has stayed {z:.1f} sigma above its recent level for "
                                        f"{self.loss_high} collections: training is diverging. Look first at: the LR "
@@ -171,7 +172,7 @@ class StepRules:
 
     # ---- grad-norm spike -----------------------------------------------------------------
     def _grad(self, step: int, m: Dict[str, float], phase: str) -> List[Finding]:
-        g = _f(m.get("optim/grad_norm"))
+        g = _f(m.get(names.GRAD_NORM))
         if g is None or not math.isfinite(g):
             return []
         out: List[Finding] = []
@@ -180,7 +181,7 @@ class StepRules:
         if len(w) >= self.min_points:
             med = w.median(last=32)
             if med > 0 and g > factor * med:
-                out.append(Finding("grad_norm_spike", "warning", "optim/grad_norm", g, med, [0.0, factor * med],
+                out.append(Finding("grad_norm_spike", "warning", names.GRAD_NORM, g, med, [0.0, factor * med],
                                    f"grad norm {g:.3g} is {g / med:.1f}x its rolling median {med:.3g} (threshold "
                                    f"{factor:g}x). Look first at: the loss at the same step, the LR, the batch; "
                                    "with gradient clipping the update is bounded but the batch may be bad.",
@@ -192,15 +193,16 @@ class StepRules:
     def _update_ratio(self, step: int, m: Dict[str, float], phase: str) -> List[Finding]:
         out: List[Finding] = []
         lo, hi = self.cfg.update_ratio_min, self.cfg.update_ratio_max
-        lr = _f(m.get("train/lr"))
+        lr = _f(m.get(names.LR))
         for name, v in m.items():
-            if not (name == "optim/update_ratio" or name.startswith("optim/update_ratio/")):
+            metric, item = names.lookup(name)
+            if metric is None or metric.name != names.UPDATE_RATIO:
                 continue
             r = _f(v)
             if r is None or not math.isfinite(r):
                 continue
             w = self.ratio.setdefault(name, ScalarWindow(64))
-            group = name[len("optim/update_ratio/"):] or "all"
+            group = item or "all"
             if r > hi:
                 out.append(Finding("update_ratio", "warning", name, r, None, [lo, hi],
                                    f"update/param ratio {r:.3g} of group `{group}` is above {hi:g}: each step "
@@ -239,38 +241,37 @@ class StepRules:
 def probe_extra_rules(cfg: Any, extra: Dict[str, float]) -> List[Finding]:
     """Stability indicators measured during probe rounds (Wortsman et al. 2023)."""
     out: List[Finding] = []
-    attn = _f(extra.get("stability/attn_logit_max"))
+    attn = _f(extra.get(names.ATTN_LOGIT_MAX))
     if attn is not None:
-        layers = {k.rsplit("/", 1)[-1]: _f(v) for k, v in extra.items()
-                  if k.startswith("stability/attn_logit_max/")}
+        layers = names.items_of(names.ATTN_LOGIT_MAX, extra)
         worst = max(((v, k) for k, v in layers.items() if v is not None and math.isfinite(v)), default=None)
         where = f" (worst layer {worst[1]}: {worst[0]:.3g})" if worst else ""
         if not math.isfinite(attn) or attn > cfg.attn_logit_critical:
-            out.append(Finding("attention_logit_growth", "critical", "stability/attn_logit_max", attn, None,
+            out.append(Finding("attention_logit_growth", "critical", names.ATTN_LOGIT_MAX, attn, None,
                                [0.0, cfg.attn_logit_warning],
                                f"max attention logit {attn:.3g} above {cfg.attn_logit_critical:g}{where}: attention "
                                "entropy collapse, loss divergence follows. Look first at: QK-layernorm / "
                                "qk-clip, the LR, that layer's query/key weight norms.", key="attn"))
         elif attn > cfg.attn_logit_warning:
-            out.append(Finding("attention_logit_growth", "warning", "stability/attn_logit_max", attn, None,
+            out.append(Finding("attention_logit_growth", "warning", names.ATTN_LOGIT_MAX, attn, None,
                                [0.0, cfg.attn_logit_warning],
                                f"max attention logit {attn:.3g} above {cfg.attn_logit_warning:g}{where}. Look first "
                                "at: its growth over the last rounds, QK-layernorm, the LR.", key="attn"))
-    lse = _f(extra.get("stability/output_logsumexp_mean"))
+    lse = _f(extra.get(names.OUTPUT_LOGSUMEXP_MEAN))
     if lse is not None and (not math.isfinite(lse) or abs(lse) > cfg.output_logit_warning):
         sev = "critical" if (not math.isfinite(lse) or abs(lse) > 10 * cfg.output_logit_warning) else "warning"
-        out.append(Finding("output_logit_divergence", sev, "stability/output_logsumexp_mean", lse, 0.0,
+        out.append(Finding("output_logit_divergence", sev, names.OUTPUT_LOGSUMEXP_MEAN, lse, 0.0,
                            [-cfg.output_logit_warning, cfg.output_logit_warning],
                            f"mean output log-partition {lse:.3g} (|.| above {cfg.output_logit_warning:g}): output "
                            "logits are drifting. Look first at: stability/output_logit_max, adding z-loss, "
                            "the LR and weight decay of the output layer.", key="lse"))
-    ratio = _f(extra.get("optim/grad_rms_over_eps_min"))
+    ratio = _f(extra.get(names.GRAD_RMS_OVER_EPS_MIN))
     if ratio is not None and math.isfinite(ratio) and ratio < cfg.grad_rms_eps_factor:
-        groups = {k.rsplit("/", 1)[-1]: _f(v) for k, v in extra.items() if k.startswith("optim/grad_rms/")}
+        groups = names.items_of(names.GRAD_RMS, extra)
         worst = min(((v, k) for k, v in groups.items() if v is not None and math.isfinite(v)), default=None)
-        eps = _f(extra.get("optim/adam_eps"))
+        eps = _f(extra.get(names.ADAM_EPS))
         where = f" (smallest: group {worst[1]}, grad RMS {worst[0]:.3g}, eps {eps:g})" if worst and eps else ""
-        out.append(Finding("grad_rms_near_eps", "warning", "optim/grad_rms_over_eps_min", ratio,
+        out.append(Finding("grad_rms_near_eps", "warning", names.GRAD_RMS_OVER_EPS_MIN, ratio,
                            None, [cfg.grad_rms_eps_factor, math.inf],
                            f"gradient RMS is only {ratio:.3g}x Adam eps{where}: updates of that group shrink "
                            "and stop being scale-free (Wortsman et al.). Look first at: lowering Adam eps "

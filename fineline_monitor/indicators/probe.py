@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from fineline_monitor import metric_names as names
 from fineline_monitor.indicators.attention import AttentionHooks
 
 log = logging.getLogger("fineline_monitor")
@@ -171,15 +172,15 @@ class ProbeContext:
         if self.attn.recorder.max:
             layer_max = dict(self.attn.recorder.max)
             for layer, v in layer_max.items():
-                out[f"stability/attn_logit_max/{layer}"] = v
+                out[names.per_item(names.ATTN_LOGIT_MAX, layer)] = v
             vals = list(layer_max.values())
             dev = vals[0].device
-            out["stability/attn_logit_max"] = torch.stack([v.to(dev) for v in vals]).amax()
+            out[names.ATTN_LOGIT_MAX] = torch.stack([v.to(dev) for v in vals]).amax()
         if self.logit_max is not None:
-            out["stability/output_logit_max"] = self.logit_max
-            out["stability/output_logsumexp_mean"] = self.lse_sum / self.lse_count
+            out[names.OUTPUT_LOGIT_MAX] = self.logit_max
+            out[names.OUTPUT_LOGSUMEXP_MEAN] = self.lse_sum / self.lse_count
         for name, s in self.act_sumsq.items():
-            out[f"stability/act_rms/{name}"] = torch.sqrt(s / self.act_count[name])
+            out[names.per_item(names.ACT_RMS, name)] = torch.sqrt(s / self.act_count[name])
         return out
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from fineline_monitor import metric_names as names
 from fineline_monitor.indicators.layout import (find_attention, find_blocks, find_output_head,
                                                 param_group_names, unwrap)
 from fineline_monitor.indicators.optim_stats import adam_group_stats, group_norms, hutchinson_trace, stacked_norm
@@ -260,7 +261,7 @@ class StepIndicators:
         has = present[:, LOSS]
         have_loss = bool(np.any(has))
         if have_loss:
-            out["optim/nonfinite_loss"] = float(np.sum(has & ~finite))
+            out[names.NONFINITE_LOSS] = float(np.sum(has & ~finite))
         zs = []
         for x, ok in zip(losses, finite & has):
             if not ok:
@@ -273,13 +274,13 @@ class StepIndicators:
             self._loss_hist.append(float(x))
         self._loss_hist = self._loss_hist[-self.window:]
         if has[-1] and np.isfinite(losses[-1]):
-            out["train/loss"] = float(losses[-1])
+            out[names.LOSS] = float(losses[-1])
         if self._loss_hist:
-            out["train/loss_mean"] = float(np.mean(self._loss_hist))
+            out[names.LOSS_MEAN] = float(np.mean(self._loss_hist))
         if zs:
             # The largest z over the window's steps, so a one-step spike between two
             # collect steps is still seen by the alert rule.
-            out["train/loss_z"] = float(max(zs))
+            out[names.LOSS_Z] = float(max(zs))
 
         # -- gradient norm: latest and window max; non-finite counts
         gns = vals[:, GRAD_NORM]
@@ -288,42 +289,42 @@ class StepIndicators:
             bad = have_gn & ~np.isfinite(gns) & ~skipped
             # Overflow steps that the framework skipped (fp16 loss scaling) are expected
             # and counted in optim/skipped_steps, not here.
-            out["optim/nonfinite_grad"] = float(np.sum(bad))
+            out[names.NONFINITE_GRAD] = float(np.sum(bad))
             fin = gns[have_gn & np.isfinite(gns)]
             if have_gn[-1] and np.isfinite(gns[-1]):
-                out["optim/grad_norm"] = float(gns[-1])
+                out[names.GRAD_NORM] = float(gns[-1])
             if fin.size:
-                out["optim/grad_norm_max"] = float(np.max(fin))
-        out["optim/skipped_steps"] = float(np.sum(skipped))
+                out[names.GRAD_NORM_MAX] = float(np.max(fin))
+        out[names.SKIPPED_STEPS] = float(np.sum(skipped))
         ls = vals[:, LOSS_SCALE]
         if np.isfinite(ls[-1]):
-            out["optim/loss_scale"] = float(ls[-1])
+            out[names.LOSS_SCALE] = float(ls[-1])
         lr = vals[:, LR]
         if np.isfinite(lr[-1]):
-            out["train/lr"] = float(lr[-1])
+            out[names.LR] = float(lr[-1])
 
         # -- tokens and throughput (host clock; over many steps it tracks the device)
         if toks[-1] is not None:
-            out["train/tokens"] = float(toks[-1])
+            out[names.TOKENS] = float(toks[-1])
             if self._ref_time is not None and self._ref_tokens is not None:
                 t0, k0 = self._ref_time, self._ref_tokens
             else:
                 t0, k0 = float(times[0]), toks[0]
             dt = float(times[-1]) - t0
             if k0 is not None and dt > 0:
-                out["train/tokens_per_s"] = (float(toks[-1]) - float(k0)) / dt
+                out[names.TOKENS_PER_S] = (float(toks[-1]) - float(k0)) / dt
             self._ref_time, self._ref_tokens = float(times[-1]), float(toks[-1])
 
         # -- parameter norm and update ratio (computed at the collect step, if it was this one)
         if self._extra_valid and self._steps[order[-1]] == step:
             ex = flat[self._ex_off:]
             G = len(self.group_names)
-            out["optim/param_norm"] = ex[0]
+            out[names.PARAM_NORM] = ex[0]
             if self._extra_has_ratio:
-                out["optim/update_ratio"] = ex[1]
+                out[names.UPDATE_RATIO] = ex[1]
                 for g, name in enumerate(self.group_names):
                     if len(self.group_idx[g]):
-                        out[f"optim/update_ratio/{name}"] = ex[2 + G + g]
+                        out[names.per_item(names.UPDATE_RATIO, name)] = ex[2 + G + g]
         out = {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
 
         # reset the window
@@ -390,15 +391,15 @@ class StepIndicators:
         adam = ctx.device_stats.get("adam")
         if adam:
             for name, v in adam["grad_rms"].items():
-                dev_metrics[f"optim/grad_rms/{name}"] = v
+                dev_metrics[names.per_item(names.GRAD_RMS, name)] = v
             for name, v in adam["exp_avg_sq_mean"].items():
-                dev_metrics[f"optim/exp_avg_sq_mean/{name}"] = v
+                dev_metrics[names.per_item(names.EXP_AVG_SQ_MEAN, name)] = v
             for name, v in adam["v_below_eps_frac"].items():
-                dev_metrics[f"optim/v_below_eps_frac/{name}"] = v
+                dev_metrics[names.per_item(names.V_BELOW_EPS_FRAC, name)] = v
             if adam["eps"]:
-                host["optim/adam_eps"] = min(adam["eps"].values())
+                host[names.ADAM_EPS] = min(adam["eps"].values())
         if "hessian_trace" in ctx.device_stats:
-            dev_metrics["optim/hessian_trace"] = ctx.device_stats["hessian_trace"]
+            dev_metrics[names.HESSIAN_TRACE] = ctx.device_stats["hessian_trace"]
         out = dict(host)
         tensors = {k: v for k, v in dev_metrics.items() if isinstance(v, torch.Tensor)}
         for k, v in dev_metrics.items():
@@ -409,10 +410,10 @@ class StepIndicators:
             values = torch.stack([t.detach().float().reshape(()).to(dev) for t in tensors.values()]).tolist()
             out.update(dict(zip(tensors.keys(), values)))
         if adam and adam["eps"]:
-            ratios = [out[f"optim/grad_rms/{g}"] / e for g, e in adam["eps"].items()
-                      if f"optim/grad_rms/{g}" in out]
+            ratios = [out[names.per_item(names.GRAD_RMS, g)] / e for g, e in adam["eps"].items()
+                      if names.per_item(names.GRAD_RMS, g) in out]
             if ratios:
-                out["optim/grad_rms_over_eps_min"] = min(ratios)
+                out[names.GRAD_RMS_OVER_EPS_MIN] = min(ratios)
         return {k: float(v) for k, v in out.items() if math.isfinite(v)}
 
     # ---- checkpointing --------------------------------------------------------------------

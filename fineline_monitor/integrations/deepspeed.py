@@ -47,6 +47,7 @@ import datetime
 import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from fineline_monitor import metric_names as names
 from fineline_monitor.distributed import DistContext, collective_device
 from fineline_monitor.integrations._wrapper import MonitorPassThrough
 
@@ -301,7 +302,7 @@ class DeepSpeedMonitor(MonitorPassThrough):
         if self.dist.dp_size > 1:
             sq = _bounded_all_reduce(sq.to(collective_device(self.dist.dp_group, self.dist.device_hint)),
                                      self.dist.dp_group, self.dist.timeout_s)
-        return {"optim/param_norm": float(sq.sqrt())}
+        return {names.PARAM_NORM: float(sq.sqrt())}
 
     # ---- per micro-step --------------------------------------------------------------------
     def step(self, loss: Any = None, tokens: Optional[int] = None, lr: Optional[float] = None, *,

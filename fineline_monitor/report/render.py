@@ -18,35 +18,36 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from fineline_monitor import metric_names as names
 from fineline_monitor.report.svg import PALETTE, PHASE_COLORS, SEVERITY_COLORS, Chart, fmt
 
 esc = html.escape
 
 # Indicators shown next to the loss, in this order: (metric name, title, log scale).
 INDICATORS: Tuple[Tuple[str, str, bool], ...] = (
-    ("train/lr", "learning rate", False),
-    ("optim/grad_norm", "gradient norm", True),
-    ("optim/update_ratio", "update / parameter ratio", True),
-    ("optim/param_norm", "parameter norm", False),
-    ("train/loss_z", "loss z-score", False),
-    ("stability/attn_logit_max", "max attention logit", True),
-    ("stability/output_logit_max", "max output logit", False),
-    ("stability/output_logsumexp_mean", "mean output log-partition", False),
-    ("optim/grad_rms_over_eps_min", "min grad RMS / Adam eps", True),
-    ("optim/hessian_trace", "Hessian trace (Hutchinson)", False),
-    ("optim/loss_scale", "loss scale", True),
-    ("optim/skipped_steps", "skipped steps", False),
-    ("optim/nonfinite_loss", "non-finite losses", False),
-    ("optim/nonfinite_grad", "non-finite gradients", False),
-    ("train/tokens_per_s", "training tokens / s", False),
-    ("monitor/probe_seconds", "probe round seconds", False),
+    (names.LR, "learning rate", False),
+    (names.GRAD_NORM, "gradient norm", True),
+    (names.UPDATE_RATIO, "update / parameter ratio", True),
+    (names.PARAM_NORM, "parameter norm", False),
+    (names.LOSS_Z, "loss z-score", False),
+    (names.ATTN_LOGIT_MAX, "max attention logit", True),
+    (names.OUTPUT_LOGIT_MAX, "max output logit", False),
+    (names.OUTPUT_LOGSUMEXP_MEAN, "mean output log-partition", False),
+    (names.GRAD_RMS_OVER_EPS_MIN, "min grad RMS / Adam eps", True),
+    (names.HESSIAN_TRACE, "Hessian trace (Hutchinson)", False),
+    (names.LOSS_SCALE, "loss scale", True),
+    (names.SKIPPED_STEPS, "skipped steps", False),
+    (names.NONFINITE_LOSS, "non-finite losses", False),
+    (names.NONFINITE_GRAD, "non-finite gradients", False),
+    (names.TOKENS_PER_S, "training tokens / s", False),
+    (names.PROBE_SECONDS, "probe round seconds", False),
 )
 # Per-layer / per-group families drawn as one multi-line chart each.
-FAMILIES = (("stability/attn_logit_max/", "max attention logit per layer", True),
-            ("stability/act_rms/", "activation RMS per layer", True),
-            ("optim/update_ratio/", "update / parameter ratio per group", True),
-            ("optim/grad_rms/", "gradient RMS per group", True))
-QUIET_WHEN_ZERO = ("optim/skipped_steps", "optim/nonfinite_loss", "optim/nonfinite_grad")
+FAMILIES = ((names.ATTN_LOGIT_MAX + "/", "max attention logit per layer", True),
+            (names.ACT_RMS + "/", "activation RMS per layer", True),
+            (names.UPDATE_RATIO + "/", "update / parameter ratio per group", True),
+            (names.GRAD_RMS + "/", "gradient RMS per group", True))
+QUIET_WHEN_ZERO = (names.SKIPPED_STEPS, names.NONFINITE_LOSS, names.NONFINITE_GRAD)
 PRIMARY_ORDER = ("acc_norm", "acc", "bpb")
 
 CSS = """
@@ -104,8 +105,7 @@ def _load(out_dir: Path, run: Optional[str]) -> Dict[str, Any]:
         elif run not in runs:
             raise ValueError(f"{db}: no run {run!r}; runs here: {', '.join(runs)}")
         d: Dict[str, Any] = {"run": run, "runs": runs, "info": store.run_info(run)}
-        names = store.metric_names(run)
-        d["series"] = {n: store.series(n, run) for n in names}
+        d["series"] = {n: store.series(n, run) for n in store.metric_names(run)}
         d["probe_results"] = store.probe_results(run)
         d["probe_rounds"] = store.probe_rounds(run)
         d["alerts"] = store.alerts(run)
@@ -159,8 +159,9 @@ def _capability_section(d: Dict[str, Any], spans) -> str:
         for cap, v in (r["capabilities"] or {}).items():
             caps[cap].append((r["step"], v))
     for name, rows in d["series"].items():  # also from metrics, if rounds lack them
-        if name.startswith("capability/") and name.split("/", 1)[1] not in caps:
-            caps[name.split("/", 1)[1]] = [(s, v) for s, _, v in rows]
+        cap = names.split_capability_key(name)
+        if cap is not None and cap not in caps:
+            caps[cap] = [(s, v) for s, _, v in rows]
     exp = defaultdict(list)
     for e in d["expectations"]:
         exp[e["name"]].append(e)
@@ -169,7 +170,7 @@ def _capability_section(d: Dict[str, Any], spans) -> str:
     charts = []
     for i, cap in enumerate(sorted(caps)):
         c = Chart(cap, y_label="capability score").phase_spans(spans)
-        rows = exp.get(f"capability/{cap}", [])
+        rows = exp.get(names.capability_key(cap), [])
         c.band("expected band", [(e["step"], e["low"], e["high"]) for e in rows], color=PALETTE[i % len(PALETTE)])
         c.line("expected", [(e["step"], e["expected"]) for e in rows], color="#6b7280", dashed=True)
         c.line(cap, caps[cap], color=PALETTE[i % len(PALETTE)])
@@ -194,12 +195,12 @@ def _tasks_section(d: Dict[str, Any], spans) -> str:
         charts = []
         for task in sorted(k for k, t in by_task.items() if t["capability"] == cap):
             t = by_task[task]
-            with_exp = [m for m in t["metrics"] if f"probe/{task}/{m}" in exp]
+            with_exp = [m for m in t["metrics"] if names.probe_key(task, m) in exp]
             metric = (with_exp or [m for m in PRIMARY_ORDER if m in t["metrics"]] or sorted(t["metrics"]))[0]
             rows = t["metrics"][metric]
             c = Chart(f"{task} · {metric} (n={t['n_docs']})", y_label=metric, width=360, height=200)
             c.phase_spans(spans)
-            e = exp.get(f"probe/{task}/{metric}", [])
+            e = exp.get(names.probe_key(task, metric), [])
             c.band("expected band", [(x["step"], x["low"], x["high"]) for x in e])
             c.band("± stderr", [(r["step"], r["value"] - r["stderr"], r["value"] + r["stderr"]) for r in rows
                                 if r["value"] is not None and r["stderr"] is not None], color="#9ca3af")
@@ -227,12 +228,12 @@ def _tasks_section(d: Dict[str, Any], spans) -> str:
 def _indicators_section(d: Dict[str, Any], spans) -> str:
     series = d["series"]
     charts = []
-    loss = series.get("train/loss", [])
+    loss = series.get(names.LOSS, [])
     c = Chart("training loss", y_label="loss", width=560).phase_spans(spans)
-    c.line("train/loss", [(s, v) for s, _, v in loss], color="#111827")
-    exp_loss = [e for e in d["expectations"] if e["name"] == "train/loss"]
+    c.line(names.LOSS, [(s, v) for s, _, v in loss], color="#111827")
+    exp_loss = [e for e in d["expectations"] if e["name"] == names.LOSS]
     c.band("expected band", [(e["step"], e["low"], e["high"]) for e in exp_loss])
-    _mark(c, [a for a in d["alerts"] if _alert_matches(a, metrics=("train/loss", "loss")) or not a.get("capability")])
+    _mark(c, [a for a in d["alerts"] if _alert_matches(a, metrics=(names.LOSS, "loss")) or not a.get("capability")])
     charts.append(c.render())
     quiet: List[str] = []
     for name, title, log_y in INDICATORS:
@@ -302,7 +303,7 @@ def build_html(d: Dict[str, Any]) -> str:
     counts = defaultdict(int)
     for a in d["alerts"]:
         counts[a["severity"]] += 1
-    loss = [v for _, _, v in series.get("train/loss", []) if v is not None]
+    loss = [v for _, _, v in series.get(names.LOSS, []) if v is not None]
     kpis = [("steps", f"{last_step:,}"), ("tokens", f"{max(tokens):,}" if tokens else "n/a"),
             ("parameters", f"{meta['params'] / 1e6:.2f}M" if isinstance(meta.get("params"), (int, float)) else "n/a"),
             ("last loss", fmt(loss[-1]) if loss else "n/a"), ("probe rounds", str(len(d["probe_rounds"]))),

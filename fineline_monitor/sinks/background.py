@@ -91,6 +91,10 @@ class BackgroundWorker:
             self.submitted += 1
         return True
 
+    def queue_full(self) -> bool:
+        """Whether a `submit` now would be dropped: every slot holds an item not yet started."""
+        return self._q.full()
+
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until everything submitted so far was delivered or given up on."""
         if not self._thread.is_alive():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, Optional, TextIO
 
+from fineline_monitor import metric_names as names
 from fineline_monitor.core.types import Alert, ProbeRound
 from fineline_monitor.sinks.base import Sink
 
@@ -21,14 +22,14 @@ class ConsoleSink(Sink):
         print(text, file=self.stream, flush=True)
 
     def log_metrics(self, step: int, tokens: Optional[int], metrics: Dict[str, float]) -> None:
-        if "train/loss" not in metrics:
+        if names.LOSS not in metrics:
             return
         if self._last_printed is not None and step - self._last_printed < self.every:
             return
         self._last_printed = step
         parts = [f"step {step:>7d}"]
-        for key, fmt in (("train/loss", "loss {:.4f}"), ("train/lr", "lr {:.2e}"),
-                         ("optim/grad_norm", "gnorm {:.3f}"), ("train/tokens_per_s", "{:,.0f} tok/s")):
+        for key, fmt in ((names.LOSS, "loss {:.4f}"), (names.LR, "lr {:.2e}"),
+                         (names.GRAD_NORM, "gnorm {:.3f}"), (names.TOKENS_PER_S, "{:,.0f} tok/s")):
             if key in metrics and metrics[key] is not None:
                 parts.append(fmt.format(metrics[key]))
         self._print("[fineline] " + " | ".join(parts))

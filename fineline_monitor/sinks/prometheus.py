@@ -12,76 +12,31 @@ from a snapshot at scrape time, so the training step never pays for formatting, 
 registry is passed explicitly (no global state; tests use a fresh CollectorRegistry).
 prometheus_client is imported inside functions only (never at `import fineline_monitor`).
 
-The name mapping from the monitor's metric names is `prom_name()`; the README (Observability)
-lists it. Every series carries `run`.
+Every family, its help text and its labels are registered in `fineline_monitor.metric_names`,
+which also maps the monitor's metric names to families (`prom_name()`). Every series
+carries `run`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-import math
 import os
-import re
 import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from fineline_monitor import metric_names as names
 from fineline_monitor.core.types import Alert, ProbeRound
+from fineline_monitor.metric_names import FAMILIES, prom_name  # noqa: F401 - prom_name: the mapping, re-exported
 from fineline_monitor.sinks.background import BackgroundWorker, workers
 from fineline_monitor.sinks.base import Sink
 
 log = logging.getLogger("fineline_monitor.sinks")
 
 PHASES = ("warmup", "stable", "decay", "anneal", "rewarm", "unknown")
-
-# monitor metric name -> (Prometheus family, help). Gauges unless listed in COUNTERS.
-SIMPLE: Dict[str, Tuple[str, str]] = {
-    "train/loss": ("fineline_train_loss", "Training loss at the last collection step."),
-    "train/loss_z": ("fineline_train_loss_z", "Loss z-score against its rolling window."),
-    "train/lr": ("fineline_train_lr", "Learning rate."),
-    "train/tokens": ("fineline_train_tokens", "Training tokens seen so far."),
-    "train/tokens_per_s": ("fineline_train_tokens_per_second", "Training throughput in tokens per second."),
-    "optim/grad_norm": ("fineline_optim_grad_norm", "Global gradient norm."),
-    "optim/param_norm": ("fineline_optim_param_norm", "Global parameter norm."),
-    "optim/nonfinite_loss": ("fineline_optim_nonfinite_loss", "Non-finite losses in the last collection window."),
-    "optim/nonfinite_grad": ("fineline_optim_nonfinite_grad", "Non-finite gradients in the last collection window."),
-    "optim/loss_scale": ("fineline_optim_loss_scale", "Mixed-precision loss scale."),
-    "optim/skipped_steps": ("fineline_optim_skipped_steps", "Optimizer steps skipped for overflow since the last collection."),
-    "optim/grad_rms_over_eps_min": ("fineline_optim_grad_rms_over_eps_min",
-                                    "Smallest gradient RMS / Adam eps over parameter groups."),
-    "optim/hessian_trace": ("fineline_optim_hessian_trace", "Hutchinson estimate of the Hessian trace."),
-    "stability/output_logit_max": ("fineline_stability_output_logit_max", "Largest output logit in the probe round."),
-    "stability/output_logsumexp_mean": ("fineline_stability_output_logsumexp_mean",
-                                        "Mean output log-partition (logit divergence indicator)."),
-    "monitor/probe_seconds": ("fineline_probe_round_seconds", "Wall time of the last probe round."),
-    "monitor/probe_tokens_per_s": ("fineline_probe_tokens_per_second", "Tokens per second scored by the last probe round."),
-    "monitor/overhead": ("fineline_monitor_overhead_ratio",
-                         "Time inside the monitor over the loop's own training time, since attach."),
-}
-
-# prefix -> (family, per-item label, help). `prefix` alone is exported with label value "all".
-PER_ITEM: Dict[str, Tuple[str, str, str]] = {
-    "optim/update_ratio": ("fineline_optim_update_ratio", "group", "Update/parameter norm ratio."),
-    "optim/grad_rms": ("fineline_optim_grad_rms", "group", "Gradient RMS per parameter group."),
-    "stability/attn_logit_max": ("fineline_stability_attn_logit_max", "layer", "Max attention logit."),
-    "stability/act_rms": ("fineline_stability_act_rms", "layer", "Activation RMS per layer."),
-}
-
-_BAD = re.compile(r"[^a-zA-Z0-9_]")
-
-
-def prom_name(name: str) -> Tuple[str, Dict[str, str]]:
-    """Map a monitor metric name to (family, extra labels). Probe/capability/error names
-    are handled by the sink itself; anything unknown becomes `fineline_<sanitized>`."""
-    if name in SIMPLE:
-        return SIMPLE[name][0], {}
-    for prefix, (family, label, _) in PER_ITEM.items():
-        if name == prefix:
-            return family, {label: "all"}
-        if name.startswith(prefix + "/"):
-            return family, {label: name[len(prefix) + 1:]}
-    return "fineline_" + _BAD.sub("_", name).strip("_"), {}
+MAX_ALERT_SERIES = 1000
 
 
 def _finite(x: Any) -> Optional[float]:
@@ -92,6 +47,14 @@ def _finite(x: Any) -> Optional[float]:
     return v  # NaN/inf are valid sample values in the exposition format, and informative
 
 
+def _help(name: str, family: str) -> str:
+    """HELP of a family that has samples: the registry's text and the monitor name it carries."""
+    for m in names.metric_families():
+        if m.family == family:
+            return f"{m.help} (monitor name `{m.name}{'[/...]' if m.item else ''}`)"
+    return f"Monitor metric `{name}`."
+
+
 class _State:
     """What the collector reads; written under `lock` by the sink's methods."""
 
@@ -99,14 +62,14 @@ class _State:
         self.lock = threading.Lock()
         self.run = run
         self.alert_hold_s = alert_hold_s
-        self.gauges: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}
+        self.gauges: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}  # (family, labels) -> value
         self.helps: Dict[str, str] = {}
         self.task_capability: Dict[str, str] = {}
         self.probe: Dict[Tuple[str, str, str], Tuple[float, Optional[float]]] = {}  # (cap, task, metric)
         self.probe_docs: Dict[Tuple[str, str], int] = {}
         self.capability: Dict[str, float] = {}
         self.expected: Dict[str, Tuple[Optional[float], Optional[float], Optional[float]]] = {}
-        self.alerts: Dict[str, Dict[str, Any]] = {}  # dedup_key -> labels + last fired time
+        self.alerts: Dict[str, Dict[str, Any]] = {}  # dedup_key|severity -> labels + last fired time
         self.alert_counts: Dict[Tuple[str, str], int] = {}
         self.phase = "unknown"
         self.phase_start_step: Optional[int] = None
@@ -122,176 +85,155 @@ class _State:
         self.start_ts = time.time()
         self.finished = False
 
-
-MAX_ALERT_SERIES = 1000
+    def snapshot(self) -> "_State":
+        """A copy to build the exposition from, taken under the lock (the training thread
+        keeps writing while the scrape formats)."""
+        with self.lock:
+            snap = copy.copy(self)
+            for key, value in vars(self).items():
+                if isinstance(value, dict):
+                    setattr(snap, key, dict(value))
+            snap.alerts = {k: dict(a) for k, a in self.alerts.items()}
+        return snap
 
 
 class _Collector:
-    """Builds the exposition from a snapshot of `_State` at scrape time."""
+    """Builds the exposition from a snapshot of `_State` at scrape time, one section after
+    the other: liveness, indicators, probes, expectations, phase, alerts, the monitor's
+    own health. Every family's help, type and labels come from `metric_names.FAMILIES`."""
 
     def __init__(self, state: _State, own_sink: str):
         self.state = state
         self.own_sink = own_sink
 
-    def collect(self):  # noqa: C901 - one flat list of families reads best here
+    def collect(self):
+        s = self.state.snapshot()
+        yield from self._liveness(s)
+        yield from self._indicators(s)
+        yield from self._probes(s)
+        yield from self._expectations(s)
+        yield from self._phase(s)
+        yield from self._alerts(s, time.time())
+        yield from self._health(s)
+
+    @staticmethod
+    def _family(s: _State, name: str, help: Optional[str] = None, labels: Optional[List[str]] = None) -> Any:
+        """An empty family of the registry's `name` (every series has `run` first)."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        s = self.state
-        now = time.time()
-        with s.lock:
-            run = s.run
-            gauges = dict(s.gauges)
-            helps = dict(s.helps)
-            probe = dict(s.probe)
-            probe_docs = dict(s.probe_docs)
-            capability = dict(s.capability)
-            expected = dict(s.expected)
-            alerts = [dict(a) for a in s.alerts.values()]
-            alert_counts = dict(s.alert_counts)
-            snap = {k: getattr(s, k) for k in ("phase", "phase_start_step", "last_step", "last_step_ts",
-                                               "last_probe_step", "last_probe_ts", "probe_rounds", "probe_every",
-                                               "internal_errors", "probe_failures", "start_ts", "finished",
-                                               "alert_hold_s")}
-            part_errors = dict(s.part_errors)
+        spec = FAMILIES.get(name)
+        doc = help if help is not None else spec.help.format(hold_s=s.alert_hold_s)
+        label_names = ["run"] + list(labels if labels is not None else spec.labels)
+        cls = CounterMetricFamily if spec is not None and spec.kind == "counter" else GaugeMetricFamily
+        return cls(name, doc, labels=label_names)
 
-        def g(name: str, doc: str, labels: List[str]) -> Any:
-            return GaugeMetricFamily(name, doc, labels=["run"] + labels)
+    def _single(self, s: _State, name: str, value: float) -> Any:
+        fam = self._family(s, name)
+        fam.add_metric([s.run], value)
+        return fam
 
-        # ---- run liveness -------------------------------------------------------------
-        fam = g("fineline_run_start_timestamp_seconds", "Unix time the monitor attached.", [])
-        fam.add_metric([run], snap["start_ts"])
-        yield fam
-        fam = g("fineline_run_finished", "1 once the monitor was closed (the run ended).", [])
-        fam.add_metric([run], 1.0 if snap["finished"] else 0.0)
-        yield fam
-        if snap["last_step"] is not None:
-            fam = g("fineline_last_step", "Last optimizer step the monitor saw.", [])
-            fam.add_metric([run], float(snap["last_step"]))
-            yield fam
-            fam = g("fineline_last_step_timestamp_seconds", "Unix time of the last step the monitor saw.", [])
-            fam.add_metric([run], snap["last_step_ts"])
-            yield fam
+    def _liveness(self, s: _State):
+        yield self._single(s, "fineline_run_start_timestamp_seconds", s.start_ts)
+        yield self._single(s, "fineline_run_finished", 1.0 if s.finished else 0.0)
+        if s.last_step is not None:
+            yield self._single(s, "fineline_last_step", float(s.last_step))
+            yield self._single(s, "fineline_last_step_timestamp_seconds", s.last_step_ts)
 
-        # ---- indicators (gauges keyed by family) -------------------------------------------
+    def _indicators(self, s: _State):
         families: Dict[str, Any] = {}
-        for (family, labels), value in sorted(gauges.items()):
-            label_names = [k for k, _ in labels]
+        for (family, labels), value in sorted(s.gauges.items()):
             fam = families.get(family)
             if fam is None:
-                fam = families[family] = g(family, helps.get(family, "FineLine monitor metric."), label_names)
-            fam.add_metric([run] + [v for _, v in labels], value)
-        # Known families are declared even before their first sample (e.g. the Hessian trace is
-        # off by default), so dashboards and rules refer to names the exposition always has.
-        for family, doc in [v for v in SIMPLE.values()] + [(f, d) for f, _, d in PER_ITEM.values()]:
-            if family not in families:
-                families[family] = g(family, doc, [])
+                fam = families[family] = self._family(s, family, s.helps.get(family, "FineLine monitor metric."),
+                                                      [k for k, _ in labels])
+            fam.add_metric([s.run] + [v for _, v in labels], value)
+        # Registered families are declared even before their first sample (e.g. the Hessian trace
+        # is off by default), so dashboards and rules refer to names the exposition always has.
+        for m in names.metric_families():
+            if m.family not in families:
+                families[m.family] = self._family(s, m.family, m.help, [])
         yield from families.values()
 
-        # ---- probes ---------------------------------------------------------------------
-        fam = g("fineline_probe_value", "Probe metric per task (acc, acc_norm, bpb, ...).",
-                ["capability", "task", "metric"])
-        fam_err = g("fineline_probe_stderr", "Standard error of the probe metric.", ["capability", "task", "metric"])
-        for (cap, task, metric), (value, stderr) in sorted(probe.items()):
-            fam.add_metric([run, cap, task, metric], value)
-            if stderr is not None:
-                fam_err.add_metric([run, cap, task, metric], stderr)
-        yield fam
-        yield fam_err
-        fam = g("fineline_probe_docs", "Documents scored per task in each probe round.", ["capability", "task"])
-        for (cap, task), n in sorted(probe_docs.items()):
-            fam.add_metric([run, cap, task], float(n))
-        yield fam
-        fam = g("fineline_capability_score", "Capability score (chance-normalised mean over its tasks).",
-                ["capability"])
-        for cap, value in sorted(capability.items()):
-            fam.add_metric([run, cap], value)
-        yield fam
-        fam = CounterMetricFamily("fineline_probe_rounds", "Probe rounds completed.", labels=["run"])
-        fam.add_metric([run], float(snap["probe_rounds"]))
-        yield fam
-        if snap["last_probe_step"] is not None:
-            fam = g("fineline_probe_last_step", "Step of the last completed probe round.", [])
-            fam.add_metric([run], float(snap["last_probe_step"]))
-            yield fam
-            fam = g("fineline_last_probe_timestamp_seconds", "Unix time of the last completed probe round.", [])
-            fam.add_metric([run], snap["last_probe_ts"])
-            yield fam
-        fam = g("fineline_probe_every_steps", "Configured probe cadence in steps (0: by tokens or off).", [])
-        fam.add_metric([run], float(snap["probe_every"] or 0))
-        yield fam
+    def _probes(self, s: _State):
+        value = self._family(s, "fineline_probe_value")
+        stderr = self._family(s, "fineline_probe_stderr")
+        for (cap, task, metric), (v, err) in sorted(s.probe.items()):
+            value.add_metric([s.run, cap, task, metric], v)
+            if err is not None:
+                stderr.add_metric([s.run, cap, task, metric], err)
+        yield value
+        yield stderr
+        docs = self._family(s, "fineline_probe_docs")
+        for (cap, task), n in sorted(s.probe_docs.items()):
+            docs.add_metric([s.run, cap, task], float(n))
+        yield docs
+        score = self._family(s, "fineline_capability_score")
+        for cap, v in sorted(s.capability.items()):
+            score.add_metric([s.run, cap], v)
+        yield score
+        yield self._single(s, "fineline_probe_rounds", float(s.probe_rounds))
+        if s.last_probe_step is not None:
+            yield self._single(s, "fineline_probe_last_step", float(s.last_probe_step))
+            yield self._single(s, "fineline_last_probe_timestamp_seconds", s.last_probe_ts)
+        yield self._single(s, "fineline_probe_every_steps", float(s.probe_every or 0))
 
-        # ---- expectations -----------------------------------------------------------------
-        fams = {k: g(f"fineline_expected_{k}", doc, ["name", "capability", "task", "metric"]) for k, doc in (
-            ("value", "Expected value of a curve for the current phase."),
-            ("low", "Lower edge of the expected band."),
-            ("high", "Upper edge of the expected band."))}
-        for name, (exp, low, high) in sorted(expected.items()):
-            labels = [run, name] + list(self._curve_labels(name))
+    def _expectations(self, s: _State):
+        fams = {k: self._family(s, f"fineline_expected_{k}") for k in ("value", "low", "high")}
+        for name, (exp, low, high) in sorted(s.expected.items()):
+            labels = [s.run, name] + list(self._curve_labels(s, name))
             for k, v in (("value", exp), ("low", low), ("high", high)):
                 if v is not None:
                     fams[k].add_metric(labels, v)
         yield from fams.values()
 
-        # ---- phase ------------------------------------------------------------------------
-        fam = g("fineline_phase", "Current training phase (1 for the current one, 0 otherwise).", ["phase"])
-        for p in PHASES if snap["phase"] in PHASES else PHASES + (snap["phase"],):
-            fam.add_metric([run, p], 1.0 if p == snap["phase"] else 0.0)
-        yield fam
-        if snap["phase_start_step"] is not None:
-            fam = g("fineline_phase_start_step", "Step at which the current phase began.", [])
-            fam.add_metric([run], float(snap["phase_start_step"]))
-            yield fam
+    @staticmethod
+    def _curve_labels(s: _State, name: str) -> Tuple[str, str, str]:
+        """(capability, task, metric) of an expectation row's curve name."""
+        cap = names.split_capability_key(name)
+        if cap is not None and "/" not in cap:
+            return cap, "", "score"
+        probe = names.split_probe_key(name)
+        if probe is not None and "/" not in probe[1]:
+            return s.task_capability.get(probe[0], ""), probe[0], probe[1]
+        return "", "", ""
 
-        # ---- alerts -----------------------------------------------------------------------
-        fam = g("fineline_alert_active",
-                f"1 while a monitor alert is active (fired within the last {snap['alert_hold_s']:g}s).",
-                ["rule", "severity", "capability", "task", "metric"])
-        for a in sorted(alerts, key=lambda a: (a["rule"], a["severity"], a["capability"], a["task"], a["metric"])):
-            active = now - a["ts"] < snap["alert_hold_s"]
-            fam.add_metric([run, a["rule"], a["severity"], a["capability"], a["task"], a["metric"]],
-                           1.0 if active else 0.0)
+    def _phase(self, s: _State):
+        fam = self._family(s, "fineline_phase")
+        for p in PHASES if s.phase in PHASES else PHASES + (s.phase,):
+            fam.add_metric([s.run, p], 1.0 if p == s.phase else 0.0)
         yield fam
-        fam = CounterMetricFamily("fineline_alerts", "Monitor alerts fired.", labels=["run", "rule", "severity"])
-        for (rule, sev), n in sorted(alert_counts.items()):
-            fam.add_metric([run, rule, sev], float(n))
-        yield fam
+        if s.phase_start_step is not None:
+            yield self._single(s, "fineline_phase_start_step", float(s.phase_start_step))
 
-        # ---- the monitor's own health --------------------------------------------------------
-        fam = CounterMetricFamily("fineline_internal_errors", "Errors isolated inside the monitor (training went on).",
-                                  labels=["run"])
-        fam.add_metric([run], snap["internal_errors"])
-        yield fam
-        fam = CounterMetricFamily("fineline_component_errors", "Isolated monitor errors per component.",
-                                  labels=["run", "part"])
-        for part, n in sorted(part_errors.items()):
-            fam.add_metric([run, part], n)
-        yield fam
-        fam = CounterMetricFamily("fineline_probe_failures", "Probe rounds that failed.", labels=["run"])
-        fam.add_metric([run], snap["probe_failures"])
-        yield fam
+    def _alerts(self, s: _State, now: float):
+        active = self._family(s, "fineline_alert_active")
+        for a in sorted(s.alerts.values(),
+                        key=lambda a: (a["rule"], a["severity"], a["capability"], a["task"], a["metric"])):
+            active.add_metric([s.run, a["rule"], a["severity"], a["capability"], a["task"], a["metric"]],
+                              1.0 if now - a["ts"] < s.alert_hold_s else 0.0)
+        yield active
+        fired = self._family(s, "fineline_alerts")
+        for (rule, sev), n in sorted(s.alert_counts.items()):
+            fired.add_metric([s.run, rule, sev], float(n))
+        yield fired
+
+    def _health(self, s: _State):
+        yield self._single(s, "fineline_internal_errors", s.internal_errors)
+        parts = self._family(s, "fineline_component_errors")
+        for part, n in sorted(s.part_errors.items()):
+            parts.add_metric([s.run, part], n)
+        yield parts
+        yield self._single(s, "fineline_probe_failures", s.probe_failures)
         stats = {w.name: w.stats() for w in workers()}
         stats.setdefault(self.own_sink, {"dropped": 0, "failed": 0, "queued": 0})
-        drop = CounterMetricFamily("fineline_sink_dropped", "Items a sink dropped (queue full or closed).",
-                                   labels=["run", "sink"])
-        fail = CounterMetricFamily("fineline_sink_failed", "Items a sink gave up on after retries.",
-                                   labels=["run", "sink"])
-        depth = g("fineline_sink_queue_depth", "Items waiting in a sink's background queue.", ["sink"])
+        drop, fail, depth = (self._family(s, f"fineline_sink_{k}") for k in ("dropped", "failed", "queue_depth"))
         for name, st in sorted(stats.items()):
-            drop.add_metric([run, name], float(st["dropped"]))
-            fail.add_metric([run, name], float(st["failed"]))
-            depth.add_metric([run, name], float(st["queued"]))
+            drop.add_metric([s.run, name], float(st["dropped"]))
+            fail.add_metric([s.run, name], float(st["failed"]))
+            depth.add_metric([s.run, name], float(st["queued"]))
         yield drop
         yield fail
         yield depth
-
-    def _curve_labels(self, name: str) -> Tuple[str, str, str]:
-        """(capability, task, metric) of an expectation row's curve name."""
-        parts = name.split("/")
-        if parts[0] == "capability" and len(parts) == 2:
-            return parts[1], "", "score"
-        if parts[0] == "probe" and len(parts) == 3:
-            return self.state.task_capability.get(parts[1], ""), parts[1], parts[2]
-        return "", "", ""
 
 
 class PrometheusSink(Sink):
@@ -388,7 +330,7 @@ class PrometheusSink(Sink):
         now = time.monotonic()
         if force or now - self._last_write >= self.write_interval_s:
             self._last_write = now
-            if self._worker._q.full():
+            if self._worker.queue_full():
                 return  # a write not yet started will export this newest state too: coalesced, not dropped
             self._worker.submit(None)
 
@@ -407,46 +349,27 @@ class PrometheusSink(Sink):
             s.last_step_ts = time.time()
             for name, value in metrics.items():
                 v = _finite(value)
-                if v is None:
-                    continue
-                if name.startswith("probe/"):
-                    parts = name.split("/", 2)
-                    if len(parts) == 3:
-                        task, metric = parts[1], parts[2]
-                        cap = s.task_capability.get(task, "")
-                        old = s.probe.get((cap, task, metric))
-                        s.probe[(cap, task, metric)] = (v, old[1] if old else None)
-                        continue
-                if name.startswith("capability/"):
-                    s.capability[name.split("/", 1)[1]] = v
-                    continue
-                if name == "fineline/internal_error":
-                    s.internal_errors = v
-                    continue
-                if name.startswith("fineline/internal_error/"):
-                    part = name.split("/", 2)[2]
-                    s.part_errors[part] = v
-                    if part == "probes":
-                        s.probe_failures = v
-                    continue
-                if name == "fineline/probe_failures":
-                    s.probe_failures = v
-                    continue
-                family, extra = prom_name(name)
-                if family not in s.helps:
-                    s.helps[family] = self._help(name, family)
-                s.gauges[(family, tuple(sorted(extra.items())))] = v
+                if v is not None:
+                    self._record(s, name, v)
         self._export_soon()
 
     @staticmethod
-    def _help(name: str, family: str) -> str:
-        for key, (fam, doc) in SIMPLE.items():
-            if fam == family:
-                return f"{doc} (monitor name `{key}`)"
-        for prefix, (fam, _, doc) in PER_ITEM.items():
-            if fam == family:
-                return f"{doc} (monitor name `{prefix}[/...]`)"
-        return f"Monitor metric `{name}`."
+    def _record(s: _State, name: str, v: float) -> None:
+        """One `log_metrics` value into the state (under its lock)."""
+        metric, part = names.lookup(name)
+        if metric is not None and metric.name in (names.PROBE_METRIC, names.CAPABILITY_SCORE):
+            return  # exported from the probe round itself (log_probe), with capability and stderr
+        if metric is not None and metric.name == names.INTERNAL_ERROR:
+            s.internal_errors = v
+        elif metric is not None and metric.name == names.PART_ERRORS:
+            s.part_errors[part] = v
+            if part == "probes":
+                s.probe_failures = v
+        else:
+            family, extra = names.prom_name(name)
+            if family not in s.helps:
+                s.helps[family] = _help(name, family)
+            s.gauges[(family, tuple(sorted(extra.items())))] = v
 
     def log_probe(self, round: ProbeRound) -> None:
         s = self.state
@@ -456,11 +379,8 @@ class PrometheusSink(Sink):
                 s.probe_docs[(r.capability, task)] = int(r.n_docs)
                 for metric, value in r.metrics.items():
                     v = _finite(value)
-                    if v is None:
-                        continue
-                    # drop a stale entry logged before the task's capability was known
-                    s.probe.pop(("", task, metric), None)
-                    s.probe[(r.capability, task, metric)] = (v, _finite(r.stderr.get(metric)))
+                    if v is not None:
+                        s.probe[(r.capability, task, metric)] = (v, _finite(r.stderr.get(metric)))
             for cap, value in round.capability_scores.items():
                 v = _finite(value)
                 if v is not None:

@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from fineline_monitor import metric_names as names
 from fineline_monitor.core.types import Alert, ProbeRound
 from fineline_monitor.sinks.background import BackgroundSink
 from fineline_monitor.sinks.base import Sink
@@ -34,16 +35,15 @@ from fineline_monitor.sinks.base import Sink
 log = logging.getLogger("fineline_monitor.sinks")
 
 PHASE_INDEX = {"warmup": 0, "stable": 1, "decay": 2, "anneal": 3, "rewarm": 4}
-X_AXES = ("train/tokens", "train/step")
+X_AXES = (names.TOKENS, names.STEP)
 
 
 def wandb_key(name: str, task_capability: Dict[str, str]) -> str:
     """The W&B key of a monitor metric name (probe metrics grouped by capability)."""
-    if name.startswith("probe/"):
-        parts = name.split("/", 2)
-        if len(parts) == 3:
-            cap = task_capability.get(parts[1]) or "other"
-            return f"probe_{cap}/{parts[1]}/{parts[2]}"
+    probe = names.split_probe_key(name)
+    if probe is not None:
+        task, metric = probe
+        return f"probe_{task_capability.get(task) or 'other'}/{task}/{metric}"
     return name
 
 
@@ -92,10 +92,10 @@ class _WandbWriter(Sink):
         for axis in X_AXES:
             r.define_metric(axis, hidden=False)
         # Every other metric plots against tokens by default; steps stay available.
-        r.define_metric("*", step_metric="train/tokens")
-        for cap_key in ("capability/*", "probe_*"):
-            r.define_metric(cap_key, step_metric="train/tokens", summary="last")
-        r.define_metric("train/loss", step_metric="train/tokens", summary="min")
+        r.define_metric("*", step_metric=names.TOKENS)
+        for cap_key in (names.capability_key("*"), "probe_*"):
+            r.define_metric(cap_key, step_metric=names.TOKENS, summary="last")
+        r.define_metric(names.LOSS, step_metric=names.TOKENS, summary="min")
 
     @property
     def offline(self) -> bool:
@@ -107,9 +107,9 @@ class _WandbWriter(Sink):
         if self._disabled or self.run_obj is None or not row:
             return
         row = {k: v for k, v in row.items() if v is not None}
-        row["train/step"] = int(step)
+        row[names.STEP] = int(step)
         if tokens is not None:
-            row["train/tokens"] = int(tokens)
+            row[names.TOKENS] = int(tokens)
         if step >= self._last_step:
             self.run_obj.log(row, step=int(step))
             self._last_step = int(step)
@@ -120,7 +120,7 @@ class _WandbWriter(Sink):
     def log_metrics(self, step: int, tokens: Optional[int], metrics: Dict[str, float]) -> None:
         row: Dict[str, Any] = {}
         for name, value in metrics.items():
-            if name.startswith("probe/") and self._probe_logged_step == step:
+            if names.split_probe_key(name) is not None and self._probe_logged_step == step:
                 continue  # already logged with capability and stderr by log_probe
             row[wandb_key(name, self._task_cap)] = _num(value)
         self._log(step, tokens, row)
@@ -130,13 +130,13 @@ class _WandbWriter(Sink):
         for task, r in round.tasks.items():
             self._task_cap[task] = r.capability
             for metric, value in r.metrics.items():
-                key = wandb_key(f"probe/{task}/{metric}", self._task_cap)
+                key = wandb_key(names.probe_key(task, metric), self._task_cap)
                 row[key] = _num(value)
                 if metric in r.stderr:
                     row[key + "_stderr"] = _num(r.stderr[metric])
         for cap, value in round.capability_scores.items():
-            row[f"capability/{cap}"] = _num(value)
-        row["monitor/probe_seconds"] = round.seconds
+            row[names.capability_key(cap)] = _num(value)
+        row[names.PROBE_SECONDS] = round.seconds
         self._probe_logged_step = int(round.step)
         self._log(int(round.step), round.tokens, row)
 
@@ -150,7 +150,7 @@ class _WandbWriter(Sink):
         self._log(step, None, out)
 
     def log_phase(self, step: int, tokens: Optional[int], phase: str, previous: Optional[str]) -> None:
-        self._log(step, tokens, {"train/phase_index": PHASE_INDEX.get(phase, -1)})
+        self._log(step, tokens, {names.PHASE_INDEX: PHASE_INDEX.get(phase, -1)})
         if not self._disabled and self.run_obj is not None:
             self.run_obj.summary["phase"] = phase
 
@@ -158,7 +158,7 @@ class _WandbWriter(Sink):
         if self._disabled or self.run_obj is None:
             return
         self._alert_counts[alert.severity] = self._alert_counts.get(alert.severity, 0) + 1
-        self._log(alert.step, alert.tokens, {f"alerts/{alert.severity}": self._alert_counts[alert.severity]})
+        self._log(alert.step, alert.tokens, {names.alert_count_key(alert.severity): self._alert_counts[alert.severity]})
         self.run_obj.summary["last_alert"] = alert.to_json()
         if alert.severity not in ("warning", "critical"):
             return
