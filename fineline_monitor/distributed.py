@@ -54,6 +54,19 @@ def collective_device(group: Any = None, hint: Any = None) -> Any:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def bounded_all_reduce(t: Any, op: str = "SUM", *, group: Any = None, timeout_s: float,
+                       what: str = "all_reduce") -> Any:
+    """All-reduce `t` in place (op SUM, MIN or MAX) over `group` and wait at most `timeout_s`:
+    a rank that stopped calling it raises TimeoutError here (gloo raises on its own) instead
+    of hanging its peers' next collectives. Returns `t`."""
+    import torch.distributed as dist
+
+    work = dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=group, async_op=True)
+    if not work.wait(timeout=datetime.timedelta(seconds=timeout_s)):  # pragma: no cover - gloo raises instead
+        raise TimeoutError(f"{what} did not complete in {timeout_s:.0f}s")
+    return t
+
+
 @dataclass
 class DistContext:
     rank: int = 0

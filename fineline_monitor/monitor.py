@@ -44,20 +44,6 @@ REFERENCE_ERRORS = (TrajectoryError, ConfigError)
 STATE_VERSION = 1
 
 
-def _as_config(config: Any) -> MonitorConfig:
-    if config is None:
-        return MonitorConfig()
-    if isinstance(config, MonitorConfig):
-        # checked again: fields assigned after construction (cfg.probe_every = -5) were not
-        validate(config)
-        return config
-    if isinstance(config, dict):
-        return MonitorConfig.from_dict(config)
-    if isinstance(config, (str, os.PathLike)):
-        return MonitorConfig.from_yaml(config)
-    raise TypeError(f"config must be a MonitorConfig, a dict or a YAML path, got {type(config).__name__}")
-
-
 class FineLineMonitor:
     """Attach to a model and optimizer; call `step()` once per optimizer step."""
 
@@ -65,7 +51,7 @@ class FineLineMonitor:
                  tokenizer: Any = None, scorer: Any = None, dist: Optional[DistContext] = None,
                  sinks: Optional[List[Any]] = None, checkpoint_fn: Optional[Callable[[int], None]] = None,
                  run_meta: Optional[Dict[str, Any]] = None, step_metrics_fn: Optional[Callable[[], Dict[str, Any]]] = None):
-        self.config = _as_config(config)
+        self.config = MonitorConfig.coerce(config)
         self.model = model
         self.optimizer = optimizer
         self.tokenizer = tokenizer

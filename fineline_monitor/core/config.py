@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,22 @@ class MonitorConfig:
         validate(self)
 
     # ---- construction -------------------------------------------------------------
+    @classmethod
+    def coerce(cls, config: Any) -> "MonitorConfig":
+        """The config of what a user may pass as `config=`: None (the defaults), a
+        MonitorConfig (validated again: fields assigned after construction were not), a
+        dict, or the path of a YAML file."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            validate(config)
+            return config
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        if isinstance(config, (str, os.PathLike)):
+            return cls.from_yaml(config)
+        raise TypeError(f"config must be a MonitorConfig, a dict or a YAML path, got {type(config).__name__}")
+
     @classmethod
     def from_dict(cls, data: Dict[str, Any], *, where: str = "config") -> "MonitorConfig":
         return _build(cls, data, where, {})

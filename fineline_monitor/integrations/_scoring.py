@@ -29,12 +29,11 @@ Both waits of the agreement itself are bounded by `DistContext.timeout_s`.
 
 from __future__ import annotations
 
-import datetime
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from fineline_monitor.distributed import collective_device
+from fineline_monitor.distributed import bounded_all_reduce, collective_device
 from fineline_monitor.probes.scoring import IGNORE_INDEX, Row, Scorer, TokenBatch
 
 
@@ -42,14 +41,11 @@ class ProbeAborted(RuntimeError):
     """Raised on every rank when any rank failed during a probe round."""
 
 
-def _bounded_all_reduce(value: float, op: str, timeout_s: float, group: Any = None, hint: Any = None) -> float:
-    import torch.distributed as dist
-
-    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device(group, hint))
-    work = dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=group, async_op=True)
-    if not work.wait(timeout=datetime.timedelta(seconds=timeout_s)):  # pragma: no cover - gloo raises
-        raise TimeoutError(f"probe agreement did not complete in {timeout_s:.0f}s")
-    return float(t.item())
+def _reduce_over_job(value: float, op: str, dist: Any) -> float:
+    """`value` reduced with `op` over the whole job, within the monitor's collective timeout."""
+    hint = getattr(dist, "device_hint", None)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device(None, hint))
+    return float(bounded_all_reduce(t, op, timeout_s=dist.timeout_s, what="probe agreement").item())
 
 
 class CollectiveSafeScorer(Scorer):
@@ -123,8 +119,7 @@ class CollectiveSafeScorer(Scorer):
         its own error, the others ProbeAborted)."""
         ok = err is None
         if self._distributed:
-            ok = _bounded_all_reduce(1.0 if ok else 0.0, "MIN", self.dist.timeout_s,
-                                     hint=getattr(self.dist, "device_hint", None)) >= 0.5
+            ok = _reduce_over_job(1.0 if ok else 0.0, "MIN", self.dist) >= 0.5
         if err is not None:
             raise err
         if not ok:
@@ -147,8 +142,7 @@ class CollectiveSafeScorer(Scorer):
         self._agree(err, "preparation")
         n = len(batches)
         if self.equal_batches and self._distributed:
-            n = int(_bounded_all_reduce(float(n), "MAX", self.dist.timeout_s,
-                                        hint=getattr(self.dist, "device_hint", None)))
+            n = int(_reduce_over_job(float(n), "MAX", self.dist))
         merged: Dict[int, Tuple[float, int, bool]] = {}
         seen: set = set()
         self.batches_run = 0

@@ -43,12 +43,11 @@ What it takes from the engine, and why:
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fineline_monitor import metric_names as names
-from fineline_monitor.distributed import DistContext, collective_device
+from fineline_monitor.distributed import DistContext, bounded_all_reduce, collective_device
 from fineline_monitor.integrations._wrapper import MonitorPassThrough
 
 log = logging.getLogger("fineline_monitor")
@@ -73,16 +72,6 @@ def deepspeed_dist_context(engine: Any, timeout_s: float = 300.0) -> DistContext
     rank = dist.get_rank()
     return DistContext(rank=rank, world_size=dist.get_world_size(), dp_rank=dp_rank, dp_size=dp_size,
                        dp_group=dp_group, is_logging_rank=(rank == 0), timeout_s=timeout_s)
-
-
-def _bounded_all_reduce(t: Any, group: Any, timeout_s: float, op: Any = None) -> Any:
-    """all_reduce with a bounded wait, so a rank that stopped calling it cannot hang us."""
-    import torch.distributed as dist
-
-    work = dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group, async_op=True)
-    if not work.wait(timeout=datetime.timedelta(seconds=timeout_s)):  # pragma: no cover - gloo raises instead
-        raise TimeoutError(f"all_reduce did not complete in {timeout_s:.0f}s")
-    return t
 
 
 # ---- ZeRO-3 shard views -----------------------------------------------------------------------
@@ -245,9 +234,10 @@ class DeepSpeedMonitor(MonitorPassThrough):
     def __init__(self, engine: Any, config: Any = None, *, tokenizer: Any = None, scorer: Any = None,
                  sinks: Optional[List[Any]] = None, checkpoint_fn: Optional[Callable[[int], None]] = None,
                  run_meta: Optional[Dict[str, Any]] = None):
-        from fineline_monitor.monitor import FineLineMonitor, _as_config
+        from fineline_monitor.core.config import MonitorConfig
+        from fineline_monitor.monitor import FineLineMonitor
 
-        cfg = _as_config(config)
+        cfg = MonitorConfig.coerce(config)
         self.engine = engine
         self.zero_stage = int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
         self.is_pipeline = hasattr(engine, "eval_batch") and hasattr(engine, "grid")
@@ -300,8 +290,8 @@ class DeepSpeedMonitor(MonitorPassThrough):
             if t.numel():
                 sq += t.detach().double().pow(2).sum().cpu()
         if self.dist.dp_size > 1:
-            sq = _bounded_all_reduce(sq.to(collective_device(self.dist.dp_group, self.dist.device_hint)),
-                                     self.dist.dp_group, self.dist.timeout_s)
+            sq = bounded_all_reduce(sq.to(collective_device(self.dist.dp_group, self.dist.device_hint)), "SUM",
+                                    group=self.dist.dp_group, timeout_s=self.dist.timeout_s)
         return {names.PARAM_NORM: float(sq.sqrt())}
 
     # ---- per micro-step --------------------------------------------------------------------

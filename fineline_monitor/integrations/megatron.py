@@ -417,9 +417,10 @@ class MegatronMonitor(MonitorPassThrough):
         from megatron.core import parallel_state as ps
 
         from fineline_monitor.integrations._scoring import backend_scorer
-        from fineline_monitor.monitor import FineLineMonitor, _as_config
+        from fineline_monitor.core.config import MonitorConfig
+        from fineline_monitor.monitor import FineLineMonitor
 
-        cfg = _as_config(config)
+        cfg = MonitorConfig.coerce(config)
         self.model = model
         self.optimizer = optimizer
         self.dist = megatron_dist_context(cfg.dist_timeout_s)

@@ -31,11 +31,11 @@ def nccl_group():
 
 def test_monitor_collectives_run_on_nccl(nccl_group):
     from fineline_monitor.distributed import DistContext, collective_device
-    from fineline_monitor.integrations._scoring import _bounded_all_reduce
+    from fineline_monitor.integrations._scoring import _reduce_over_job
 
     assert collective_device(None).type == "cuda"
     ctx = DistContext(rank=0, world_size=2, dp_rank=0, dp_size=1, timeout_s=60)
     assert ctx.max_values([1.0, 3.5]) == [1.0, 3.5]
     assert ctx._logging_rank_global() == 0
     assert ctx.broadcast_from_logger({"actions": ["stop"]}) == {"actions": ["stop"]}
-    assert _bounded_all_reduce(2.0, "MAX", 60.0) == 2.0
+    assert _reduce_over_job(2.0, "MAX", ctx) == 2.0
