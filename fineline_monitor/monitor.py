@@ -16,9 +16,10 @@ What one `step()` does, in order (a reader can follow it here in one sitting):
   4. alerts go to the sinks (store, alerts.jsonl, console, webhook...), criticals may ask
      for a checkpoint or a stop, identical on every rank.
 
-Every part runs inside `_guarded`: an exception is reported once (log + store event +
-`fineline/internal_error` metric) and that part is disabled; training goes on.
-`strict=True` raises instead.
+The parts (indicators, probe runner, alert engine, each sink) are hosted as `Component`s
+behind one `ErrorGuard` (fineline_monitor/components.py): an exception is reported once
+(log + store event + `fineline/internal_error` metric) and that part is disabled; training
+goes on. `strict=True` raises instead.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from fineline_monitor import metric_names as names
+from fineline_monitor.components import Component, ErrorGuard, Hosted
 from fineline_monitor.core.cadence import probe_budget_next_step, should_collect, should_probe
-from fineline_monitor.core.config import ConfigError, MonitorConfig, validate
+from fineline_monitor.core.config import ConfigError, MonitorConfig
 from fineline_monitor.core.trajectory import TrajectoryError
 from fineline_monitor.core.types import Alert, ProbeRound
 from fineline_monitor.distributed import DistContext, module_device
@@ -40,6 +42,8 @@ log = logging.getLogger("fineline_monitor")
 LOCAL_SINKS = ("sink:store", "sink:alerts_file")  # synchronous writes to local disk
 # what reading `alerts.reference_csv` raises for a bad path, table or setting (fatal at attach)
 REFERENCE_ERRORS = (TrajectoryError, ConfigError)
+PARTS = ("indicators", "probes", "alerts")  # the hosted parts besides the sinks
+STATEFUL_PARTS = ("indicators", "alerts")  # their state_dict goes into the monitor's, under their name
 
 STATE_VERSION = 1
 
@@ -47,35 +51,59 @@ STATE_VERSION = 1
 class FineLineMonitor:
     """Attach to a model and optimizer; call `step()` once per optimizer step."""
 
+    # the objects of the hosted parts (None when not built, e.g. the engine off the logging rank)
+    indicators = Hosted("indicators")
+    probes = Hosted("probes")
+    engine = Hosted("alerts")
+
     def __init__(self, model: Any = None, optimizer: Any = None, config: Any = None, *,
                  tokenizer: Any = None, scorer: Any = None, dist: Optional[DistContext] = None,
                  sinks: Optional[List[Any]] = None, checkpoint_fn: Optional[Callable[[int], None]] = None,
                  run_meta: Optional[Dict[str, Any]] = None, step_metrics_fn: Optional[Callable[[], Dict[str, Any]]] = None):
         self.config = MonitorConfig.coerce(config)
+        self.strict = self.config.strict
+        self._guard = ErrorGuard(self.strict, on_first_error=self._record_error)
+        self._parts = {name: Component(name, None, self._guard) for name in PARTS}
         self.model = model
         self.optimizer = optimizer
         self.tokenizer = tokenizer
-        self.dist = dist or DistContext.detect(self.config.dist_timeout_s)
-        if getattr(self.dist, "device_hint", None) is None:
-            self.dist.device_hint = module_device(model)  # where NCCL collectives must put their tensors
-        self.strict = self.config.strict
         self.checkpoint_fn = checkpoint_fn
-        if "checkpoint" in self.config.alerts.on_critical and checkpoint_fn is None and self.dist.is_logging_rank:
-            log.warning("fineline_monitor: alerts.on_critical has `checkpoint` but no checkpoint_fn was passed "
-                        "to the monitor: that action will do nothing")
+        self.dist = self._dist_context(dist, model)
         self.run = self.config.run_name or time.strftime("run-%Y%m%d-%H%M%S")
         self.out_dir = Path(self.config.out_dir)
+        self._init_state()
+        self._check_on_critical()
+
+        wants_indicators = self.config.indicators.enabled and model is not None
+        wants_probes = (self.config.probe_every > 0 or self.config.probe_every_tokens > 0) and \
+            (model is not None or scorer is not None)
+        self._start_sinks(sinks)
+        fatal = self._build_parts(wants_indicators, wants_probes, scorer, step_metrics_fn)
+        fatal = self._agree_on_attach(fatal, wants_indicators, wants_probes)
+        if fatal is not None:
+            self._emit("close")  # the sinks already started (exporter port, store, threads)
+            raise fatal
+        self._emit("start_run", self.run, self.config.to_dict(), self._run_meta(run_meta))
+
+    # ---- attach, step by step ------------------------------------------------------------
+    def _dist_context(self, dist: Optional[DistContext], model: Any) -> DistContext:
+        dist = dist or DistContext.detect(self.config.dist_timeout_s)
+        if getattr(dist, "device_hint", None) is None:
+            dist.device_hint = module_device(model)  # where NCCL collectives must put their tensors
+        return dist
+
+    def _init_state(self) -> None:
         self.should_stop = False  # set on every rank when a critical alert asks for a stop
         self.alerts: List[Alert] = []
         self.last_probe: Optional[ProbeRound] = None
-        self._disabled: Dict[str, str] = {}
-        self._error_counts: Dict[str, int] = {}
+        self.sinks: List[Any] = []
+        self._store = None
+        self._paged: Set[Tuple[int, str, str]] = set()  # (step, rule, key) of alerts already delivered
         self._first_step: Optional[int] = None
         self._last_probe_tokens: Optional[int] = None
         self._step = 0
         self._tokens: Optional[int] = None
         self._closed = False
-        self._store = None
         self._pending_actions: List[str] = []
         self._monitor_seconds = 0.0
         # Whole-run budget (probe_max_overhead), cumulative since attach: the loop's own
@@ -89,87 +117,92 @@ class FineLineMonitor:
         self._last_round_seconds = 0.0
         self._next_probe_step: Optional[int] = None
 
-        # ---- sinks: the real ones on the logging rank, do-nothing elsewhere ----------
+    def _check_on_critical(self) -> None:
+        if "checkpoint" in self.config.alerts.on_critical and self.checkpoint_fn is None and self.dist.is_logging_rank:
+            log.warning("fineline_monitor: alerts.on_critical has `checkpoint` but no checkpoint_fn was passed "
+                        "to the monitor: that action will do nothing")
+
+    def _start_sinks(self, user_sinks: Optional[List[Any]]) -> None:
+        """The real sinks on the logging rank (one writer per run), none elsewhere. Bad sink
+        configuration raises here, at attach time; a sink that cannot start (a port taken)
+        is reported and left out alone, the others still run."""
         from fineline_monitor.sinks import build_sinks
 
-        self._paged: set = set()
-        if self.dist.is_logging_rank:
-            # Bad sink configuration raises here, at attach time; a sink that cannot start
-            # (a port taken) is reported and left out alone, the others still run.
-            def sink_failed(part: str, e: BaseException) -> None:
-                self._report_error(part, e)
-                self._disable(part, f"{type(e).__name__}: {e}")
+        if not self.dist.is_logging_rank:
+            return
 
-            self.sinks, self._store = build_sinks(self.config, self.out_dir, self.run, on_error=sink_failed)
-            self.sinks = list(self.sinks)
-            if "store" not in self.config.sinks.enabled:
-                # said once: without the store nothing stays on local disk (no run.db for
-                # `report`/`export`, no alerts.jsonl to read when a paging sink is down)
-                log.warning("fineline_monitor: 'store' is not in sinks.enabled: no %s/run.db or alerts.jsonl "
-                            "will be written (fineline-monitor report/export need them)", self.out_dir)
-            if self._store is not None:
-                # Alerts already delivered by an earlier life of this run (before a restart):
-                # a resumed run that replays their step must not page again.
-                rows = self._guarded("sink:store", lambda: self._store.query(
-                    "SELECT step, rule, key FROM alerts WHERE run=?", (self.run,)), default=[]) or []
-                self._paged = {(int(st), rule, key) for st, rule, key in rows}
-        else:
-            self.sinks = []
-        if sinks and self.dist.is_logging_rank:  # user sinks too: one writer per run (DESIGN)
-            self.sinks.extend(sinks)
+        def sink_failed(part: str, e: BaseException) -> None:
+            self._guard.report(part, e)
+            self._guard.disable(part, f"{type(e).__name__}: {e}")
 
-        # ---- parts (each optional, each isolated) ----------------------------------
-        self.indicators = None
-        if self.config.indicators.enabled and model is not None:
-            self.indicators = self._guarded("indicators", lambda: self._build_indicators(step_metrics_fn), default=None)
-        self.probes = None
-        self.engine = None
-        want_probes = (self.config.probe_every > 0 or self.config.probe_every_tokens > 0) and \
-            (model is not None or scorer is not None)
-        fatal: Optional[BaseException] = None
+        built, self._store = build_sinks(self.config, self.out_dir, self.run, on_error=sink_failed)
+        self.sinks = list(built)
+        if "store" not in self.config.sinks.enabled:
+            # said once: without the store nothing stays on local disk (no run.db for
+            # `report`/`export`, no alerts.jsonl to read when a paging sink is down)
+            log.warning("fineline_monitor: 'store' is not in sinks.enabled: no %s/run.db or alerts.jsonl "
+                        "will be written (fineline-monitor report/export need them)", self.out_dir)
+        if self._store is not None:
+            # Alerts already delivered by an earlier life of this run (before a restart):
+            # a resumed run that replays their step must not page again.
+            rows = self._guard.run("sink:store", lambda: self._store.query(
+                "SELECT step, rule, key FROM alerts WHERE run=?", (self.run,)), default=[]) or []
+            self._paged = {(int(st), rule, key) for st, rule, key in rows}
+        if user_sinks:
+            self.sinks.extend(user_sinks)
+
+    def _build_parts(self, wants_indicators: bool, wants_probes: bool, scorer: Any,
+                     step_metrics_fn: Optional[Callable[[], Dict[str, Any]]]) -> Optional[BaseException]:
+        """The indicators, the probe runner and the alert engine, each optional and isolated.
+        Returns the error that must fail the attach (raised once the ranks agree), if any."""
+        if wants_indicators:
+            self.indicators = self._guard.run("indicators", lambda: self._build_indicators(step_metrics_fn))
         try:
-            if want_probes:
+            if wants_probes:
                 # A bad probes.* setting or request file (unknown task, unreadable file, no
                 # tokenizer, unknown context length) is the user's to fix: it raises at
                 # attach time instead of leaving the run without curves.
-                self.probes = self._guarded("probes", lambda: self._build_probes(scorer), default=None,
-                                            fatal=_probe_config_errors())
+                self.probes = self._guard.run("probes", lambda: self._build_probes(scorer),
+                                              fatal=_probe_config_errors())
             if self.dist.is_logging_rank:  # the only rank that judges and pages
                 # a reference run that cannot be read is the user's to fix too: without this
                 # the whole alert engine (every rule, every page) would be disabled by one bad path
-                self.engine = self._guarded("alerts", self._build_engine, default=None, fatal=REFERENCE_ERRORS)
-        except Exception as e:  # noqa: BLE001 - raised below, on every rank together
-            fatal = e
-        if self.dist.distributed:
-            # Ranks agree on the outcome of attach (one collective; every rank attaches):
-            # a file present on one node only, or a scorer self-check that fails on one GPU,
-            # must not leave some ranks with probes (or running) and others without.
-            want_ind = self.config.indicators.enabled and model is not None
-            try:
-                bad_attach, bad_probes, bad_ind = self.dist.max_values(
-                    [1.0 if fatal is not None else 0.0, 1.0 if want_probes and self.probes is None else 0.0,
-                     1.0 if want_ind and self.indicators is None else 0.0])
-            except Exception as e:  # noqa: BLE001
-                if fatal is None:
-                    fatal = e
-                bad_attach = bad_probes = bad_ind = 1.0
-            if bad_attach and fatal is None:
-                fatal = RuntimeError("fineline_monitor: another rank failed to attach the monitor (a bad setting or "
-                                     "a file missing there); see that rank's error")
-            if bad_probes and self.probes is not None:
-                self.probes = None
-                self._disable("probes", "probes failed to build on another rank")
-            if bad_ind and self.indicators is not None:  # some indicators are collectives (ZeRO-3, TP norms)
-                self.indicators = None
-                self._disable("indicators", "indicators failed to build on another rank")
-        if fatal is not None:
-            self._emit("close")  # the sinks already started (exporter port, store, threads)
-            raise fatal
+                self.engine = self._guard.run("alerts", self._build_engine, fatal=REFERENCE_ERRORS)
+        except Exception as e:  # noqa: BLE001 - raised after the ranks agree, on every rank together
+            return e
+        return None
 
+    def _agree_on_attach(self, fatal: Optional[BaseException], wants_indicators: bool,
+                         wants_probes: bool) -> Optional[BaseException]:
+        """Ranks agree on the outcome of attach (one collective; every rank attaches): a file
+        present on one node only, or a scorer self-check that fails on one GPU, must not leave
+        some ranks with probes (or running) and others without."""
+        if not self.dist.distributed:
+            return fatal
+        try:
+            bad_attach, bad_probes, bad_ind = self.dist.max_values(
+                [1.0 if fatal is not None else 0.0, 1.0 if wants_probes and self.probes is None else 0.0,
+                 1.0 if wants_indicators and self.indicators is None else 0.0])
+        except Exception as e:  # noqa: BLE001
+            if fatal is None:
+                fatal = e
+            bad_attach = bad_probes = bad_ind = 1.0
+        if bad_attach and fatal is None:
+            fatal = RuntimeError("fineline_monitor: another rank failed to attach the monitor (a bad setting or "
+                                 "a file missing there); see that rank's error")
+        if bad_probes and self.probes is not None:
+            self.probes = None
+            self._guard.disable("probes", "probes failed to build on another rank")
+        if bad_ind and self.indicators is not None:  # some indicators are collectives (ZeRO-3, TP norms)
+            self.indicators = None
+            self._guard.disable("indicators", "indicators failed to build on another rank")
+        return fatal
+
+    def _run_meta(self, run_meta: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         meta = {"versions": _package_versions(), "world_size": self.dist.world_size,
-                "params": _count_params(model), "pid": os.getpid()}
+                "params": _count_params(self.model), "pid": os.getpid()}
         meta.update(run_meta or {})
-        self._emit("start_run", self.run, self.config.to_dict(), meta)
+        return meta
 
     # ---- construction of parts (imported lazily: torch lives in these) ---------------
     def _build_indicators(self, step_metrics_fn):
@@ -210,15 +243,13 @@ class FineLineMonitor:
         self._step, self._tokens = int(step), tokens
         fired: List[Alert] = []
 
-        if self.indicators is not None and "indicators" not in self._disabled:
-            self._guarded("indicators", lambda: self.indicators.on_step(
-                step=step, loss=loss, lr=lr, tokens=tokens, grad_norm=grad_norm, loss_scale=loss_scale,
-                skipped=skipped, batch_tokens=batch_tokens))
+        self._parts["indicators"].call("on_step", step=step, loss=loss, lr=lr, tokens=tokens, grad_norm=grad_norm,
+                                       loss_scale=loss_scale, skipped=skipped, batch_tokens=batch_tokens)
 
         if should_collect(step, self.config.indicators.collect_every):
             fired += self._collect(step, tokens, lr, loss)
 
-        if self.probes is not None and "probes" not in self._disabled and should_probe(
+        if self._parts["probes"].running and should_probe(
                 step, every=self.config.probe_every, tokens=tokens, every_tokens=self.config.probe_every_tokens,
                 last_probe_tokens=self._last_probe_tokens, at_start=self.config.probe_at_start,
                 first_step=self._first_step, not_before=self._next_probe_step) and self._within_budget(step):
@@ -233,34 +264,28 @@ class FineLineMonitor:
         return fired
 
     def _collect(self, step: int, tokens: Optional[int], lr: Optional[float], loss: Any) -> List[Alert]:
-        metrics: Optional[Dict[str, float]] = None
-        if self.indicators is not None and "indicators" not in self._disabled:
-            metrics = self._guarded("indicators", lambda: self.indicators.collect(step), default=None)
+        metrics: Optional[Dict[str, float]] = self._parts["indicators"].call("collect", step)
         if metrics is None and self.indicators is not None and self.dist.distributed:
             # this rank's indicators failed (now or earlier): keep joining their collectives,
             # which the other ranks' indicators still run (no-op if already run this step)
-            self._guarded("indicators:collectives", lambda: self.indicators.run_collectives(step))
+            self._guard.run("indicators:collectives", lambda: self.indicators.run_collectives(step))
         if metrics is None:
             # Without indicators the loss still goes next to the probe curves.
-            metrics = {k: v for k, v in (("train/loss", _to_float(loss)), ("train/lr", lr)) if v is not None}
+            metrics = {k: v for k, v in ((names.LOSS, _to_float(loss)), (names.LR, lr)) if v is not None}
             if tokens is not None:
-                metrics["train/tokens"] = float(tokens)
+                metrics[names.TOKENS] = float(tokens)
         if self._train_seconds > 0:
             # what probe_max_overhead bounds: the monitor's cumulative share of training time
-            metrics["monitor/overhead"] = self._monitor_seconds / self._train_seconds
-        if self._error_counts:
-            metrics["fineline/internal_error"] = float(sum(self._error_counts.values()))
-            for part, n in self._error_counts.items():
+            metrics[names.OVERHEAD] = self._monitor_seconds / self._train_seconds
+        if self._guard.error_counts:
+            metrics[names.INTERNAL_ERROR] = float(sum(self._guard.error_counts.values()))
+            for part, n in self._guard.error_counts.items():
                 # e.g. fineline/internal_error/probes feeds the probe-failure alert rule
-                metrics[f"fineline/internal_error/{part.replace(':', '_')}"] = float(n)
+                metrics[names.part_errors_key(part)] = float(n)
         if not self.dist.is_logging_rank:
             return []
         self._emit("log_metrics", step, tokens, metrics)
-        if self.engine is None or "alerts" in self._disabled:
-            return []
-        alerts = self._guarded("alerts", lambda: self.engine.observe_metrics(step, tokens, lr, metrics), default=[]) or []
-        self._drain_engine_events(step, tokens)
-        return alerts
+        return self._judge("observe_metrics", step, tokens, lr, metrics, step=step)
 
     def _within_budget(self, step: int) -> bool:
         """On a due step: may the round run within probe_max_overhead? Every rank asks at
@@ -277,8 +302,8 @@ class FineLineMonitor:
                 [self._monitor_seconds, -self._train_seconds, self._last_round_seconds,
                  -self._train_seconds / steps, per_step])
         except Exception as e:  # noqa: BLE001
-            self._report_error("probes", e)
-            self._disable("probes", "could not agree on the probe budget")
+            self._guard.report("probes", e)
+            self._guard.disable("probes", "could not agree on the probe budget")
             return False
         nxt = probe_budget_next_step(step, every=self.config.probe_every, max_overhead=budget,
                                      monitor_seconds=monitor_s, train_seconds=-neg_train_s, round_seconds=round_s,
@@ -293,17 +318,15 @@ class FineLineMonitor:
         return False
 
     def _probe_round(self, step: int, tokens: Optional[int]) -> List[Alert]:
-        ctx = None
-        if self.indicators is not None and "indicators" not in self._disabled:
-            ctx = self._guarded("indicators", lambda: self.indicators.probe_context(), default=None)
+        ctx = self._parts["indicators"].call("probe_context")
         ok = True
         round_: Optional[ProbeRound] = None
         t_round = time.perf_counter()
         try:
             round_ = self.probes.run(step=step, tokens=tokens, hooks=ctx)
-        except Exception as e:  # noqa: BLE001 - isolation is the point
+        except Exception as e:  # noqa: BLE001 - disabled below, once every rank agrees
             ok = False
-            self._report_error("probes", e)
+            self._guard.report("probes", e)
         round_seconds = time.perf_counter() - t_round
         self._probe_seconds += round_seconds
         self._last_round_seconds = round_seconds
@@ -313,15 +336,15 @@ class FineLineMonitor:
         try:
             failed, = self.dist.max_values([0.0 if ok else 1.0])
         except Exception as e:  # noqa: BLE001
-            self._report_error("probes", e)
+            self._guard.report("probes", e)
             failed = 1.0
         if failed > 0 and ok:
-            self._disable("probes", "another rank failed during a probe round")
+            self._guard.disable("probes", "another rank failed during a probe round")
             ok = False
         if not ok or round_ is None:
             # Disabled on every rank alike (the agreement above), so no rank later enters
             # a probe collective that the others skip.
-            self._disable("probes", "a probe round failed")
+            self._guard.disable("probes", "a probe round failed")
             return []
         self._last_probe_tokens = tokens
         self.last_probe = round_
@@ -329,23 +352,26 @@ class FineLineMonitor:
             return []
         extra: Dict[str, float] = {}
         if ctx is not None:
-            extra = self._guarded("indicators", lambda: self.indicators.probe_round_metrics(ctx), default={}) or {}
+            extra = self._parts["indicators"].call("probe_round_metrics", ctx, default={}) or {}
         metrics = probe_metrics(round_)
         metrics.update(extra)
         self._emit("log_probe", round_)
         self._emit("log_metrics", step, tokens, metrics)
-        if self.engine is None or "alerts" in self._disabled:
-            return []
-        alerts = self._guarded("alerts", lambda: self.engine.observe_probe(round_, extra), default=[]) or []
-        self._drain_engine_events(step, tokens)
-        return alerts
+        return self._judge("observe_probe", round_, extra, step=step)
 
-    def _drain_engine_events(self, step: int, tokens: Optional[int]) -> None:
-        for ev in self._guarded("alerts", lambda: self.engine.pop_phase_changes(), default=[]) or []:
+    def _judge(self, method: str, *args: Any, step: int) -> List[Alert]:
+        """The alert engine's verdict on new observations (`observe_metrics`/`observe_probe`),
+        then its phase changes and expected bands, to the sinks."""
+        engine = self._parts["alerts"]
+        if not engine.running:
+            return []
+        alerts = engine.call(method, *args, default=[]) or []
+        for ev in engine.call("pop_phase_changes", default=[]) or []:
             self._emit("log_phase", ev["step"], ev.get("tokens"), ev["phase"], ev.get("previous"))
-        rows = self._guarded("alerts", lambda: self.engine.pop_expectations(), default=[]) or []
+        rows = engine.call("pop_expectations", default=[]) or []
         if rows:
             self._emit("log_expectations", step, rows)
+        return alerts
 
     def _handle_alerts(self, alerts: List[Alert]) -> None:
         for a in alerts:
@@ -365,57 +391,34 @@ class FineLineMonitor:
         try:
             actions = self.dist.broadcast_from_logger(actions)
         except Exception as e:  # noqa: BLE001
-            self._report_error("actions", e)
+            self._guard.report("actions", e)
             return
         self._pending_actions = []
         if "checkpoint" in actions and self.checkpoint_fn is not None:
-            self._guarded("checkpoint", lambda: self.checkpoint_fn(step))
+            self._guard.run("checkpoint", lambda: self.checkpoint_fn(step))
         if "stop" in actions:
             self.should_stop = True
 
-    # ---- isolation ---------------------------------------------------------------------
-    def _guarded(self, part: str, fn: Callable[[], Any], default: Any = None, fatal: Tuple[type, ...] = ()) -> Any:
-        if part in self._disabled:
-            return default
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001
-            if self.strict or isinstance(e, fatal):
-                raise
-            self._report_error(part, e)
-            self._disable(part, f"{type(e).__name__}: {e}")
-            return default
-
-    def _report_error(self, part: str, e: BaseException) -> None:
-        if self.strict:
-            raise e
-        self._error_counts[part] = self._error_counts.get(part, 0) + 1
-        if self._error_counts[part] == 1:  # reported once, not once per step
-            log.error("fineline_monitor: %s failed and is disabled; training continues.\n%s", part,
-                      "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip())
-            if self._store is not None:
-                try:
-                    self._store.log_event(self._step, "internal_error", part, f"{type(e).__name__}: {e}")
-                except Exception:  # noqa: BLE001 - the store itself may be what failed
-                    pass
-
-    def _disable(self, part: str, why: str) -> None:
-        self._disabled.setdefault(part, why)
+    # ---- isolation (fineline_monitor/components.py) --------------------------------------
+    def _record_error(self, part: str, e: BaseException) -> None:
+        """The first error of a part, into the store's events (the report shows them)."""
+        if self._store is not None:
+            self._store.log_event(self._step, "internal_error", part, f"{type(e).__name__}: {e}")
 
     @property
     def disabled_parts(self) -> Dict[str, str]:
-        return dict(self._disabled)
+        return dict(self._guard.disabled)
+
+    def _sink(self, sink: Any) -> Component:
+        return Component(f"sink:{getattr(sink, 'name', type(sink).__name__)}", sink, self._guard)
 
     def _emit(self, method: str, *args: Any, local_only: bool = False) -> None:
         """Call `method` on every sink (or only the local-disk ones); a failing sink is
         disabled alone."""
         for sink in list(self.sinks):
-            name = f"sink:{getattr(sink, 'name', type(sink).__name__)}"
-            if name in self._disabled or (local_only and name not in LOCAL_SINKS):
-                continue
-            fn = getattr(sink, method, None)
-            if fn is not None:
-                self._guarded(name, lambda fn=fn: fn(*args))
+            part = self._sink(sink)
+            if not local_only or part.name in LOCAL_SINKS:
+                part.call(method, *args)
 
     # ---- manual probe, checkpoints, shutdown -------------------------------------------
     def probe_now(self, step: Optional[int] = None, tokens: Optional[int] = None) -> Optional[ProbeRound]:
@@ -439,11 +442,11 @@ class FineLineMonitor:
                               "budget": {"monitor_s": self._monitor_seconds, "train_s": self._train_seconds,
                                          "train_steps": self._train_steps, "probe_s": self._probe_seconds,
                                          "last_round_s": self._last_round_seconds},
-                              "disabled": dict(self._disabled), "should_stop": self.should_stop}
-        if self.indicators is not None and hasattr(self.indicators, "state_dict"):
-            sd["indicators"] = self._guarded("indicators", self.indicators.state_dict, default=None)
-        if self.engine is not None:
-            sd["alerts"] = self._guarded("alerts", self.engine.state_dict, default=None)
+                              "disabled": dict(self._guard.disabled), "should_stop": self.should_stop}
+        for name in STATEFUL_PARTS:
+            part = self._parts[name]
+            if part.has("state_dict"):
+                sd[name] = part.call("state_dict")
         return sd
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
@@ -469,10 +472,9 @@ class FineLineMonitor:
         self._last_round_seconds = float(b.get("last_round_s", 0.0))
         self._step = sd.get("step", 0)
         self.should_stop = bool(sd.get("should_stop", False))
-        if sd.get("indicators") is not None and self.indicators is not None:
-            self._guarded("indicators", lambda: self.indicators.load_state_dict(sd["indicators"]))
-        if sd.get("alerts") is not None and self.engine is not None:
-            self._guarded("alerts", lambda: self.engine.load_state_dict(sd["alerts"]))
+        for name in STATEFUL_PARTS:
+            if sd.get(name) is not None:
+                self._parts[name].call("load_state_dict", sd[name])
 
     @property
     def store(self):
@@ -495,11 +497,11 @@ def probe_metrics(round_: ProbeRound) -> Dict[str, float]:
     out: Dict[str, float] = {}
     for name, r in round_.tasks.items():
         for metric, value in r.metrics.items():
-            out[f"probe/{name}/{metric}"] = float(value)
+            out[names.probe_key(name, metric)] = float(value)
     for cap, value in round_.capability_scores.items():
-        out[f"capability/{cap}"] = float(value)
-    out["monitor/probe_seconds"] = float(round_.seconds)
-    out["monitor/probe_tokens_per_s"] = float(round_.tokens_scored / round_.seconds) if round_.seconds > 0 else 0.0
+        out[names.capability_key(cap)] = float(value)
+    out[names.PROBE_SECONDS] = float(round_.seconds)
+    out[names.PROBE_TOKENS_PER_S] = float(round_.tokens_scored / round_.seconds) if round_.seconds > 0 else 0.0
     return out
 
 
