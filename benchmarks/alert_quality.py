@@ -44,7 +44,7 @@ truncated at the faulted curve's last step (`with_run`; `--replay alone` replays
 itself, as before): the engine sees the round as it would live, siblings included, so a
 detector that uses the other curves of the run is scored fairly, and only alerts on the
 faulted curve count. The healthy figures are unaffected.
-Recall is also printed within 2 rounds (t0, t0+1): DESIGN.md states the target that way,
+Recall is also printed within 2 rounds (t0, t0+1), the stricter reading of the target;
 the issue's acceptance criterion (#5) says 3; with hysteresis 2 a fault can be flagged at
 t0+1 at the earliest.
 Curves eligible: metric with a direction (acc, acc_norm, len_norm, bpb, ppl), >= 12
@@ -348,7 +348,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     tot_n = sum(r[1] for r in results.values())
     tot_2 = sum(sum(1 for d in r[2] if d <= 1) for r in results.values())
     print(f"all faults: recall within 3 rounds {tot_c / max(tot_n, 1):.3f} ({tot_c}/{tot_n}); within 2 rounds "
-          f"(DESIGN.md's wording; the issue's criterion is 3) {tot_2 / max(tot_n, 1):.3f}")
+          f"(the stricter reading; the issue's criterion is 3) {tot_2 / max(tot_n, 1):.3f}")
     print(f"seconds: {time.perf_counter() - t0:.1f} (faults {time.perf_counter() - t_faults:.1f}, replay {args.replay})")
     return 0
 

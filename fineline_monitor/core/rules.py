@@ -233,7 +233,7 @@ class StepRules:
         self.loss = ScalarWindow.from_state(sd["loss"])
         self.grad = ScalarWindow.from_state(sd["grad"])
         self.ratio = {k: ScalarWindow.from_state(v) for k, v in sd.get("ratio", {}).items()}
-        self.loss_high = int(sd.get("loss_high", 0))  # (a "skipped_last" key of older states is ignored)
+        self.loss_high = int(sd.get("loss_high", 0))  # keys not read here are ignored
         self.skips = deque((int(a), float(b)) for a, b in sd.get("skips", []))
         self.first_step = sd.get("first_step")
 

@@ -224,7 +224,7 @@ class RunStore:
     # ---- export ----------------------------------------------------------------------
     def iter_trajectory_rows(self, run: Optional[str] = None, *, source: str = "fineline",
                              params: Optional[int] = None) -> Iterator[Dict[str, Any]]:
-        """Probe results as rows of the trajectory CSV of DESIGN.md (a run is (source, model))."""
+        """Probe results as rows of the trajectory CSV (docs/formats.md; a run is (source, model))."""
         run = run or self.run
         if params is None:
             params = self.run_info(run).get("meta", {}).get("params")

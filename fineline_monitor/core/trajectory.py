@@ -2,7 +2,7 @@
 
 Two inputs are accepted:
 
-1. The trajectory CSV of DESIGN.md (plain or `.gz`), header exactly
+1. The trajectory CSV (docs/formats.md; plain or `.gz`), header exactly
    `source,model,params,step,tokens,task,metric,value,stderr` (any column order).
    A run is `(source, model)`; a curve is `(source, model, task, metric)`.
 2. lm-eval-harness output: a folder (searched recursively) of `results_*.json` files, or

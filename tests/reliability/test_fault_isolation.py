@@ -149,7 +149,7 @@ def test_probe_forward_raises_strict(tmp_path, tiny_tokenizer, vocab, fault_tabl
     fault_table.record(AREA, "same faults with strict=True", "raises to the caller", injected=1, survived=1)
 
 
-COLLECT_BUG = ("monitor.py FineLineMonitor._collect: when indicators.collect raises, `_guarded` returns {} and "
+COLLECT_BUG = ("monitor.py FineLineMonitor._collect: when indicators.collect raises, the error guard returns {} and "
                "that collect step logs nothing (its loss row is lost); the no-indicator fallback starts only at "
                "the next collect. Fix in the report.")
 

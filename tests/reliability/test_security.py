@@ -145,7 +145,7 @@ def test_webhook_config_errors_do_not_echo_the_secret(tmp_path, monkeypatch, cap
     secret = "Sekr1t-abc123-XYZ"
     monkeypatch.setenv("FINELINE_WEBHOOK_URL", bad_url.format(s=secret))
     cfg = _cfg(tmp_path, enabled=["store", "webhook"], webhook_url_allowlist=["hooks.example.com"])
-    # Bad configuration fails at attach time (DESIGN: reliability rules), naming the env var.
+    # Bad configuration fails at attach time, naming the env var.
     with caplog.at_level(logging.DEBUG), pytest.raises(ConfigError) as ei:
         FineLineMonitor(config=cfg)
     assert "FINELINE_WEBHOOK_URL" in str(ei.value)

@@ -186,8 +186,8 @@ def test_probe_budget_survives_restart(tmp_path):
 
 def test_bad_probe_config_fails_at_attach(tmp_path):
     """Isolation is for faults while training; a misspelt task or a missing tokenizer is
-    the user's to fix and raises at attach time (DESIGN: bad config fails at attach) rather
-    than leaving the run silently without capability curves."""
+    the user's to fix and raises at attach time rather than leaving the run silently
+    without capability curves."""
     import torch
 
     from fineline_monitor.probes.scoring import ScoringError

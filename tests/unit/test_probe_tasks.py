@@ -86,7 +86,7 @@ def test_user_file_ok(tmp_path):
 
 
 def test_first_n_follows_file_order_and_the_seeded_subset_does_not(tmp_path):
-    """`probe --limit N` takes the first N documents in file order (DESIGN); the seeded
+    """`probe --limit N` takes the first N documents in file order (docs/formats.md); the seeded
     subset is drawn from documents by doc_id, so reordering a file does not change it."""
     rows = [r for d in (30, 10, 20) for r in (_row(d, 0, 0), _row(d, 1, 0, cont=" 5"))]
     task = T.load_requests_file(_write(tmp_path, rows))["mine"]

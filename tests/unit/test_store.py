@@ -83,7 +83,7 @@ def test_readonly_store_reads_while_writer_open(tmp_path):
 
 
 def test_export_of_a_diverged_run_reads_back_for_analyze(tmp_path):
-    """DESIGN: the trajectory CSV is analyze's input *and* what the store exports. A NaN
+    """The trajectory CSV (docs/formats.md) is analyze's input *and* what the store exports. A NaN
     value (stored as NULL) is exported as `nan`, which the reader takes as a value; an
     empty value cell stays an error."""
     import subprocess
