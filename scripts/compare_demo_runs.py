@@ -13,7 +13,8 @@ What is compared:
 * `run.db`: every table, every row (ordered by all columns), every column. Timing columns
   (`runs.created`, `probe_rounds.seconds`) and the values of timing metrics
   (TIMING_METRICS) become `<timing>`; in `runs.meta` the process id becomes `<pid>`; the
-  output folder's path becomes `<OUT>` wherever it appears (the config holds it).
+  output folder (the config's `out_dir`, and the folder's path wherever else it appears)
+  becomes `<OUT>`.
 * `alerts.jsonl`, line by line (the same rows as the store's alerts table, as delivered).
 
 `--steps 120 --threads 1 --seed 0` makes the demo deterministic on one machine (one torch
@@ -85,6 +86,10 @@ def store_lines(path: Path, out_dir: Path) -> List[str]:
                         meta = json.loads(v)
                         meta["pid"] = "<pid>"
                         v = json.dumps(meta, sort_keys=True)
+                    elif table == "runs" and col == "config" and isinstance(v, str):
+                        config = json.loads(v)
+                        config["out_dir"] = "<OUT>"  # where the run wrote, even if the folder moved since
+                        v = json.dumps(config, sort_keys=True)
                     cells.append(repr(v).replace(str(out_dir), "<OUT>"))
                 rows.append(" | ".join(cells))
             lines.extend(rows)
