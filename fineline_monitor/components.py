@@ -26,7 +26,8 @@ class ErrorGuard:
     be agreed on by every rank before the part is disabled (probe rounds, budgets).
     """
 
-    def __init__(self, strict: bool = False, on_first_error: Optional[Callable[[str, BaseException], None]] = None):
+    def __init__(self, strict: bool = False,
+                 on_first_error: Optional[Callable[[str, BaseException], None]] = None):
         self.strict = strict
         self.disabled: Dict[str, str] = {}  # part -> why
         self.error_counts: Dict[str, int] = {}
@@ -35,7 +36,8 @@ class ErrorGuard:
     def running(self, part: str) -> bool:
         return part not in self.disabled
 
-    def run(self, part: str, fn: Callable[[], Any], default: Any = None, fatal: Tuple[type, ...] = ()) -> Any:
+    def run(self, part: str, fn: Callable[[], Any], default: Any = None,
+            fatal: Tuple[type, ...] = ()) -> Any:
         """`fn()`, or `default` when `part` is disabled or `fn` raised. Exceptions of a
         `fatal` type (the user's setting or file to fix) propagate."""
         if part in self.disabled:
@@ -96,7 +98,10 @@ class Component:
             return default  # not built here, or a hook this part does not take
         # the guard answers `default` for a disabled part; the method is looked up at call
         # time: a part's methods may be replaced (tests inject faults so)
-        return self.guard.run(self.name, lambda: getattr(self.obj, method)(*args, **kwargs), default)
+        def hook() -> Any:
+            return getattr(self.obj, method)(*args, **kwargs)
+
+        return self.guard.run(self.name, hook, default)
 
 
 class Hosted:
