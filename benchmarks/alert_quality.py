@@ -91,6 +91,9 @@ from fineline_monitor.core.config import AlertConfig  # noqa: E402
 from fineline_monitor.core.expectations import ACC, LOSS, chance_for, metric_kind  # noqa: E402
 from fineline_monitor.core.trajectory import Curve, read_trajectory  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_json  # noqa: E402
+
 HELDOUT_SIZES = {"370M", "1B", "3B", "410m", "1.4b"}
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference-trajectories" / "dev.csv.gz"
 
@@ -263,6 +266,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "default: what the engine sees live) or alone (how faults were replayed before)")
     ap.add_argument("--stall-without-past-growth", action="store_true",
                     help="draw stalls without requiring growth before t0 (the older definition)")
+    bench_json.add_json_argument(ap, "alert-quality")
     args = ap.parse_args(argv)
     if not Path(args.data).exists():
         print(f"SKIP: trajectory data not found at {args.data} (pass --data or set FINELINE_DEV_TRAJECTORIES)")
@@ -306,6 +310,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     curves.sort(key=lambda c: (c.source, c.model, c.task, c.metric))
     t_faults = time.perf_counter()
     results = {}
+    fault_figures: Dict[str, Dict] = {}
     for kind in ("drop", "drift", "stall"):
         order = list(range(len(curves)))
         random.Random(f"{args.seed}-{kind}").shuffle(order)
@@ -344,12 +349,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("      by size at t0+2 in local noise sigmas: " + "; ".join(
             f"{SIZE_LABELS[b]}: {by_size[b][0] / by_size[b][1]:.2f} ({by_size[b][0]}/{by_size[b][1]})"
             for b in sorted(by_size)))
+        fault_figures[kind] = {
+            "caught": caught, "injected": n, "recall_3_rounds": rec, "recall_2_rounds": in2 / max(n, 1),
+            "not_eligible": n_inel, "median_delay_rounds": float(np.median(delays)) if delays else None,
+            "by_local_size": {SIZE_LABELS[b]: {"caught": by_size[b][0], "injected": by_size[b][1]}
+                              for b in sorted(by_size)},
+        }
     tot_c = sum(r[0] for r in results.values())
     tot_n = sum(r[1] for r in results.values())
     tot_2 = sum(sum(1 for d in r[2] if d <= 1) for r in results.values())
     print(f"all faults: recall within 3 rounds {tot_c / max(tot_n, 1):.3f} ({tot_c}/{tot_n}); within 2 rounds "
           f"(the stricter reading; the issue's criterion is 3) {tot_2 / max(tot_n, 1):.3f}")
-    print(f"seconds: {time.perf_counter() - t0:.1f} (faults {time.perf_counter() - t_faults:.1f}, replay {args.replay})")
+    seconds = time.perf_counter() - t0
+    print(f"seconds: {seconds:.1f} (faults {time.perf_counter() - t_faults:.1f}, replay {args.replay})")
+    bench_json.write(args.json, "alert-quality", {
+        "split": split, "runs": len(runs), "run_rounds": run_rounds, "curve_rounds": curve_rounds,
+        "criticals_healthy": n_crit, "warnings_healthy": n_warn, "warnings_by_rule": warn_by_rule,
+        "warnings_per_50_run_rounds": 50 * n_warn / max(run_rounds, 1),
+        "warnings_per_50_curve_rounds": 50 * n_warn / max(curve_rounds, 1),
+        "faults": fault_figures, "recall_3_rounds_all": tot_c / max(tot_n, 1),
+        "recall_2_rounds_all": tot_2 / max(tot_n, 1), "faults_per_kind": args.faults_per_kind,
+        "scale": args.scale, "sizing": args.sizing, "replay": args.replay, "seconds": seconds,
+    }, size=f"{args.faults_per_kind} faults per kind" + (f", faults x{args.scale}" if args.scale != 1 else ""),
+        argv=[__file__, *(sys.argv[1:] if argv is None else argv)])
     return 0
 
 

@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_json  # noqa: E402
 from alert_quality import DEFAULT_DATA, resolve_split, split_of  # noqa: E402
 from fineline_monitor.analyze import replay_run  # noqa: E402
 from fineline_monitor.core.config import AlertConfig  # noqa: E402
@@ -37,6 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("FINELINE_DEV_TRAJECTORIES", str(DEFAULT_DATA)))
     ap.add_argument("--split", choices=("auto", "heldout", "tune", "all"), default="auto")
+    bench_json.add_json_argument(ap, "healthy-warnings")
     args = ap.parse_args(argv)
     if not Path(args.data).exists():
         print(f"SKIP: trajectory data not found at {args.data} (pass --data or set FINELINE_DEV_TRAJECTORIES)")
@@ -71,6 +73,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{share:.2f}")
     print(f"split={split}: {n} warnings on healthy runs; {sustained} followed by >= {SUSTAINED:.0%} of the next "
           f"{AFTER} rounds on the bad side of the level before them (sustained shifts), {on_bpb} of those on bpb")
+    bench_json.write(args.json, "healthy-warnings", {
+        "split": split, "warnings": n, "sustained": sustained, "sustained_on_bpb": on_bpb,
+        "after_rounds": AFTER, "sustained_share": SUSTAINED,
+    }, argv=[__file__, *(sys.argv[1:] if argv is None else argv)])
     return 0
 
 

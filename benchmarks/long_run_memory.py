@@ -35,6 +35,8 @@ from typing import Dict, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_json  # noqa: E402
 
 TASKS = (("hellaswag", "commonsense", 0.25), ("arc_easy", "knowledge", 0.25), ("gsm8k", "math", 0.0))
 
@@ -134,6 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--probe-every", type=int, default=10_000)
     ap.add_argument("--no-tracemalloc", action="store_true", help="RSS only (about 2x faster)")
     ap.add_argument("--no-model", action="store_true", help="model=None: no torch indicators (about 5x faster)")
+    bench_json.add_json_argument(ap, "long-run-memory")
     args = ap.parse_args(argv)
     n = args.steps
     marks = sorted({n // 10, n // 4, n // 2, 3 * n // 4, n})
@@ -148,6 +151,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"python heap growth from step {marks[0]:,} to {n:,}: {b['py_heap_mb'] - a['py_heap_mb']:+.3f} MiB")
     print(f"RSS growth from step {marks[0]:,} to {n:,}: {b['rss_mb'] - a['rss_mb']:+.1f} MiB; "
           f"{n / b['seconds']:,.0f} steps/s")
+    bench_json.write(args.json, "long-run-memory", {
+        "steps": n, "probe_every": args.probe_every, "tracemalloc": not args.no_tracemalloc,
+        "model": not args.no_model,
+        "checkpoints": [{"step": m, **figs[m]} for m in marks],
+        "heap_growth_mb": (b["py_heap_mb"] - a["py_heap_mb"]) if "py_heap_mb" in a else None,
+        "rss_growth_mb": b["rss_mb"] - a["rss_mb"], "growth_from_step": marks[0],
+        "store_metric_rows": figs[-1]["store_metric_rows"], "store_probe_rows": figs[-1]["store_probe_rows"],
+        "store_mb": db_mb, "steps_per_s": n / b["seconds"],
+    }, size="" if n == 1_000_000 else f"{n:,} steps (the script's default is 1,000,000)",
+        argv=[__file__, *(sys.argv[1:] if argv is None else argv)])
     return 0
 
 

@@ -34,6 +34,9 @@ from typing import List
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_json  # noqa: E402
+
 
 def build(vocab: int, eos: int, n_layer: int, n_embd: int, seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -185,6 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--whole-n-embd", type=int, default=128)
     ap.add_argument("--whole-batch-size", type=int, default=16)
     ap.add_argument("--skip-whole", action="store_true")
+    bench_json.add_json_argument(ap, "overhead")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -214,6 +218,13 @@ def main(argv=None) -> int:
     print(f"  A/B: median block time +{r['ab_pct']:.2f}% (paired median {r['paired_pct']:+.2f}%) "
           f"(noise of a shared CPU; the direct figure is the measurement)", flush=True)
     ok = r["median_pct"] <= 1.0
+    figures = {"model": f"GPT-2 {args.n_layer}x{args.n_embd}", "params_m": n_params / 1e6,
+               "batch": f"{args.batch_size}x{args.seq_len}", "threads": args.threads,
+               "per_step": {k: r[k] for k in ("steps_per_arm", "step_s_median", "plain_ms", "collect_ms",
+                                              "median_pct", "inside_ms_per_step", "direct_pct", "ab_pct",
+                                              "paired_pct")},
+               "whole_run": None}
+    w = None
     if not args.skip_whole:
         print(f"model for the whole run: GPT-2 {args.whole_n_layer}x{args.whole_n_embd}, batch "
               f"{args.whole_batch_size}x{args.seq_len}, {args.whole_minutes:g} min", flush=True)
@@ -233,8 +244,24 @@ def main(argv=None) -> int:
         if not budgeted:
             print("  only the anchor round ran: run longer (--whole-minutes) to see a budgeted round")
         ok = ok and w["pct_train"] <= 2.0 and budgeted
+        figures["whole_run"] = {
+            "model": f"GPT-2 {args.whole_n_layer}x{args.whole_n_embd}",
+            "batch": f"{args.whole_batch_size}x{args.seq_len}", "minutes": args.whole_minutes,
+            "rounds": [{"step": s_, "seconds": d_} for s_, d_ in w["rounds"]],
+            **{k: w[k] for k in ("steps", "step_s", "inside_s", "pct_train", "pct_wall", "probe_s",
+                                 "indicator_pct", "attach_s", "fixed_pct", "budget", "probe_every",
+                                 "probes_active")},
+            "budgeted_round_ran": budgeted,
+        }
     scope = "per-step <= 1%" + ("" if args.skip_whole else ", whole run <= 2%")
     print(f"targets ({scope}): {'met' if ok else 'NOT met'}")
+    figures["targets_met"] = ok
+    figures["targets"] = scope
+    full = args.blocks >= 30 and not args.skip_whole and args.whole_minutes >= 50
+    size = "" if full else (f"{args.blocks} blocks per arm" + (", whole run skipped" if args.skip_whole
+                                                              else f", whole run {args.whole_minutes:g} min"))
+    bench_json.write(args.json, "overhead", figures, size=size,
+                     argv=[__file__, *(sys.argv[1:] if argv is None else argv)])
     return 0
 
 

@@ -31,6 +31,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_json  # noqa: E402
 
 TASKS = ["hellaswag:rc_0shot", "piqa:rc_0shot", "winogrande:rc_0shot", "csqa:rc_0shot", "arc_easy:rc_0shot",
          "openbookqa:rc_0shot", "boolq:rc_0shot", "arc_challenge:rc_5shot", "basic_skills_arithmetic:rc_5shot",
@@ -47,6 +49,7 @@ def main() -> int:
     ap.add_argument("--embd", type=int, default=128)
     ap.add_argument("--positions", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=4096)
+    bench_json.add_json_argument(ap, "probe-speed")
     args = ap.parse_args()
 
     import torch
@@ -165,6 +168,15 @@ def main() -> int:
           f"{request_tokens / r_round:,.0f} request tokens/s")
     print(f"PROBE/TRAIN TOKENS/S RATIO: {probe_tps / train_tps:.2f}x (model tokens; forward-only ceiling ~3x), "
           f"{request_tokens / r_round / train_tps:.2f}x (request tokens)")
+    bench_json.write(args.json, "probe-speed", {
+        "params_m": n_params / 1e6, "requests": len(runner.requests), "tasks": len(runner.tasks),
+        "docs_per_task": args.docs, "repeats": args.repeats,
+        "max_abs_dlogprob": float(diffs.max()), "is_greedy_equal": bool(greedy_eq), "acc_equal": bool(acc_equal),
+        "lm_eval_s": r_lm, "round_s": r_round, "cold_s": r_cold,
+        "speed_ratio_wall": r_lm / r_round, "speed_ratio_cold": r_lm / r_cold, "speed_ratio_cpu": cr_lm / cr_round,
+        "train_tokens_per_s": train_tps, "probe_tokens_per_s": probe_tps,
+        "probe_train_ratio": probe_tps / train_tps,
+    }, size="" if args.docs == 40 and args.repeats == 3 else f"{args.docs} docs per task, {args.repeats} repeats")
     return 0
 
 
