@@ -196,7 +196,7 @@ def test_critical_alert_pages_through_prometheus_and_alertmanager(tmp_path):
         assert body["payload"]["severity"] == "critical"
         assert "e2e-run" in body["payload"]["summary"] and crit[0].rule in body["payload"]["summary"]
         assert body["payload"]["custom_details"]["run"] == "e2e-run"
-        assert body["payload"]["custom_details"]["runbook"].startswith("README.md#")
+        assert body["payload"]["custom_details"]["runbook"].startswith("docs/alerts.md#")
         assert latency < 60
         print(f"page latency: {latency:.1f}s after the non-finite loss")
         # criticals also reach the chat receiver (continue: true); no warning-only page was sent
