@@ -61,11 +61,11 @@ Why 8 sigma: the band is band_sigma=4 prediction sigmas wide below the expectati
 one-step-ahead prediction sigma is ~1.2-1.5x the round-to-round noise (fit uncertainty),
 and hysteresis needs 2 rounds out of band, so a fault must clear ~6 noise sigmas on two
 draws; 8 sigma is the smallest round number that would do so if curves were trend plus
-independent noise. They are not: measured 2026-11-23 (tune), healthy curves leave a trend
+independent noise. They are not (measured on the tune split): healthy curves leave a trend
 frozen 2-3 rounds earlier by much more than their round-to-round noise says (with that
 noise as sigma and no misfit floor the detector would page ~20 times per 50 run-rounds),
 so 8-sigma faults sit partly inside the healthy wander. `--scale 2` shows how recall
-grows with the fault size (README "Alert quality").
+grows with the fault size (docs/alert-quality.md).
 """
 
 from __future__ import annotations

@@ -54,8 +54,8 @@ def barrier() -> None:
 def shutdown_distributed() -> None:
     """Wait for every rank, then tear the process group down before the interpreter exits.
     Why: a gloo group left to the interpreter's exit can abort a rank ("terminate called
-    without an active exception", SIGABRT) while its threads are destroyed; seen once
-    (HF Trainer example, full test run of 2026-11-23). Launchers that manage their own group
+    without an active exception", SIGABRT) while its threads are destroyed (seen in the HF
+    Trainer example). Launchers that manage their own group
     (DeepSpeed, Megatron) end with `barrier()` instead."""
     import torch.distributed as dist
 

@@ -1,6 +1,6 @@
 """`fineline-monitor analyze TRAJ.csv [--reference REF.csv] --out DIR`: offline replay.
 
-A table of checkpoint evaluations (the trajectory CSV of DESIGN.md, or lm-eval-harness
+A table of checkpoint evaluations (the trajectory CSV of docs/formats.md, or lm-eval-harness
 output folders) is replayed run by run, step by step, through the same AlertEngine the
 live monitor uses (`AlertEngine.observe_curves` is what `observe_probe` calls), so the
 phases, expectations and rules are the live ones. Every evaluation step of a run is one
@@ -11,8 +11,8 @@ Rows whose `task` is `train`, `optim` or `stability` are per-step indicators
 first, so a table with an LR column gets inferred phases. Without one, phases are
 `stable` unless declared with `--phases warmup@0,stable@2000,decay@90000`.
 
-Writes DIR/alerts.jsonl (DESIGN.md's alert rows, with the `source` and `model` of the
-curve; run-wide alerts leave task/metric null) and DIR/summary.json.
+Writes DIR/alerts.jsonl (the alert rows of docs/formats.md, with the `source` and `model` of
+the curve; run-wide alerts leave task/metric null) and DIR/summary.json.
 """
 
 from __future__ import annotations
@@ -199,8 +199,8 @@ def analyze(path: str, out: str, *, reference: Optional[str] = None, reference_m
         for a in all_alerts:
             row = a.to_json()
             if a.task is None:
-                # DESIGN: a run-wide alert (loss, gradients, stability) leaves task/metric null
-                # in analyze output; which indicator fired is in `rule` and `message`
+                # the alert row's contract (docs/formats.md): a run-wide alert (loss, gradients,
+                # stability) leaves task/metric null in analyze output; which indicator fired is in `rule` and `message`
                 row["metric"] = None
             fh.write(json.dumps(row) + "\n")
     summary = {

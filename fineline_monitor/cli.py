@@ -1,7 +1,7 @@
 """The `fineline-monitor` command line.
 
 Subcommands (their inputs and outputs: docs/formats.md): demo, probe, analyze, report; plus tasks (the
-probe registry), export (store -> trajectory CSV) and config-reference (the README's
+probe registry), export (store -> trajectory CSV) and config-reference (docs/configuration.md's
 config table, generated from MonitorConfig). Each part registers its own subcommand
 (`add_parser`) so this file stays a dispatcher.
 """

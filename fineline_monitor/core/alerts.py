@@ -41,10 +41,8 @@ CALIB_POINTS = 5  # points that calibrate a reference run
 # earlier ones for the noise estimate and the self-calibration back-test. Why 48 and not
 # 24: ~20 residuals gave a noise sigma with ~16% sampling error, i.e. heavy-tailed z (the
 # bulk of healthy z had an RMS of ~0.8 while z < -4 was ~20x the normal rate), and a
-# back-test over ~10 positions; with 48 both settle. Measured on the tune split (150
-# faults per kind, fit_floor 1): warnings per 50 run-rounds 1.96 with 24 points and the
-# self-calibration, 1.49 with 48 points and none, at the same drop / drift recall (0.833 /
-# 0.787); 96 points without calibration 1.17 at 0.833 / 0.767, for twice the cost.
+# back-test over ~10 positions; with 48 both settle, and 96 buys little for twice the cost
+# (docs/alert-quality.md).
 WINDOW = 48
 K_LAGS = 3  # a fault is judged against fits frozen 1..3 rounds before it ("within 3 rounds")
 POINT_Z = 1.0  # every one of the k judged points must be at least this many sigma low

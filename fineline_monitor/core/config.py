@@ -2,8 +2,9 @@
 
 Every field has a docstring (`metadata["help"]`), a type that is checked, and where it
 matters a range or a list of allowed values. Unknown keys are errors with a "did you
-mean" suggestion; YAML errors name the file and line. The README's config reference
-is generated from these fields (`fineline-monitor config-reference`), so it cannot drift.
+mean" suggestion; YAML errors name the file and line. The config reference
+(docs/configuration.md) is generated from these fields (`fineline-monitor config-reference`,
+`scripts/render_docs.py`), so it cannot drift.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class ProbeConfig:
 
 @dataclass
 class IndicatorConfig:
-    """Optimization-state indicators (see README: metric names)."""
+    """Optimization-state indicators (metric names: docs/indicators.md)."""
 
     enabled: bool = _f(True, help="Compute per-step indicators (norms, ratios, loss z-score).")
     collect_every: int = _f(10, min=1, help=(
@@ -356,7 +357,7 @@ def validate(cfg: Any, *, where: str = "MonitorConfig", lines: Optional[Dict[str
 
 
 def reference_markdown() -> str:
-    """The config reference table for the README, generated from the dataclasses."""
+    """The config reference table of docs/configuration.md, generated from the dataclasses."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
     def walk(cls: type, prefix: str) -> None:

