@@ -288,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     n_warn = n_crit = curve_rounds = run_rounds = 0
     crit_examples = []
     warn_by_rule: Dict[str, int] = {}
-    for (src, model), curves in runs.items():
+    for (_src, model), curves in runs.items():
         alerts, summ = replay_run(curves, cfg)
         run_rounds += summ["rounds"]
         curve_rounds += summ["points"]

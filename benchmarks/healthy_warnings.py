@@ -46,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     runs = read_trajectory(args.data).runs()
     split = resolve_split(args.split, runs)
     n = sustained = on_bpb = 0
-    for (src, model), curves in runs.items():
+    for (_src, model), curves in runs.items():
         if split != "all" and split_of(model) != split:
             continue
         alerts, _ = replay_run(curves, AlertConfig())

@@ -90,7 +90,8 @@ def build() -> Dict[str, Any]:
     panels: List[Dict[str, Any]] = []
     y = 0
     # ---- alerts and liveness ---------------------------------------------------------------
-    panels.append(row("Alerts and liveness", y)); y += 1
+    panels.append(row("Alerts and liveness", y))
+    y += 1
     panels.append(stat("Active critical alerts", f'sum(fineline_alert_active{{{R},severity="critical"}}) or vector(0)',
                        0, y, description="Monitor alerts at critical severity (these page)."))
     panels.append(stat("Active warnings", f'sum(fineline_alert_active{{{R},severity="warning"}}) or vector(0)', 4, y,
@@ -119,7 +120,8 @@ def build() -> Dict[str, Any]:
                    "options": {"showValue": "never", "mergeValues": True}})
     y += 7
     # ---- capabilities ------------------------------------------------------------------------
-    panels.append(row("Capabilities (expected band shaded, expected value dashed)", y)); y += 1
+    panels.append(row("Capabilities (expected band shaded, expected value dashed)", y))
+    y += 1
     cap = 'capability=~"$capability"'
     panels.append(timeseries(
         "Capability: $capability", [
@@ -142,7 +144,8 @@ def build() -> Dict[str, Any]:
         12, y, 12, 8, description="Smooth long before accuracy takes off (OLMo in-loop evals)."))
     y += 8
     # ---- loss and indicators --------------------------------------------------------------
-    panels.append(row("Loss and optimization-state indicators", y)); y += 1
+    panels.append(row("Loss and optimization-state indicators", y))
+    y += 1
     panels.append(timeseries("Training loss", [target(f"fineline_train_loss{{{R}}}", "{{run}}"),
                                                target(f"fineline_train_loss_z{{{R}}}", "{{run}} z-score", "B")],
                              0, y, 12, 8, overrides=[{"matcher": {"id": "byFrameRefID", "options": "B"},
@@ -179,7 +182,8 @@ def build() -> Dict[str, Any]:
         target(f"fineline_optim_hessian_trace{{{R}}}", "{{run}} Hessian trace", "B")], 16, y, log=True))
     y += 8
     # ---- the monitor itself ------------------------------------------------------------------
-    panels.append(row("Monitor health", y)); y += 1
+    panels.append(row("Monitor health", y))
+    y += 1
     panels.append(timeseries("Probe round seconds", [
         target(f"fineline_probe_round_seconds{{{R}}}", "{{run}}")], 0, y, 6, 7, unit="s"))
     panels.append(timeseries("Probe rounds and failures", [
