@@ -344,7 +344,7 @@ class AttentionHooks:
         self._handles = []
         if self._hf_installed:
             with _HF_LOCK:
-                for layer, kind, m in self.attention:
+                for _layer, kind, m in self.attention:
                     if kind == "hf":
                         _HF_WATCH.pop(id(m), None)
                 _hf_uninstall()

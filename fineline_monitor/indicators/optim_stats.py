@@ -133,7 +133,7 @@ def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: List[torch.Ten
         raise ValueError("hessian trace: no parameter requires grad")
     gens: Dict[torch.device, torch.Generator] = {}
     total = None
-    for s in range(samples):
+    for _ in range(samples):
         loss = loss_fn()
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         used = [(p, g) for p, g in zip(params, grads) if g is not None]

@@ -418,7 +418,7 @@ class Scorer(abc.ABC):
         """Modules whose train/eval mode a probe round switches to eval and restores."""
         return []
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - an optional hook: most scorers need nothing here
         """Called once (inside a probe round's protection) before the first batch."""
 
     # -- driver -------------------------------------------------------------------------
