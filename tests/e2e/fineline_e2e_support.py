@@ -42,7 +42,7 @@ def probe_metrics(step: int) -> Dict[str, float]:
     for layer in range(2):
         m[f"stability/attn_logit_max/{layer}"] = 10.0 + layer
         m[f"stability/act_rms/{layer}"] = 1.0 + 0.1 * layer
-    for task, cap in CAPS.items():
+    for task in CAPS:
         m[f"probe/{task}/acc"] = 0.3 + 0.001 * step
         m[f"probe/{task}/bpb"] = 1.5 - 0.001 * step
     for cap in set(CAPS.values()):
@@ -139,7 +139,7 @@ def exposition_names(text: str) -> Dict[str, int]:
             if line.split()[3] == "counter":
                 out.setdefault(name + "_total", 0)
         elif line and not line.startswith("#"):
-            name = re.split(r"[{\s]", line, 1)[0]
+            name = re.split(r"[{\s]", line, maxsplit=1)[0]
             out[name] = out.get(name, 0) + 1
     return out
 

@@ -206,7 +206,7 @@ def test_config_from_yaml(text, yaml_counter, tmp_path_factory):
         path = _scratch(tmp_path_factory) / "monitor.yaml"
         path.write_text(text)
         try:
-            cfg = MonitorConfig.from_yaml(path)
+            MonitorConfig.from_yaml(path)
         except ConfigError as e:
             yaml_counter.rejected += 1
             _check_config_error(e, str(path))

@@ -40,7 +40,6 @@ def test_memory_is_bounded_and_the_store_is_complete(tmp_path, fault_table):
     store.close()
     expected_rows = STEPS // 10
     lost = expected_rows - loss_rows + (STEPS // 10_000 - rounds)
-    ok = growth_kib < BOUND_KIB and lost == 0 and figs[-1]["disabled"] == 0
     fault_table.record("long runs", f"{STEPS:,} simulated steps (collect every 10, alert engine on, probe every 10k)",
                        f"Python heap growth {growth_kib:+.1f} KiB from step {EARLY:,} to {STEPS:,} (bound "
                        f"{BOUND_KIB} KiB); store holds all {loss_rows:,} loss rows and {rounds} probe rounds",

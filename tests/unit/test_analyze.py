@@ -58,7 +58,7 @@ def test_analyze_writes_alerts_and_summary(tmp_path):
     p = tmp_path / "traj.csv"
     write_trajectory_csv(p, synth_rows(drop_from=32))
     summary = analyze(str(p), str(tmp_path / "out"))
-    rows = [json.loads(l) for l in (tmp_path / "out" / "alerts.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "alerts.jsonl").read_text().splitlines()]
     assert rows and all(r["model"] == "b" and r["task"] == "piqa" and r["source"] == "synth" for r in rows)
     assert 3200 <= rows[0]["step"] <= 3400
     assert set(rows[0]) >= {"run", "source", "model", "step", "tokens", "severity", "rule", "capability", "task",
@@ -188,6 +188,6 @@ def test_run_wide_alerts_leave_task_and_metric_null_in_analyze_output(tmp_path):
             for st in range(1, 41)]
     write_trajectory_csv(p, rows)
     analyze(str(p), str(tmp_path / "o"))
-    got = [json.loads(l) for l in (tmp_path / "o" / "alerts.jsonl").read_text().splitlines()]
+    got = [json.loads(line) for line in (tmp_path / "o" / "alerts.jsonl").read_text().splitlines()]
     assert got and got[0]["rule"] == "loss_spike" and got[0]["step"] == 300
     assert all(r["task"] is None and r["metric"] is None for r in got)

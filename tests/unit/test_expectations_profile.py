@@ -37,7 +37,7 @@ def test_healthy_saturating_curve_does_not_alarm():
     clean = -(0.9 + 2.0 * (t / 2e8) ** -0.8)
     rows, xs = [], []
     x_all = np.log(t + 1.0)
-    for rep in range(40):
+    for _ in range(40):
         y = clean + rng.normal(0, 0.003, clean.size)
         for i in range(24, clean.size + 1, 2):
             rows.append(y[i - 24:i])

@@ -135,7 +135,7 @@ def test_padding_rows_of_a_short_rank_do_not_double_scores(hf):
         r = ProbeRunner(cfg, model=model, tokenizer=tok, dist=dist)
         r._ensure_batches()
         local = r.scorer.score_batches(r._batches)
-        for k, (lp, n, g) in local.items():
+        for k, (lp, n, _greedy) in local.items():
             if k < 0:
                 continue  # padding
             assert n == ref[k][1] and abs(lp - ref[k][0]) < 1e-4, (rank, k, lp, ref[k])

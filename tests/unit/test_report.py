@@ -45,7 +45,7 @@ def make_store(out: Path, run: str = "report-run", steps: int = 120) -> Path:
             m[f"stability/attn_logit_max/{layer}"] = 5.0 + layer + s / 30
         st.log_metrics(s, tok, m)
     st.log_metrics(75, 76 * 1024, {"train/loss": float("nan")})  # NaN must not break a chart
-    for r_i, s in enumerate(range(0, steps, 20)):
+    for s in range(0, steps, 20):
         tasks = {}
         caps = {}
         for ci, (cap, names) in enumerate(TASKS.items()):
@@ -193,7 +193,7 @@ def test_report_renders_in_chromium_without_errors(report_dir, tmp_path):
     # 1) console: Chromium logs JS exceptions and console.error to stderr with --enable-logging
     dom = _chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000", "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    console = [l for l in dom.stderr.splitlines() if "CONSOLE" in l or "Uncaught" in l]
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
     # 2) the page's own error trap saw nothing, and the script ran over all charts
     assert re.search(r'<pre id="js-errors" data-count="0">\s*</pre>', dom.stdout), dom.stdout[-1500:]
@@ -226,4 +226,4 @@ def test_chromium_check_catches_a_broken_page(tmp_path):
     bad = tmp_path / "bad.html"
     bad.write_text("<html><body><script>undefinedFunction();</script><p>x</p></body></html>")
     dom = _chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--dump-dom", bad.as_uri())
-    assert any("Uncaught" in l or "CONSOLE" in l for l in dom.stderr.splitlines()), dom.stderr[-2000:]
+    assert any("Uncaught" in line or "CONSOLE" in line for line in dom.stderr.splitlines()), dom.stderr[-2000:]

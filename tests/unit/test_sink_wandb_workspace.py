@@ -30,7 +30,7 @@ def logged_key_patterns(mod):
             r"grad_rms_over_eps_min|hessian_trace)",
             r"stability/(attn_logit_max|output_logit_max|output_logsumexp_mean)",
             r"monitor/(probe_seconds|probe_tokens_per_s)", r"fineline/internal_error"]
-    for t, c in task_cap.items():
+    for t in task_cap:
         k = re.escape(wandb_key(f"probe/{t}/X", task_cap)[:-1])
         pats.append(k + r"(acc|acc_norm|bpb)(_stderr|_expected|_low|_high)?")
     for c in mod.CAPABILITY_TASKS:
