@@ -1,6 +1,6 @@
 # The two commands of the README. Each creates or reuses .venv and installs what it needs.
 #   make demo   train a tiny GPT on the CPU with the monitor attached (writes demo-out/)
-#   make test   the whole test suite
+#   make test   ruff (lint and format check), then the whole test suite
 # torch is pinned (TORCH_SPEC) and installed first, so pip never pulls a multi-GB CUDA build.
 
 PYTHON     ?= python3
@@ -43,6 +43,8 @@ demo: $(VENV)/.installed-runtime
 	$(BIN)/fineline-monitor demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 test: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 clean:
