@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_json  # noqa: E402
 from alert_quality import DEFAULT_DATA, resolve_split, split_of  # noqa: E402
+
 from fineline_monitor.analyze import replay_run  # noqa: E402
 from fineline_monitor.core.config import AlertConfig  # noqa: E402
 from fineline_monitor.core.expectations import LOSS, metric_kind  # noqa: E402
