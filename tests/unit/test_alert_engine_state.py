@@ -26,6 +26,10 @@ def _reference(fix):
                                   values=np.array(r["values"]), stderr=np.full(n, np.nan))])
 
 
+def _source(eng, name):
+    return next(s for s in eng.sources if s.name == name)
+
+
 def _carry_on(eng, fix):
     out = []
     for rd in fix["rounds_after"]:
@@ -40,14 +44,45 @@ def _carry_on(eng, fix):
 def test_state_v2_loads_and_the_engine_carries_on_as_it_would_have():
     """A state saved by the v2 engine (window rows plus a dict of metadata per curve, rule
     book as lists; 30 rounds with a calibrated reference run and paired documents) loads,
-    and the next 15 rounds (two tasks drop from the first of them) give the alerts the
-    uninterrupted v2 engine gave."""
+    and the next 15 rounds (two tasks drop from the first of them) give the alerts and the
+    expected values the uninterrupted v2 engine gave."""
     fix = json.loads((DATA / "alert_engine_state_v2.json").read_text())
-    assert fix["state"]["version"] == 2 and fix["alerts_after"]
+    old = fix["state"]
+    assert old["version"] == 2 and fix["alerts_after"]
     eng = AlertEngine(AlertConfig(), run="r", reference=_reference(fix))
-    eng.load_state_dict(fix["state"])
+    eng.load_state_dict(old)
+    # what the v2 state kept per curve is where the sources look for it now
+    piqa = next(m for m in old["meta"] if m["key"] == "probe/piqa/acc")
+    cal = _source(eng, "reference").calibration["probe/piqa/acc"]
+    assert piqa["offset"] is not None and (cal.offset, cal.scatter) == (piqa["offset"], piqa["s_cal"])
+    assert _source(eng, "paired").anchors == old["paired_anchor"] and old["paired_anchor"]
+    assert [c.taken_off for c in eng.curves] == [m["taken"] for m in old["meta"]]
+    eng.pop_expectations()
     got = _carry_on(eng, fix)
     want = fix["alerts_after"]
     assert [(a["step"], a["task"], a["metric"], a["rule"], a["severity"]) for a in got] == \
         [(a["step"], a["task"], a["metric"], a["rule"], a["severity"]) for a in want]
     assert np.allclose([a["expected"] for a in got], [a["expected"] for a in want], rtol=1e-9, atol=1e-12)
+    rows = [r for r in eng.pop_expectations() if r["name"].startswith("probe/")]
+    want_rows = [r for r in fix["expectations_after"] if r["name"].startswith("probe/")]
+    assert len(want_rows) >= 15 * 3
+    assert [r["name"] for r in rows] == [r["name"] for r in want_rows]
+    for f in ("expected", "low", "high"):
+        assert np.allclose([r[f] for r in rows], [r[f] for r in want_rows], rtol=1e-9, atol=1e-12)
+
+
+def test_state_v3_round_trips_and_carries_on_like_the_uninterrupted_engine():
+    """Save (JSON) and load mid-run: the next rounds give what the engine that never
+    stopped gives."""
+    fix = json.loads((DATA / "alert_engine_state_v2.json").read_text())
+    eng = AlertEngine(AlertConfig(), run="r", reference=_reference(fix))
+    eng.load_state_dict(fix["state"])
+    fix_half = dict(fix, rounds_after=fix["rounds_after"][:5])
+    _carry_on(eng, fix_half)
+    sd = json.loads(json.dumps(eng.state_dict()))
+    assert sd["version"] == 3 and set(sd["sources"]) == {"own", "paired", "reference"}
+    rest = dict(fix, rounds_after=fix["rounds_after"][5:])
+    eng2 = AlertEngine(AlertConfig(), run="r", reference=_reference(fix))
+    eng2.load_state_dict(sd)
+    assert eng2.state_dict() == sd
+    assert _carry_on(eng2, rest) == _carry_on(eng, rest)
