@@ -110,3 +110,14 @@ def test_built_in_sources_in_order():
     eng = AlertEngine(AlertConfig(), run="r")
     assert [s.name for s in eng.sources] == ["own", "paired"]  # no reference run configured
     assert np.all([not s.per_round for s in eng.sources[:1]])
+
+
+def test_docs_list_the_detector_settings_as_the_code_has_them():
+    """docs/alerts-engine.md's settings table is `detector_markdown()`; regenerate it when a
+    DetectorParams field changes."""
+    from pathlib import Path
+
+    from fineline_monitor.core.config import detector_markdown
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "alerts-engine.md").read_text()
+    assert detector_markdown() in doc, "docs/alerts-engine.md: paste detector_markdown() into Detector settings"
