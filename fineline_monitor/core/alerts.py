@@ -40,7 +40,7 @@ from fineline_monitor.core.history import TrailingPoints
 from fineline_monitor.core.phases import PhaseTracker
 from fineline_monitor.core.rules import (Finding, RuleBook, StepRules, classify, probe_extra_rules,
                                          single_point_hysteresis)
-from fineline_monitor.core.sources import (ExpectationSource, PointBlock, SourceContext, Verdict,
+from fineline_monitor.core.sources import (GOLD_LOGPROB, ExpectationSource, PointBlock, SourceContext, Verdict,
                                            build_sources)
 from fineline_monitor.core.types import Alert, ProbeRound
 
@@ -239,8 +239,8 @@ class AlertEngine:
         for name, r in round.tasks.items():
             mets = dict(r.metrics)
             gl = round.gold_logprobs.get(name) if round.gold_logprobs else None
-            if gl and "gold_logprob" not in mets:
-                mets["gold_logprob"] = float(np.mean(list(gl.values())))
+            if gl and GOLD_LOGPROB not in mets:
+                mets[GOLD_LOGPROB] = float(np.mean(list(gl.values())))
             for metric, v in mets.items():
                 if metric_kind(metric) is not None:
                     _add(cols, names.probe_key(name, metric), name, metric, r.capability or capability_for(name),
@@ -291,8 +291,8 @@ class AlertEngine:
         rows_c = self._curve_rows(table)
         blk, y, v = self._merge(table, rows_c)
         taken = self._takeoff(table, rows_c, blk, y, v)
-        judged, points = self._judge_block(table, rows_c, blk, y, v, taken)
-        alerts = self._rounds(table, n0, blk, points, judged)
+        points = self._judge_block(table, rows_c, blk, y, v, taken)
+        alerts = self._rounds(table, n0, blk, points)
         self._keep_trailing(blk)
         return alerts
 
@@ -397,9 +397,9 @@ class AlertEngine:
         return ~waiting[pc] | (np.arange(P) >= tk_first[pc])
 
     def _judge_block(self, table: CurveTable, rows_c: np.ndarray, blk: _Block, y: np.ndarray, v: np.ndarray,
-                     taken: np.ndarray) -> Tuple[np.ndarray, PointBlock]:
-        """The new points as one `PointBlock` with the windows of the judged ones, and the
-        verdicts of the sources that judge whole blocks."""
+                     taken: np.ndarray) -> PointBlock:
+        """The new points as one `PointBlock`: which are judged (taken off, a known
+        direction, finite, outside warmup) and the windows of those."""
         kind = np.array([self.curves[r].kind for r in rows_c], dtype=np.int64)[blk.curve]
         warm = np.array([p == "warmup" for p in table.phases])[blk.rnd]
         judged = taken & (kind >= 0) & np.isfinite(y) & ~warm
@@ -411,12 +411,10 @@ class AlertEngine:
         windows = {"X": blk.window("x", jm, np.nan), "G": sgn[:, None] * blk.window("y", jm, np.nan),
                    "V": blk.window("var", jm, np.nan), "U": U, "floor": _noise_floor(kind[judged], y[judged],
                                                                                        self.params)}
-        points = PointBlock(curves=[self.curves[r] for r in rows_c[blk.curve]], y=y, var=v, kind=kind, taken=taken,
-                            eligible=judged, windows=windows)
-        return judged, points
+        return PointBlock(curves=[self.curves[r] for r in rows_c[blk.curve]], y=y, var=v, kind=kind, taken=taken,
+                          eligible=judged, windows=windows)
 
-    def _rounds(self, table: CurveTable, n0: int, blk: _Block, points: PointBlock,
-                judged: np.ndarray) -> List[Alert]:
+    def _rounds(self, table: CurveTable, n0: int, blk: _Block, points: PointBlock) -> List[Alert]:
         """Combine the sources' verdicts and fire, round by round, only where something
         can happen (a bad verdict, a condition to clear, a per-round source, a count)."""
         whole = self._whole_block(points)
@@ -443,6 +441,8 @@ class AlertEngine:
         return alerts
 
     def _whole_block(self, points: PointBlock) -> Dict[str, Verdict]:
+        """Verdicts of the sources that judge a whole block at once (the first of them, the
+        own-run fit, is what the later ones see as `so_far`)."""
         out: Dict[str, Verdict] = {}
         base: Optional[Verdict] = None
         for s in self.sources:
