@@ -2,9 +2,10 @@
 
 A table of checkpoint evaluations (the trajectory CSV of docs/formats.md, or lm-eval-harness
 output folders) is replayed run by run, step by step, through the same AlertEngine the
-live monitor uses (`AlertEngine.observe_curves` is what `observe_probe` calls), so the
-phases, expectations and rules are the live ones. Every evaluation step of a run is one
-round; every curve `(task, metric)` of that step is judged before it is learnt.
+live monitor uses: a run's evaluation steps are one block of rounds for
+`AlertEngine.observe_table`, the path a live probe round takes as a block of one round, so
+the phases, expectations and rules are the live ones. Every curve `(task, metric)` of a
+step is judged before it is learnt.
 
 Rows whose `task` is `train`, `optim` or `stability` are per-step indicators
 (`train/loss`, `train/lr`, `optim/grad_norm`, ...): they go through `observe_metrics`
@@ -28,7 +29,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from fineline_monitor.core.alerts import AlertEngine
+from fineline_monitor import metric_names as names
+from fineline_monitor.core.alerts import AlertEngine, CurveTable
 from fineline_monitor.core.config import AlertConfig, ConfigError, MonitorConfig
 from fineline_monitor.core.expectations import ACC, ReferenceCurves, capability_for, chance_for, metric_kind
 from fineline_monitor.core.trajectory import Curve, TrajectoryError, read_trajectory
@@ -44,7 +46,7 @@ def replay_run(curves: List[Curve], cfg: AlertConfig, *, reference: Optional[Ref
         return [], {}
     source, model = curves[0].source, curves[0].model
     eng = AlertEngine(cfg, run=run_name or f"{source}/{model}", source=source, model=model,
-                      reference=reference, emit_expectations=False)
+                      reference=reference, params=cfg.detector, emit_expectations=False)
     probe, step_curves = [], []
     too_short, untracked = [], []
     for c in curves:
@@ -57,7 +59,7 @@ def replay_run(curves: List[Curve], cfg: AlertConfig, *, reference: Optional[Ref
             if metric_kind(c.metric) is None:
                 untracked.append(f"{c.task}/{c.metric}")
             probe.append(c)
-    keys = [f"probe/{c.task}/{c.metric}" for c in probe]
+    keys = [names.probe_key(c.task, c.metric) for c in probe]
     tasks = [c.task for c in probe]
     metrics = [c.metric for c in probe]
     caps = [capability_for(c.task) for c in probe]
@@ -106,23 +108,11 @@ def replay_run(curves: List[Curve], cfg: AlertConfig, *, reference: Optional[Ref
         r_phase.append(eng.phases.phase)
         r_seg.append(eng.phases.segment)
     rounds = len(probe_steps)
-    if reference is None:
-        # Pass 2: every curve and round at once (same detector and firing as live)
-        rnd = np.repeat(np.arange(rounds), ends - starts) if rounds else np.zeros(0, np.int64)
-        alerts += eng.observe_table(probe_steps, r_tokens, r_phase, r_seg, keys, tasks, metrics, caps, chance,
-                                    ci, rnd, va, var)
-    else:
-        # a reference run is calibrated point by point: the live path, round by round
-        eng2 = AlertEngine(cfg, run=run_name or f"{source}/{model}", source=source, model=model,
-                           reference=reference, emit_expectations=False)
-        for k, s in enumerate(probe_steps):
-            eng2.phases.observe(s, r_tokens[k], None)
-            eng2.phases.phase, eng2.phases.segment = r_phase[k], r_seg[k]
-            a, b = starts[k], ends[k]
-            idx = ci[a:b].tolist()
-            alerts += eng2.observe_curves(s, r_tokens[k], [keys[i] for i in idx], [tasks[i] for i in idx],
-                                          [metrics[i] for i in idx], [caps[i] for i in idx], va[a:b].tolist(),
-                                          var[a:b].tolist(), [chance[i] for i in idx])
+    # Pass 2: every curve and round at once, through the path live rounds take
+    rnd = np.repeat(np.arange(rounds), ends - starts) if rounds else np.zeros(0, np.int64)
+    alerts += eng.observe_table(CurveTable(steps=probe_steps, tokens=r_tokens, phases=r_phase, segments=r_seg,
+                                           keys=keys, tasks=tasks, metrics=metrics, capabilities=caps,
+                                           chance=chance, pt_curve=ci, pt_round=rnd, pt_value=va, pt_var=var))
     alerts.sort(key=lambda a: a.step)
     summary = {"source": source, "model": model, "rounds": rounds, "curves": len(probe),
                "points": int(st.size), "too_short": too_short, "untracked_metrics": len(untracked),

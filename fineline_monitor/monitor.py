@@ -219,7 +219,7 @@ class FineLineMonitor:
     def _build_engine(self):
         from fineline_monitor.core.alerts import AlertEngine
 
-        return AlertEngine(self.config.alerts, run=self.run)
+        return AlertEngine(self.config.alerts, run=self.run, params=self.config.alerts.detector)
 
     # ---- the per-step entry point ------------------------------------------------------
     def step(self, step: int, loss: Any = None, tokens: Optional[int] = None, lr: Optional[float] = None, *,

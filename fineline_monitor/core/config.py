@@ -72,6 +72,62 @@ class IndicatorConfig:
         "step in every collect_every; turn off where that memory is too tight."))
 
 
+@dataclass(frozen=True)
+class DetectorParams:
+    """How the capability detector judges a curve (`alerts.detector`). The defaults are what
+    the alert-quality benchmark measures; docs/alerts-engine.md says how each one is used."""
+
+    window: int = _f(48, min=8, help=(
+        "Points kept per curve: the judged ones, the frozen fits' points, and the earlier ones "
+        "the noise estimate and the back-test read."))
+    lags: int = _f(3, min=1, help=(
+        "The newest 1..lags points are judged against fits frozen just before them: a fault is "
+        "found within this many rounds, and `hysteresis` of them must be out of band."))
+    fit_points: int = _f(10, min=3, help="Points of the curve each frozen fit is made on.")
+    min_fit_points: int = _f(5, min=3, help="Fewer usable points than this before the judged ones: no verdict.")
+    point_z: float = _f(1.0, min=0.0, help=(
+        "Every judged point must also be this many sigma on the bad side (a sustained fault, not "
+        "one outlier pulling the mean)."))
+    shapes: Tuple[float, ...] = _f((0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0), help=(
+        "Curvatures of the frozen fit: over the fit's span in log tokens its slope decays by "
+        "e^-a (0: a straight line; 8: a curve that has all but stopped)."))
+    shape_chi2: float = _f(6.0, min=0.0, help=(
+        "Shapes whose residual sum of squares is within this many noise variances of the best one "
+        "are plausible; the least alarming plausible shape decides."))
+    shape_gain_uncertainty: float = _f(0.2, min=0.0, help=(
+        "Fraction of a shape's extrapolated gain counted as prediction uncertainty."))
+    fit_floor: float = _f(0.75, min=0.0, help=(
+        "The band's sigma is at least this fraction of the best shape's residual scatter over its "
+        "fit points (a curve the shapes cannot follow gets a wider band)."))
+    max_calibration: float = _f(1.5, min=0.0, help=(
+        "Back-test: a straight line frozen at every earlier position of the window predicts the "
+        "next point; when those residuals are wider than the noise says, sigma is scaled up by "
+        "their ratio, at most this much. 0 turns the back-test off."))
+    noise_clip_sigma: float = _f(2.5, min=0.0, help=(
+        "Noise sigma is a winsorised RMS of local-line residuals, clipped at this many robust "
+        "(MAD) sigmas; 0 uses the MAD itself."))
+    accuracy_noise_floor: float = _f(0.002, min=0.0, help=(
+        "Least noise sigma of an accuracy curve (absolute): a curve can look smoother than its eval is."))
+    relative_noise_floor: float = _f(0.001, min=0.0, help=(
+        "Least noise sigma of a loss-like or log-probability curve, relative to its value."))
+    decay_anchors: int = _f(4, min=0, help=(
+        "When a decay or anneal phase starts, this many points of the previous phase stay in the fit "
+        "as level anchors (a regression right after the LR starts decaying stays visible)."))
+    takeoff_sigma: float = _f(3.0, min=0.0, help=(
+        "An accuracy curve is judged once it is this many sampling sigmas above max(chance, its "
+        "first value) in two consecutive rounds."))
+    takeoff_min_margin: float = _f(0.01, min=0.0, help="Least take-off margin (accuracy units).")
+    assumed_docs: int = _f(500, min=1, help=(
+        "Documents assumed for the binomial sigma of the take-off test when neither stderr nor the "
+        "document count is known."))
+    reference_calibration_points: int = _f(5, min=1, help=(
+        "Points after take-off that calibrate a reference run's offset and scatter on this run."))
+    paired_min_docs: int = _f(5, min=2, help=(
+        "Documents in common with the anchor round that a paired per-document verdict needs."))
+    alias_min_points: int = _f(5, min=1, help=(
+        "Curves with identical values over at least this many rounds are one curve under two names."))
+
+
 @dataclass
 class AlertConfig:
     """Phases, expectations and alert rules."""
@@ -102,6 +158,12 @@ class AlertConfig:
         "`checkpoint` calls `checkpoint_fn(step)` (a constructor argument of FineLineMonitor, "
         "DeepSpeedMonitor and MegatronMonitor; without it the action is skipped with a warning at "
         "attach), `stop` makes `monitor.should_stop` true."))
+    detector: DetectorParams = _f(factory=DetectorParams, help=(
+        "Capability detector settings (docs/alerts-engine.md lists them)."))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.detector, dict):  # AlertConfig(detector={"window": 64})
+            self.detector = _build(DetectorParams, self.detector, "AlertConfig", {}, "detector.")
 
 
 @dataclass
@@ -259,7 +321,9 @@ def _build(cls: type, data: Any, where: str, lines: Dict[str, int], prefix: str 
             raise ConfigError(f"{_where(where, lines, dotted)}: unknown key `{dotted}`"
                               f"{_did_you_mean(str(key), fields)}; allowed: {', '.join(sorted(fields))}")
         t = hints[key]
-        if dataclasses.is_dataclass(t):
+        if dataclasses.is_dataclass(t) and isinstance(value, t):
+            kwargs[key] = value
+        elif dataclasses.is_dataclass(t):
             kwargs[key] = _build(t, value if value is not None else {}, where, lines, dotted + ".")
         else:
             kwargs[key] = _coerce(value, t, dotted, _where(where, lines, dotted))
@@ -268,11 +332,11 @@ def _build(cls: type, data: Any, where: str, lines: Dict[str, int], prefix: str 
         # Fill defaults, then validated values, then run the whole-object checks once.
         for name, f in fields.items():
             if name in kwargs:
-                setattr(obj, name, kwargs[name])
+                object.__setattr__(obj, name, kwargs[name])  # object's: frozen sections too
             elif f.default is not dataclasses.MISSING:
-                setattr(obj, name, f.default)
+                object.__setattr__(obj, name, f.default)
             else:
-                setattr(obj, name, f.default_factory())  # type: ignore[misc]
+                object.__setattr__(obj, name, f.default_factory())  # type: ignore[misc]
     except TypeError as e:  # pragma: no cover - defensive
         raise ConfigError(f"{where}: {e}") from None
     if cls is MonitorConfig:
@@ -294,6 +358,11 @@ def _coerce(value: Any, t: Any, name: str, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: `{name}` must be a list, got {value!r}")
         return [_coerce(v, item_t, name, where) for v in value]
+    if origin is tuple:
+        item_t = typing.get_args(t)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: `{name}` must be a list, got {value!r}")
+        return tuple(_coerce(v, item_t, name, where) for v in value)
     if t is bool:
         if isinstance(value, bool):
             return value
@@ -334,7 +403,7 @@ def validate(cfg: Any, *, where: str = "MonitorConfig", lines: Optional[Dict[str
             continue
         _coerce(value, t, name, loc)  # type check; raises on mismatch
         meta = f.metadata
-        values = value if isinstance(value, list) else [value]
+        values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
             if meta.get("choices") and v not in meta["choices"]:
                 allowed = ", ".join(map(str, meta["choices"]))
@@ -356,14 +425,19 @@ def validate(cfg: Any, *, where: str = "MonitorConfig", lines: Optional[Dict[str
                                   "must be `PHASE@STEP` with PHASE one of warmup, stable, decay, anneal, rewarm")
 
 
-def reference_markdown() -> str:
-    """The config reference table of docs/configuration.md, generated from the dataclasses."""
+def reference_markdown(root: Optional[type] = None, prefix: str = "") -> str:
+    """The config reference table of docs/configuration.md, generated from the dataclasses. The
+    detector's settings are one row there; `detector_markdown()` is their own table
+    (docs/alerts-engine.md)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             t = hints[f.name]
+            if t is DetectorParams and root is None:
+                rows.append(f"| `{prefix}{f.name}.*` | DetectorParams | | {f.metadata['help']} |")
+                continue
             if dataclasses.is_dataclass(t):
                 walk(t, f"{prefix}{f.name}.")
                 continue
@@ -374,8 +448,13 @@ def reference_markdown() -> str:
                 extra = " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
             rows.append(f"| `{prefix}{f.name}` | {tname} | `{default!r}` | {f.metadata['help']}{extra} |")
 
-    walk(MonitorConfig, "")
+    walk(root or MonitorConfig, prefix)
     return "\n".join(rows)
+
+
+def detector_markdown() -> str:
+    """The table of `alerts.detector` settings (docs/alerts-engine.md)."""
+    return reference_markdown(DetectorParams, "alerts.detector.")
 
 
 def _reject_unknown_kwargs(cls: type) -> type:
@@ -395,5 +474,5 @@ def _reject_unknown_kwargs(cls: type) -> type:
     return cls
 
 
-for _cls in (ProbeConfig, IndicatorConfig, AlertConfig, SinkConfig, MonitorConfig):
+for _cls in (ProbeConfig, IndicatorConfig, DetectorParams, AlertConfig, SinkConfig, MonitorConfig):
     _reject_unknown_kwargs(_cls)

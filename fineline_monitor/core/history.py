@@ -3,10 +3,9 @@
 Everything here is bounded so `state_dict()` stays small on a months-long run:
 - `ScalarWindow` keeps the last `size` values of one per-step metric (loss, grad norm...)
   plus a log-spaced downsample of older ones (enough to draw, not to re-fit);
-- `CurveWindows` keeps, for many probe curves at once, the trailing `width` points of the
-  current phase segment in (curves x width) arrays, so one probe round is fitted for all
-  curves in a handful of vectorised numpy operations (this is what makes `analyze` take a
-  630k-row table in seconds, and it is the same code the live monitor runs).
+- `TrailingPoints` keeps, for many probe curves at once, the newest `width` points (with
+  their phase segments) in (curves x width) arrays: the alert engine judges the next
+  round, or a whole table, from them in a handful of vectorised numpy operations.
 """
 
 from __future__ import annotations
@@ -69,60 +68,46 @@ def _jsonable(v: float) -> Optional[float]:
     return v if v is not None and math.isfinite(v) else None
 
 
-class CurveWindows:
-    """Trailing windows of many curves, as (n_curves, width) float arrays, nan-padded.
+class TrailingPoints:
+    """The newest `width` points of many curves, as (n_curves, width) arrays, newest last,
+    empty slots (x nan) in front. Each point keeps what judging a later point needs: its
+    time (log tokens or log steps), value, known sampling variance, whether a fit may use
+    it (finite, at a positive time), its phase segment, and the segment it anchors
+    (`anchor`: a decay or anneal segment that keeps it as a level anchor; -1 none)."""
 
-    Columns are time, newest last. `use` marks the points a fit may use: a point that fell
-    out of its band is quarantined (kept for the record, not learnt from) so a fault is not
-    absorbed into the expectation that should expose it.
-    """
+    FIELDS = ("x", "y", "var", "usable", "segment", "anchor")
 
     def __init__(self, width: int = 16):
         self.width = int(width)
         self.keys: List[str] = []
         self.index: Dict[str, int] = {}
-        self.x = np.full((0, self.width), np.nan)  # log tokens (or log steps)
-        self.y = np.full((0, self.width), np.nan)  # observed value
-        self.var = np.full((0, self.width), np.nan)  # known sampling variance (nan: unknown)
-        self.use = np.zeros((0, self.width), dtype=bool)
+        self.x = np.full((0, self.width), np.nan)
+        self.y = np.full((0, self.width), np.nan)
+        self.var = np.full((0, self.width), np.nan)
+        self.usable = np.zeros((0, self.width), dtype=bool)
+        self.segment = np.full((0, self.width), -2, dtype=np.int64)
+        self.anchor = np.full((0, self.width), -1, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    @staticmethod
+    def _empty(n: int, width: int) -> Dict[str, np.ndarray]:
+        return {"x": np.full((n, width), np.nan), "y": np.full((n, width), np.nan),
+                "var": np.full((n, width), np.nan), "usable": np.zeros((n, width), dtype=bool),
+                "segment": np.full((n, width), -2, dtype=np.int64), "anchor": np.full((n, width), -1, dtype=np.int64)}
+
     def rows(self, keys: Sequence[str]) -> np.ndarray:
         """Row index of each key, adding new curves as needed."""
-        new = [k for k in keys if k not in self.index]
+        new = list(dict.fromkeys(k for k in keys if k not in self.index))  # ordered, no repeats
         if new:
-            # dict.fromkeys keeps order and drops repeats within this batch
-            new = list(dict.fromkeys(new))
-            n0 = len(self.keys)
             for i, k in enumerate(new):
-                self.index[k] = n0 + i
+                self.index[k] = len(self.keys) + i
             self.keys.extend(new)
-            add = len(new)
-            self.x = np.vstack([self.x, np.full((add, self.width), np.nan)])
-            self.y = np.vstack([self.y, np.full((add, self.width), np.nan)])
-            self.var = np.vstack([self.var, np.full((add, self.width), np.nan)])
-            self.use = np.vstack([self.use, np.zeros((add, self.width), dtype=bool)])
+            add = self._empty(len(new), self.width)
+            for f in self.FIELDS:
+                setattr(self, f, np.vstack([getattr(self, f), add[f]]))
         return np.fromiter((self.index[k] for k in keys), dtype=np.int64, count=len(keys))
-
-    def push(self, rows: np.ndarray, x: np.ndarray, y: np.ndarray, var: np.ndarray, use: np.ndarray) -> None:
-        """Append one point to each of `rows` (shifting the window left)."""
-        for arr, val in ((self.x, x), (self.y, y), (self.var, var), (self.use, use)):
-            arr[rows, :-1] = arr[rows, 1:]
-            arr[rows, -1] = val
-
-    def clear(self, rows: np.ndarray) -> None:
-        """Forget the window of `rows` (a new phase segment starts a new fit)."""
-        self.x[rows] = np.nan
-        self.y[rows] = np.nan
-        self.var[rows] = np.nan
-        self.use[rows] = False
-
-    def unquarantine(self, rows: np.ndarray) -> None:
-        """Accept the quarantined points of `rows` as the new normal (a level shift that
-        persisted and was alerted on; learning it avoids paging forever)."""
-        self.use[rows] = np.isfinite(self.y[rows])
 
     def widen(self, width: int) -> None:
         """Grow to `width` columns (empty ones in front, so the newest stay last); a
@@ -130,11 +115,9 @@ class CurveWindows:
         add = int(width) - self.width
         if add <= 0:
             return
-        n = len(self.keys)
-        self.x = np.hstack([np.full((n, add), np.nan), self.x])
-        self.y = np.hstack([np.full((n, add), np.nan), self.y])
-        self.var = np.hstack([np.full((n, add), np.nan), self.var])
-        self.use = np.hstack([np.zeros((n, add), dtype=bool), self.use])
+        pad = self._empty(len(self.keys), add)
+        for f in self.FIELDS:
+            setattr(self, f, np.hstack([pad[f], getattr(self, f)]))
         self.width = int(width)
 
     def state_dict(self) -> Dict[str, Any]:
@@ -142,10 +125,14 @@ class CurveWindows:
             return [[None if not math.isfinite(v) else float(v) for v in row] for row in a.tolist()]
 
         return {"width": self.width, "keys": list(self.keys), "x": enc(self.x), "y": enc(self.y),
-                "var": enc(self.var), "use": self.use.astype(int).tolist()}
+                "var": enc(self.var), "usable": self.usable.astype(int).tolist(),
+                "segment": self.segment.tolist(), "anchor": self.anchor.tolist()}
 
     @classmethod
-    def from_state(cls, sd: Dict[str, Any]) -> "CurveWindows":
+    def from_state(cls, sd: Dict[str, Any], segments: Optional[Sequence[int]] = None) -> "TrailingPoints":
+        """Loads both formats. State version 2 kept a `use` mask already restricted to the
+        curve's segment and no segments per point: its points get the curve's segment
+        (`segments`, one per key), usable where `use` was."""
         w = cls(sd["width"])
         w.keys = list(sd["keys"])
         w.index = {k: i for i, k in enumerate(w.keys)}
@@ -156,7 +143,15 @@ class CurveWindows:
             return a.reshape(n, w.width)
 
         w.x, w.y, w.var = dec(sd["x"]), dec(sd["y"]), dec(sd["var"])
-        w.use = np.array(sd["use"], dtype=bool).reshape(n, w.width)
+        if "usable" in sd:
+            w.usable = np.array(sd["usable"], dtype=bool).reshape(n, w.width)
+            w.segment = np.array(sd["segment"], dtype=np.int64).reshape(n, w.width)
+            w.anchor = np.array(sd["anchor"], dtype=np.int64).reshape(n, w.width)
+        else:
+            w.usable = np.array(sd["use"], dtype=bool).reshape(n, w.width)
+            seg = np.asarray(list(segments) if segments is not None else [-1] * n, dtype=np.int64)
+            w.segment = np.repeat(seg.reshape(n, 1), w.width, axis=1)
+            w.anchor = np.full((n, w.width), -1, dtype=np.int64)
         return w
 
 

@@ -1,9 +1,18 @@
-"""Alert rules on plain numbers: per-step optimisation indicators and probe-round stability.
+"""Alert rules: how verdicts become firing decisions, in one place.
 
-Each rule returns `Finding`s (rule, severity, metric, observed, expected, band, what to look
-at first); `alerts.py` adds hysteresis, cooldown, de-duplication and the phase, and turns
-them into `Alert`s. Capability rules (regression, stall, sibling divergence) live in
-alerts.py because they need the expectation bank of all curves of a round.
+- `RuleBook` holds one `RuleState` per condition (rule + curve or key): consecutive true
+  rounds, the round it last fired, whether it is active, at which severity. It applies
+  hysteresis, cooldown and de-duplication (a condition that stays true fires once, except
+  to escalate warning -> critical) for every rule, capability or per-step.
+- `single_point_hysteresis`: verdicts of single-point expectation sources (reference run,
+  paired documents) count only after `hysteresis` consecutive bad rounds of a curve; the
+  own-run frozen fit needs no such count (its lags already span several rounds).
+- `classify` names a capability verdict: a stall, a sibling divergence (one task of a
+  capability out of band while its other tasks are not), or a regression (critical when
+  deep and capability-wide).
+- `StepRules` and `probe_extra_rules` return `Finding`s (rule, severity, metric, observed,
+  expected, band, what to look at first) for per-step indicators and probe-round
+  stability; `alerts.py` passes them through the same `RuleBook`.
 
 Per-step rules are built for short noisy runs as well as long ones: every statistic is
 robust (medians, MAD of first differences) and a rule is only armed after `min_points`
@@ -14,8 +23,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Deque, Dict, List, Optional, Tuple
+
+import numpy as np
 
 from fineline_monitor import metric_names as names
 from fineline_monitor.core.history import ScalarWindow
@@ -45,6 +56,115 @@ class Finding:
     band: Optional[List[float]]
     detail: str  # what happened and what to look at first
     key: str = ""  # de-duplication key within the rule (e.g. the metric or group)
+
+
+SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+NEVER = -10 ** 9  # the round a condition that never fired last fired
+
+
+@dataclass
+class RuleState:
+    """Firing state of one condition."""
+
+    consecutive: int = 0  # rounds in a row the condition has been true
+    last_fired_round: int = NEVER
+    active: bool = False  # fired and still true (de-duplication)
+    severity: str = ""  # severity it last fired at
+
+
+class RuleBook:
+    """Hysteresis, cooldown and de-duplication state, keyed by condition."""
+
+    def __init__(self) -> None:
+        self.states: Dict[str, RuleState] = {}
+
+    def update(self, key: str, true: bool, round_no: int, *, hysteresis: int, cooldown: int,
+               severity: str) -> bool:
+        """Record this round's truth of a condition; True when it fires now."""
+        st = self.states.get(key)
+        if st is None:
+            if not true:
+                return False
+            st = self.states[key] = RuleState()
+        if not true:
+            st.consecutive = 0
+            st.active = False
+            return False
+        st.consecutive += 1
+        if st.consecutive < hysteresis:
+            return False
+        escalate = st.active and SEVERITY_RANK[severity] > SEVERITY_RANK.get(st.severity, -1)
+        if st.active and not escalate:
+            return False
+        if not escalate and round_no - st.last_fired_round < cooldown:
+            return False
+        st.last_fired_round, st.active, st.severity = round_no, True, severity
+        return True
+
+    def consecutive(self, key: str) -> int:
+        st = self.states.get(key)
+        return st.consecutive if st else 0
+
+    def settled(self, key: str) -> bool:
+        """Neither counting nor active: nothing left to clear."""
+        st = self.states.get(key)
+        return st is None or (not st.consecutive and not st.active)
+
+    def keys_with_prefix(self, prefix: str) -> List[str]:
+        return [k for k in self.states if k.startswith(prefix)]
+
+    def state_dict(self) -> Dict[str, Any]:
+        # bounded: only conditions that are active, counting, or inside their cooldown matter
+        return {k: asdict(v) for k, v in self.states.items()
+                if v.consecutive or v.active or v.last_fired_round > NEVER}
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        """Loads both formats: named fields, or the list [consecutive, last_fired_round,
+        active, severity] of state version 2."""
+        self.states = {k: RuleState(**v) if isinstance(v, dict) else
+                       RuleState(int(v[0]), int(v[1]), bool(v[2]), str(v[3])) for k, v in sd.items()}
+
+
+def single_point_hysteresis(runs: np.ndarray, judged: np.ndarray, point_bad: np.ndarray, eligible: np.ndarray,
+                            hysteresis: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Consecutive bad single-point verdicts per curve. `runs` is each curve's count so
+    far, `judged` where a single-point source gave a verdict this round, `point_bad` where
+    it was bad. A curve without a verdict this round starts counting again. Returns the
+    new counts and where they reached `hysteresis` (on eligible points): bad."""
+    runs = runs.copy()
+    bad = np.zeros(runs.shape, dtype=bool)
+    for i in np.flatnonzero(judged | (runs > 0)):
+        runs[i] = runs[i] + 1 if point_bad[i] else 0
+        if runs[i] >= hysteresis and eligible[i]:
+            bad[i] = True
+    return runs, bad
+
+
+@dataclass
+class Judgement:
+    """What a bad capability verdict is called."""
+
+    rule: str
+    severity: str
+
+
+def classify(*, observed_good: float, noise: float, gain: float, level_last: float, z: float, band_sigma: float,
+             n_siblings: int, n_siblings_bad: int, capability_wide: bool) -> Judgement:
+    """Name a bad verdict on one curve. `observed_good`, `gain` and `level_last` are in
+    good-direction units (higher is better): a stall is a curve holding the level its
+    frozen fit had at its last point while the fit expected a clear gain (a drop would be
+    below that level); a sibling divergence is one task out of band while most of the
+    other distinct tasks of its capability are not; otherwise a regression, critical when
+    deep (z below 2 x band_sigma) and capability-wide (at least two other distinct tasks
+    out of band too and they are half or more, or a capability score itself)."""
+    if math.isfinite(gain) and math.isfinite(level_last) and gain > 2.0 * noise and \
+            observed_good > level_last - noise:
+        return Judgement("capability_stall", "warning")
+    if n_siblings >= 2 and n_siblings_bad * 2 < n_siblings:
+        return Judgement("sibling_divergence", "warning")
+    deep = math.isfinite(z) and z < -2 * band_sigma
+    wide = (n_siblings >= 2 and n_siblings_bad >= 2 and n_siblings_bad * 2 >= n_siblings) or capability_wide
+    return Judgement("capability_regression", "critical" if (deep and wide) else "warning")
 
 
 def _f(x: Any) -> Optional[float]:

@@ -206,30 +206,12 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
             return str(i + 1 + header_line)
 
     # Integer codes for the string columns, then one lexsort: fast on 600k rows.
-    def codes(j: int) -> Tuple[np.ndarray, List[str]]:
-        table: Dict[str, int] = {}
-        out = np.fromiter((table.setdefault(r[j], len(table)) for r in rows), dtype=np.int64, count=len(rows))
-        names = [""] * len(table)
-        for k, v in table.items():
-            names[v] = k
-        return out, names
-
-    src, src_names = codes(0)
-    mod, mod_names = codes(1)
-    tsk, tsk_names = codes(5)
-    met, met_names = codes(6)
-    # Empty names, checked on the distinct values (a few hundred) rather than every row;
-    # the first row carrying one is the line reported.
-    first_bad = None
-    for arr, names, name in ((src, src_names, "source"), (mod, mod_names, "model"), (tsk, tsk_names, "task"),
-                             (met, met_names, "metric")):
-        blank = [k for k, v in enumerate(names) if not v.strip()]
-        if blank:
-            i = int(np.flatnonzero(np.isin(arr, blank))[0])
-            if first_bad is None or i < first_bad[0]:
-                first_bad = (i, name)
-    if first_bad is not None:
-        raise TrajectoryError(f"{path}:{line_of(first_bad[0])}: column `{first_bad[1]}` is empty")
+    src, src_names = _codes(rows, 0)
+    mod, mod_names = _codes(rows, 1)
+    tsk, tsk_names = _codes(rows, 5)
+    met, met_names = _codes(rows, 6)
+    _check_no_blank_names(path, ((src, src_names, "source"), (mod, mod_names, "model"), (tsk, tsk_names, "task"),
+                                 (met, met_names, "metric")), line_of)
     params = _numeric_column(path, rows, 2, "params", optional=True, line_of=line_of, nonneg=True)
     steps = _numeric_column(path, rows, 3, "step", optional=False, line_of=line_of, nonneg=True, integer=True)
     tokens = _numeric_column(path, rows, 4, "tokens", optional=True, line_of=line_of, nonneg=True)
@@ -244,19 +226,8 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
     dup = np.zeros(len(order), dtype=bool)
     dup[1:] = ~new_curve[1:] & (s_sorted[1:] == s_sorted[:-1])
     if dup.any():
-        keep = np.ones(len(order), dtype=bool)
-        for k in np.flatnonzero(dup):
-            a, b = order[k - 1], order[k]
-            same = (values[a] == values[b] or (np.isnan(values[a]) and np.isnan(values[b]))) and \
-                (stderr[a] == stderr[b] or (np.isnan(stderr[a]) and np.isnan(stderr[b])))
-            if not same:
-                la, lb = sorted([line_of(a), line_of(b)], key=lambda s: (len(s), s))
-                raise TrajectoryError(
-                    f"{path}:{lb}: duplicate step {s_sorted[k]} for curve ({rows[b][0]}, {rows[b][1]}, "
-                    f"{rows[b][5]}, {rows[b][6]}) with a different value than line {la} "
-                    f"({values[a]!r} vs {values[b]!r}); one value per curve and step is allowed")
-            keep[k] = False
-        order, new_curve, key = order[keep], new_curve[keep], key[keep]
+        _check_duplicates_agree(path, rows, order, dup, s_sorted, values, stderr, line_of)
+        order, new_curve, key = order[~dup], new_curve[~dup], key[~dup]
     starts = np.flatnonzero(new_curve)
     ends = np.append(starts[1:], len(order))
     curves: List[Curve] = []
@@ -269,6 +240,45 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
                             stderr=stderr[idx], params=None if math.isnan(pv) else float(pv)))
     _check_tokens_monotone(path, curves, rows, order, line_of)
     return Trajectory(path=path, curves=curves)
+
+
+def _codes(rows: List[List[str]], j: int) -> Tuple[np.ndarray, List[str]]:
+    """Integer codes of column j and the distinct values they stand for."""
+    table: Dict[str, int] = {}
+    out = np.fromiter((table.setdefault(r[j], len(table)) for r in rows), dtype=np.int64, count=len(rows))
+    names = [""] * len(table)
+    for k, v in table.items():
+        names[v] = k
+    return out, names
+
+
+def _check_no_blank_names(path: str, columns, line_of) -> None:
+    """Empty names, checked on the distinct values (a few hundred) rather than every row;
+    the first row carrying one is the line reported."""
+    first_bad = None
+    for arr, names, name in columns:
+        blank = [k for k, v in enumerate(names) if not v.strip()]
+        if blank:
+            i = int(np.flatnonzero(np.isin(arr, blank))[0])
+            if first_bad is None or i < first_bad[0]:
+                first_bad = (i, name)
+    if first_bad is not None:
+        raise TrajectoryError(f"{path}:{line_of(first_bad[0])}: column `{first_bad[1]}` is empty")
+
+
+def _check_duplicates_agree(path, rows, order, dup, s_sorted, values, stderr, line_of) -> None:
+    """A step repeated within a curve is dropped when it repeats the same value and stderr;
+    a different value is an error naming both lines."""
+    for k in np.flatnonzero(dup):
+        a, b = order[k - 1], order[k]
+        same = (values[a] == values[b] or (np.isnan(values[a]) and np.isnan(values[b]))) and \
+            (stderr[a] == stderr[b] or (np.isnan(stderr[a]) and np.isnan(stderr[b])))
+        if not same:
+            la, lb = sorted([line_of(a), line_of(b)], key=lambda s: (len(s), s))
+            raise TrajectoryError(
+                f"{path}:{lb}: duplicate step {s_sorted[k]} for curve ({rows[b][0]}, {rows[b][1]}, "
+                f"{rows[b][5]}, {rows[b][6]}) with a different value than line {la} "
+                f"({values[a]!r} vs {values[b]!r}); one value per curve and step is allowed")
 
 
 def _check_tokens_monotone(path, curves, rows, order, line_of) -> None:

@@ -95,25 +95,24 @@ def test_restart_does_not_refire_and_state_is_json_bounded():
 
 
 def test_state_saved_with_a_narrower_window_loads_and_keeps_its_points():
-    """States written before the window grew to WINDOW points (24 then) load: the saved
-    points stay the newest ones, the rest are empty, and judging goes on."""
-    from fineline_monitor.core.alerts import WINDOW
-
+    """A state saved with a narrower window (`alerts.detector.window` 24) loads into a
+    wider one: the saved points stay the newest ones, the rest are empty, and judging goes on."""
+    window = AlertConfig().detector.window
     rounds = list(healthy_run(np.random.default_rng(8), 40))
     eng = AlertEngine(AlertConfig(), run="r")
     feed(eng, rounds[:30])
     sd = json.loads(json.dumps(eng.state_dict()))
-    w = sd["windows"]
+    w = sd["points"]
     old = 24
-    assert w["width"] == WINDOW > old
-    for name in ("x", "y", "var", "use"):
+    assert w["width"] == window > old
+    for name in ("x", "y", "var", "usable", "segment", "anchor"):
         w[name] = [row[-old:] for row in w[name]]
     w["width"] = old
     eng2 = AlertEngine(AlertConfig(), run="r")
     eng2.load_state_dict(sd)
-    assert eng2.win.width == WINDOW
-    np.testing.assert_array_equal(eng2.win.y[:, -old:], eng.win.y[:, -old:])
-    assert np.isnan(eng2.win.y[:, :-old]).all() and not eng2.win.use[:, :-old].any()
+    assert eng2.points.width == window
+    np.testing.assert_array_equal(eng2.points.y[:, -old:], eng.points.y[:, -old:])
+    assert np.isnan(eng2.points.y[:, :-old]).all() and not eng2.points.usable[:, :-old].any()
     fired = feed(eng2, rounds[30:36], drop=0.1, from_round=2)
     assert any(a.task == "hellaswag" for f in fired for a in f)
 

@@ -164,19 +164,27 @@ def test_an_alias_group_keeps_one_condition_whichever_name_is_out_of_band():
     from fineline_monitor.core.alerts import AlertEngine
     from fineline_monitor.core.config import AlertConfig
 
+    from fineline_monitor.core.alerts import CurveTable
+    from fineline_monitor.core.sources import PointBlock, Verdict
+
     eng = AlertEngine(AlertConfig(), run="r")
     keys = ["probe/piqa/acc", "probe/piqa_rc_0shot/acc"]
-    rows = eng._ensure_meta(keys, ["piqa", "piqa_rc_0shot"], ["acc", "acc"], ["commonsense"] * 2, [0.5, 0.5])
+    eng._curve_rows(CurveTable(steps=[], tokens=[], phases=[], segments=[], keys=keys,
+                               tasks=["piqa", "piqa_rc_0shot"], metrics=["acc", "acc"],
+                               capabilities=["commonsense"] * 2, chance=[0.5, 0.5], pt_curve=np.zeros(0, int),
+                               pt_round=np.zeros(0, int), pt_value=np.zeros(0), pt_var=np.zeros(0)))
     win = np.tile(np.linspace(0.6, 0.7, 10), (2, 1))
-    res = {"expected": np.array([0.72, 0.72]), "low": np.array([0.69, 0.69]), "high": np.array([0.75, 0.75]),
-           "z": np.array([-5.0, -5.0]), "k": np.array([2, 2]), "noise": np.array([0.005, 0.005]),
-           "gain": np.array([0.0, 0.0]), "level_last": np.array([0.72, 0.72])}
-    y = np.array([0.6, 0.6])
+    two = lambda v: np.array([v, v], dtype=float)  # noqa: E731
+    verdict = Verdict(expected=two(0.72), low=two(0.69), high=two(0.75), z=two(-5.0), bad=np.zeros(2, bool),
+                      has=np.ones(2, bool), lag=np.array([2, 2]), noise=two(0.005), gain=two(0.0),
+                      level_last=two(0.72))
     have = np.array([True, True])
     fired = []
     for r, bad in enumerate(([False, True], [True, False], [False, True])):
-        fired += eng._fire_round(r + 1, 100 * (r + 1), None, "stable", rows, y, np.array(bad), have, res, None,
-                                 clear_rows=rows, windows=win)
+        rb = PointBlock(curves=eng.curves, y=two(0.6), var=two(np.nan), kind=np.zeros(2, int), taken=have,
+                        eligible=have, step=100 * (r + 1), tokens=None, phase="stable")
+        fired += eng._fire_round(r + 1, rb, np.array(bad), have, verdict, np.array(["own", "own"], dtype=object),
+                                 windows=win)
     assert [(a.task, a.step) for a in fired] == [("piqa", 100)]
     assert "reported as piqa_rc_0shot" in fired[0].message
 

@@ -1,19 +1,22 @@
 """The frozen profile fit of `lagged_detect` (a family of curvatures instead of one line)."""
 
+from dataclasses import replace
+
 import numpy as np
 
+from fineline_monitor.core.config import DetectorParams
 from fineline_monitor.core.expectations import lagged_detect
 
 
-def _det(X, G, **kw):
+def _det(X, G, **params):
     n, W = G.shape
-    return lagged_detect(X, G, np.full((n, W), np.nan), np.isfinite(G), np.full(n, 1e-4), **kw)
+    return lagged_detect(X, G, np.full((n, W), np.nan), np.isfinite(G), np.full(n, 1e-4),
+                         replace(DetectorParams(), **params))
 
 
 def test_stall_is_detectable_where_the_window_pins_the_shape_down():
-    """A curve growing steadily in log tokens stops growing for 3 rounds. The old line +
-    growth_unc detector cannot reach 4 sigma by construction (z < 1/0.35); the profile
-    fit, whose window rules out a saturating shape, sees it."""
+    """A curve growing steadily in log tokens stops growing for 3 rounds: the profile fit,
+    whose window rules out a saturating shape, sees it."""
     rng = np.random.default_rng(0)
     W, n = 24, 200
     x = np.log(np.geomspace(1e9, 1e11, W))
@@ -22,9 +25,10 @@ def test_stall_is_detectable_where_the_window_pins_the_shape_down():
     G[:, -3:] = (0.3 + 0.15 * (x[-4] - x[0])) + rng.normal(0, sig, (n, 3))  # stalled at round -4's level
     X = np.broadcast_to(x, G.shape).copy()
     new = _det(X, G)
-    old = _det(X, G, shapes=None, F=8)
     assert np.mean(new.z[:, 2] < -4) > 0.9
-    assert np.mean(old.z[:, 2] < -4) < 0.05  # (without noise z < 1/0.35 exactly)
+    healthy = G.copy()
+    healthy[:, -3:] = 0.3 + 0.15 * (x[-3:] - x[0]) + rng.normal(0, sig, (n, 3))
+    assert np.mean(_det(X, healthy).z[:, 2] < -4) < 0.05
     # level_last is the fit at its own last point; the stall holds it
     assert np.median(np.abs(new.level_last - G[:, -4])) < 2 * sig
 
@@ -46,8 +50,8 @@ def test_healthy_saturating_curve_does_not_alarm():
     d = _det(X, G)
     alarm = (d.z[:, 1:] < -4) & (d.zpt[:, 1:] < -1)
     assert alarm.any(1).mean() < 0.01
-    # the straight line without its growth slack would page on this curve
-    line = _det(X, G, shapes=None, F=10, growth_unc=0.0)
+    # the straight line alone (no gain uncertainty) would page on this curve
+    line = _det(X, G, shapes=(0.0,), shape_gain_uncertainty=0.0)
     assert ((line.z[:, 1:] < -4) & (line.zpt[:, 1:] < -1)).any(1).mean() > alarm.any(1).mean()
 
 
@@ -69,17 +73,15 @@ def test_profile_is_never_more_alarming_than_the_plausible_line():
     assert np.mean(prof.z[ok] >= line.z[ok] - 1e-9) > 0.97
 
 
-def test_fit_floor_below_one_uncovers_stalls_on_real_curves(monkeypatch):
+def test_fit_floor_below_one_uncovers_stalls_on_real_curves():
     """Stalls injected (the benchmark's own injector) into the curves of three short real
     OLMo runs after a steep start: with the misfit floor at the full residual scatter of
-    the shapes (fit_floor=1, before) the two-parameter shapes' misfit on a steep start
+    the shapes (fit_floor=1) the two-parameter shapes' misfit on a steep start
     widens the band past the stall; the default (0.75) catches more of them, and the
     healthy originals stay as quiet."""
-    import functools
     import random
     import sys
 
-    import fineline_monitor.core.alerts as AL
     from fineline_monitor.analyze import replay_run
     from fineline_monitor.core.config import AlertConfig
     from fineline_monitor.core.trajectory import read_trajectory
@@ -102,24 +104,23 @@ def test_fit_floor_below_one_uncovers_stalls_on_real_curves(monkeypatch):
             faults.append(got)
     assert len(faults) >= 10
 
-    def caught_and_healthy_alerts():
+    def caught_and_healthy_alerts(cfg):
         caught = 0
         for fc, t0 in faults:
-            alerts, _ = replay_run([fc], AlertConfig())
+            alerts, _ = replay_run([fc], cfg)
             steps = fc.steps.tolist()
             caught += any(a.step in steps and t0 <= steps.index(a.step) <= t0 + 2 for a in alerts)
-        healthy = sum(len(replay_run(cs, AlertConfig())[0]) for cs in runs.values())
+        healthy = sum(len(replay_run(cs, cfg)[0]) for cs in runs.values())
         return caught, healthy
 
-    caught, healthy = caught_and_healthy_alerts()
-    monkeypatch.setattr(AL, "lagged_detect", functools.partial(AL.lagged_detect, fit_floor=1.0))
-    caught_full, healthy_full = caught_and_healthy_alerts()
+    caught, healthy = caught_and_healthy_alerts(AlertConfig())
+    caught_full, healthy_full = caught_and_healthy_alerts(AlertConfig(detector={"fit_floor": 1.0}))
     assert caught > caught_full
     assert healthy <= healthy_full + 1
 
 
 def test_backtest_all_positions_at_once_equals_fitting_each_position():
-    """The self-calibration back-test (`_backtest_z`) against the plain loop it replaced:
+    """The back-test (`_backtest_z`, all positions at once) against fitting each position in turn:
     for every column j in [F, W-K), a line through the last F usable points before j."""
     from fineline_monitor.core.expectations import _backtest_z, _fit_mask
 
