@@ -110,3 +110,34 @@ def test_demo_runs_without_the_prometheus_extra(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "prometheus-client is not installed" in p.stderr
     assert (tmp_path / "out" / "run.db").exists() and not (tmp_path / "out" / "metrics.prom").exists()
+
+
+# Families that a rule or a dashboard panel queries but that a healthy CPU demo run cannot
+# fill, each with the condition under which the monitor writes samples for it. Any other
+# queried family must have samples in the demo's exposition.
+def _conditional_families():
+    from fineline_monitor import metric_names as M
+
+    fam = lambda name: M.METRICS[name].family or M.derived_family(name)  # noqa: E731
+    return {
+        fam(M.LOSS_SCALE): "fp16 training with a loss scaler (the demo trains in fp32)",
+        fam(M.SKIPPED_STEPS): "a framework that skips optimizer steps on overflow (fp16 loss scaling)",
+        fam(M.HESSIAN_TRACE): "opt-in: indicators.hessian_trace and a Hessian batch",
+    }
+
+
+def test_every_queried_metric_has_samples_in_the_demo_exposition(short_demo):
+    """Rules and dashboard panels query families the real demo run fills with samples; a
+    `# TYPE` line alone (the exporter declares every family it knows) does not count."""
+    from fineline_e2e_support import exposition_names, queried_metric_names
+
+    out, _ = short_demo
+    samples = exposition_names((out / "metrics.prom").read_text())
+    conditional = _conditional_families()
+    queried = queried_metric_names()
+    assert len(queried) > 20
+    missing = sorted(n for n in queried if samples.get(n, 0) == 0 and n not in conditional
+                     and n.removesuffix("_total") not in conditional)
+    assert not missing, f"queried by rules/dashboard but without samples in the demo's metrics.prom: {missing}"
+    # an exemption must name a family someone queries, or it hides nothing and is stale
+    assert set(conditional) <= {n.removesuffix("_total") for n in queried} | set(queried), conditional
