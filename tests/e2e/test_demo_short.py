@@ -127,17 +127,20 @@ def _conditional_families():
 
 
 def test_every_queried_metric_has_samples_in_the_demo_exposition(short_demo):
-    """Rules and dashboard panels query families the real demo run fills with samples; a
-    `# TYPE` line alone (the exporter declares every family it knows) does not count."""
-    from fineline_e2e_support import exposition_names, queried_metric_names
+    """Rules, dashboard panels and runbooks name families the real demo run fills with
+    samples; a `# TYPE` line alone (the exporter declares every family it knows) does not
+    count."""
+    from fineline_e2e_support import exposition_names, queried_metric_names, runbook_metric_families
 
     out, _ = short_demo
     samples = exposition_names((out / "metrics.prom").read_text())
     conditional = _conditional_families()
-    queried = queried_metric_names()
+    runbook = runbook_metric_families()
+    assert runbook, "the runbooks name no metric (did the extraction break?)"
+    queried = queried_metric_names() | runbook
     assert len(queried) > 20
     missing = sorted(n for n in queried if samples.get(n, 0) == 0 and n not in conditional
                      and n.removesuffix("_total") not in conditional)
-    assert not missing, f"queried by rules/dashboard but without samples in the demo's metrics.prom: {missing}"
+    assert not missing, f"queried by rules/dashboard /runbooks but without samples in the demo's metrics.prom: {missing}"
     # an exemption must name a family someone queries, or it hides nothing and is stale
     assert set(conditional) <= {n.removesuffix("_total") for n in queried} | set(queried), conditional
