@@ -36,6 +36,10 @@ def render_fault_table(doc: dict) -> str:
         lines.append(f"| {r['area']} | {r['what']} | {r['happened']} | " + " | ".join(str(r[c]) for c in cols) + " |")
     t = doc["totals"]
     lines.append("| **total** | | | " + " | ".join(f"**{t[c]}**" for c in doc["columns"]) + " |")
+    gaps = doc.get("known_gaps", [])
+    if gaps:
+        lines += ["", "Known gaps (strict xfails: such a test fails once its gap is fixed, and then becomes a plain test):"]
+        lines += [f"- `{g['test']}`: {g['reason'].removeprefix('reason: ')}" for g in gaps]
     return "\n".join(lines)
 
 
