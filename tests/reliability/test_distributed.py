@@ -196,7 +196,7 @@ def _as_another_rank(rank: int):
     """What differs between two ranks of one job, or between two calls on one rank: the rank
     in the environment, the clocks, the RNG state. A decision that leads into a collective
     must not read any of them."""
-    shift = 1e6 * rank
+    shift = 7919.37 * rank  # not a round number: a clock read modulo anything still differs
     clocks = {name: getattr(time, name) for name in ("time", "monotonic", "perf_counter", "process_time")}
     env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "NODE_RANK": str(rank)}
     random.seed(rank)
