@@ -193,8 +193,26 @@ def render_analyze_speed(d: Dict[str, Any]) -> str:
 
 
 Renderer = Callable[[Any], str]
+def render_fault_table(doc: Dict[str, Any]) -> str:
+    """The reliability fault table, recorded by the reliability tests after their assertions."""
+    cols = ("injected", "survived", "bad_inputs", "rows_lost", "hangs")
+    lines = [f"Recorded with `{doc['command']}` ({doc['environment']}): {doc['passed']} tests passed.", "",
+             "| area | fault or bad input tried | what happened | " + " | ".join(doc["columns"]) + " |",
+             "|" + "---|" * (3 + len(cols))]
+    for r in doc["rows"]:
+        lines.append(f"| {r['area']} | {r['what']} | {r['happened']} | " + " | ".join(str(r[c]) for c in cols) + " |")
+    t = doc["totals"]
+    lines.append("| **total** | | | " + " | ".join(f"**{t[c]}**" for c in doc["columns"]) + " |")
+    gaps = doc.get("known_gaps", [])
+    if gaps:
+        lines += ["", "Known gaps (strict xfails: such a test fails once its gap is fixed, and then becomes a plain test):"]
+        lines += [f"- `{g['test']}`: {g['reason'].removeprefix('reason: ')}" for g in gaps]
+    return "\n".join(lines)
+
+
 RENDERERS: Dict[str, Tuple[Optional[str], Renderer]] = {
     "config-reference": (None, render_config),
+    "fault-table": ("docs/data/fault-table.json", render_fault_table),
     "bench-probe-speed": ("docs/data/bench-probe-speed.json", render_probe_speed),
     "bench-overhead": ("docs/data/bench-overhead.json", render_overhead),
     "bench-long-run-memory": ("docs/data/bench-long-run-memory.json", render_long_run_memory),

@@ -1,5 +1,5 @@
 """Shared test set-up: keep torch to a couple of threads on the 2-core CI machine, and
-give tests the path of the shared reference trajectories (skipped cleanly when absent)."""
+give tests the path of the excerpt of real trajectories the repository ships in tests/data."""
 
 import os
 from pathlib import Path
@@ -13,16 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TRAJ = REPO.parent / "shared" / "reference-trajectories" / "dev.csv.gz"
+TRAJECTORY_EXCERPT = REPO / "tests" / "data" / "trajectories-excerpt.csv.gz"
 
 
 @pytest.fixture(scope="session")
 def reference_trajectories() -> Path:
-    path = Path(os.environ.get("FINELINE_REFERENCE_TRAJ", DEFAULT_TRAJ))
-    if not path.exists():
-        pytest.skip(f"reference trajectories not found at {path} (set FINELINE_REFERENCE_TRAJ); "
-                    "they live in ../shared and are never copied into the repository")
-    return path
+    """10 public runs (Pythia, OLMo ladder); see tests/data/README.md."""
+    return TRAJECTORY_EXCERPT
 
 
 @pytest.fixture(scope="session")

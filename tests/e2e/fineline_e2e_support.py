@@ -174,3 +174,27 @@ def wait_for(fn: Callable[[], Optional[object]], timeout_s: float, what: str, in
 
 def finite(x: float) -> bool:
     return math.isfinite(x)
+
+
+def runbook_metric_families() -> Set[str]:
+    """Prometheus families of the metrics the runbooks (README/docs sections whose heading
+    says runbook or "when paged") tell the on-call to look at."""
+    from fineline_monitor import metric_names as names
+
+    out: Set[str] = set()
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            m = re.match(r"^(#+)\s+(.*)$", line)
+            if not m or not re.search(r"runbook|when paged", m.group(2), re.I):
+                continue
+            for nxt in lines[i + 1:]:
+                h = re.match(r"^(#+)\s", nxt)
+                if h and len(h.group(1)) <= len(m.group(1)):
+                    break
+                for tok in re.findall(r"`([^`\n]+)`", nxt):
+                    if re.fullmatch(r"fineline_[a-z0-9_]+", tok):
+                        out.add(tok)
+                    elif "<" not in tok and names.lookup(tok)[0] is not None:
+                        out.add(names.prom_name(tok)[0])
+    return out

@@ -34,7 +34,7 @@ def short_demo(tmp_path_factory):
 def test_demo_writes_all_outputs(short_demo):
     out, p = short_demo
     for name in ("run.db", "alerts.jsonl", "report.html", "metrics.prom"):
-        assert (out / name).exists() and (out / name).stat().st_size > 0 or name == "alerts.jsonl", name
+        assert (out / name).exists() and (out / name).stat().st_size > 0, name
     # progress and a closing summary on stderr
     assert "[fineline] step" in p.stderr and "probe step" in p.stderr
     assert "injected data_corruption at step 36" in p.stderr
@@ -61,6 +61,12 @@ def test_demo_alerts_file_follows_contract(short_demo):
     lines = [json.loads(x) for x in (out / "alerts.jsonl").read_text().splitlines() if x.strip()]
     for a in lines:
         assert set(a) == ALERT_KEYS and a["severity"] in ("info", "warning", "critical")
+    # the injected data corruption (random tokens from step 36 on) is caught by the engine
+    caught = [a for a in lines if a["step"] >= 36 and a["severity"] in ("warning", "critical")]
+    assert caught, f"no alert after the corruption injected at step 36: {lines}"
+    s = RunStore(out / "run.db", readonly=True)
+    assert {(a["step"], a["rule"]) for a in lines} <= {(r[0], r[1]) for r in s.query(
+        "SELECT step, rule FROM alerts")}, "alerts.jsonl and the store's alerts disagree"
 
 
 def test_metrics_prom_is_an_exposition(short_demo):
@@ -104,3 +110,37 @@ def test_demo_runs_without_the_prometheus_extra(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "prometheus-client is not installed" in p.stderr
     assert (tmp_path / "out" / "run.db").exists() and not (tmp_path / "out" / "metrics.prom").exists()
+
+
+# Families that a rule or a dashboard panel queries but that a healthy CPU demo run cannot
+# fill, each with the condition under which the monitor writes samples for it. Any other
+# queried family must have samples in the demo's exposition.
+def _conditional_families():
+    from fineline_monitor import metric_names as M
+
+    fam = lambda name: M.METRICS[name].family or M.derived_family(name)  # noqa: E731
+    return {
+        fam(M.LOSS_SCALE): "fp16 training with a loss scaler (the demo trains in fp32)",
+        fam(M.SKIPPED_STEPS): "a framework that skips optimizer steps on overflow (fp16 loss scaling)",
+        fam(M.HESSIAN_TRACE): "opt-in: indicators.hessian_trace and a Hessian batch",
+    }
+
+
+def test_every_queried_metric_has_samples_in_the_demo_exposition(short_demo):
+    """Rules, dashboard panels and runbooks name families the real demo run fills with
+    samples; a `# TYPE` line alone (the exporter declares every family it knows) does not
+    count."""
+    from fineline_e2e_support import exposition_names, queried_metric_names, runbook_metric_families
+
+    out, _ = short_demo
+    samples = exposition_names((out / "metrics.prom").read_text())
+    conditional = _conditional_families()
+    runbook = runbook_metric_families()
+    assert runbook, "the runbooks name no metric (did the extraction break?)"
+    queried = queried_metric_names() | runbook
+    assert len(queried) > 20
+    missing = sorted(n for n in queried if samples.get(n, 0) == 0 and n not in conditional
+                     and n.removesuffix("_total") not in conditional)
+    assert not missing, f"queried by rules/dashboard /runbooks but without samples in the demo's metrics.prom: {missing}"
+    # an exemption must name a family someone queries, or it hides nothing and is stale
+    assert set(conditional) <= {n.removesuffix("_total") for n in queried} | set(queried), conditional

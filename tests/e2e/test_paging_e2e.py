@@ -29,7 +29,6 @@ import yaml
 
 from fineline_e2e_support import (AM_CONFIG, RULES, dashboard_exprs, free_port, make_monitor, promql_for_test,
                                   wait_for)
-from fineline_monitor import Alert
 
 PROMETHEUS = "/usr/bin/prometheus"
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
@@ -173,18 +172,14 @@ def test_critical_alert_pages_through_prometheus_and_alertmanager(tmp_path):
         assert sum(len(g["rules"]) for g in rules) == 8, "shipped rules not loaded"
         assert not receiver.received, "paged before anything went wrong"
 
-        # 3) the run goes wrong: a non-finite loss. The monitor's alert engine raises the
-        #    critical alert; when the engine is not available in this checkout, the same Alert
-        #    goes to the monitor's sinks directly (the path FineLineMonitor._handle_alerts takes).
+        # 3) the run goes wrong: a non-finite loss. The monitor's own alert engine must raise
+        #    the critical alert: a monitor whose engine failed to build (isolated, so training
+        #    goes on) fails here rather than being paged by a hand-built alert.
+        assert monitor.engine is not None, f"the alert engine was not built: {monitor.disabled_parts}"
         t0 = time.monotonic()
         fired = monitor.step(step=30, loss=float("nan"), tokens=31 * 1024, lr=1e-3)
         crit = [a for a in fired if a.severity == "critical"]
-        if not crit:
-            assert monitor.engine is None, f"engine present but no critical alert for a NaN loss: {fired}"
-            crit = [Alert("nonfinite_loss", "critical", 30, "training loss is NaN at step 30", run=monitor.run,
-                          metric="train/loss", observed=float("nan"), tokens=31 * 1024)]
-            for s in monitor.sinks:
-                s.log_alert(crit[0])
+        assert crit, f"no critical alert for a NaN loss: {fired}"
 
         # 4) the page arrives at the PagerDuty endpoint within 60 s
         pages = wait_for(lambda: [r for r in receiver.on("/v2/enqueue")

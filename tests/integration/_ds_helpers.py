@@ -4,6 +4,7 @@ re-score a saved model's probe documents in this (single) process."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -60,3 +61,38 @@ def rescore_hf(out: Path, docs_per_task: int) -> dict:
 
 def load_round(out: Path) -> dict:
     return json.loads((out / "probe_round.json").read_text())
+
+
+def run_scaler_worker(out: Path, precision: str, steps: int, *, env: Optional[Dict[str, str]] = None) -> dict:
+    """tests/integration/ds_scaler_worker.py under torchrun (one process); returns what the
+    engine reported (engine.json) and what the monitor stored, per optimizer step."""
+    from fineline_monitor import metric_names as names
+    from fineline_monitor.core.store import RunStore
+
+    p = torchrun("tests/integration/ds_scaler_worker.py", [str(out), precision, str(steps)], nproc=1, env=env,
+                 timeout=300)
+    assert p.returncode == 0 and (out / "engine.json").exists(), tail(p)
+    engine = json.loads((out / "engine.json").read_text())
+    s = RunStore(out / "run.db", run="ds", readonly=True)
+    try:
+        stored = {n: {st: v for st, _, v in s.series(n)}
+                  for n in (names.LOSS, names.GRAD_NORM, names.LOSS_SCALE, names.SKIPPED_STEPS)}
+    finally:
+        s.close()
+    return {"engine": engine, "stored": stored}
+
+
+def check_one_row_per_optimizer_step(got: dict) -> None:
+    """The monitor stepped once per optimizer step with the mean of its micro-batch losses
+    and the engine's own gradient norm."""
+    from fineline_monitor import metric_names as names
+
+    steps = got["engine"]["steps"]
+    stored = got["stored"]
+    assert sorted(stored[names.LOSS]) == [r["global_step"] for r in steps if r["global_step"] in stored[names.LOSS]]
+    for r in steps:
+        gs = r["global_step"]
+        mean = sum(r["micro_losses"]) / len(r["micro_losses"])
+        assert abs(stored[names.LOSS][gs] - mean) < 1e-5 * max(1.0, abs(mean)), (gs, stored[names.LOSS][gs], mean)
+        if r["grad_norm"] is not None and math.isfinite(r["grad_norm"]) and gs in stored[names.GRAD_NORM]:
+            assert abs(stored[names.GRAD_NORM][gs] - r["grad_norm"]) < 1e-5 * max(1.0, r["grad_norm"]), gs

@@ -4,13 +4,16 @@ The fault table is the issue's "done when": every test here records what it trie
 (faults injected, faults survived, bad inputs tried, store rows lost, hangs) through the
 session-scoped `fault_table` fixture, *after* its assertions passed (a failing test
 records nothing as survived, so the table cannot claim more than the tests proved). A
-hang is recorded before the test fails, so it shows up too. At session end the table is
-written as markdown to $FINELINE_FAULT_TABLE (default build/fault-table.md) and printed
-in the terminal summary, so CI output shows the real counts.
+test that fails records nothing. At session end the table is written as markdown to
+$FINELINE_FAULT_TABLE (default build/fault-table.md) and printed in the terminal summary;
+with $FINELINE_FAULT_TABLE_JSON set, a green run of the whole suite also writes that JSON
+(docs/data/fault-table.json), from which scripts/render_docs.py generates
+docs/reliability.md's table.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -92,9 +95,51 @@ def _table_path() -> Path:
     return Path(os.environ.get("FINELINE_FAULT_TABLE") or REPO / "build" / "fault-table.md")
 
 
+_PASSED: List[str] = []
+_KNOWN_GAPS: Dict[str, str] = {}  # strict xfails: node id -> what is known to be wrong
+
+
+def pytest_runtest_logreport(report):
+    if report.when != "call" or "tests/reliability/" not in report.nodeid.replace("\\", "/"):
+        return
+    if report.passed and not hasattr(report, "wasxfail"):
+        _PASSED.append(report.nodeid)
+    elif report.skipped and hasattr(report, "wasxfail"):
+        _KNOWN_GAPS[report.nodeid.split("::", 1)[-1]] = report.wasxfail
+
+
+def _write_json(path: Path) -> None:
+    """The recorded run that docs/reliability.md is generated from (scripts/render_docs.py)."""
+    import platform
+
+    import torch
+
+    doc = {
+        "command": "FINELINE_FAULT_TABLE_JSON=docs/data/fault-table.json .venv/bin/pytest -q tests/reliability",
+        "environment": f"torch {torch.__version__.split('+')[0]} CPU, gloo, Python {platform.python_version()}, "
+                       f"{os.cpu_count()} CPU cores",
+        "passed": len(_PASSED),
+        "known_gaps": [{"test": k, "reason": v} for k, v in sorted(_KNOWN_GAPS.items())],
+        "columns": list(COLUMNS),
+        "rows": [{"area": r.area, "what": r.what, "happened": r.happened, "injected": r.injected,
+                  "survived": r.survived, "bad_inputs": r.bad_inputs, "rows_lost": r.rows_lost, "hangs": r.hangs,
+                  "tests": sorted(r.tests)}
+                 for r in sorted(_TABLE.rows.values(), key=lambda r: (r.area, r.what))],
+        "totals": _TABLE.totals(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not _TABLE.rows:
         return
+    json_path = os.environ.get("FINELINE_FAULT_TABLE_JSON")
+    # Only a whole, green run of the suite may become the documented table: a failed or
+    # partial (-k, one file) run would publish rows the other tests did not back.
+    if json_path and exitstatus == 0 and not session.config.option.keyword and \
+            not session.config.option.markexpr and session.testsfailed == 0:
+        _write_json(Path(json_path))
     path = _table_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

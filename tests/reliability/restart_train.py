@@ -5,7 +5,10 @@ killed with SIGKILL at a random step, then resumed.
 
 At step ALERT_STEP the monitor is handed a NaN loss (the training itself is untouched), so
 the real alert engine raises a critical `nonfinite` alert that the webhook pages.
-Prints `step N` after each step (the test's clock for the kill).
+Probe rounds run every PROBE_EVERY steps on a small requests file with a tokenizer saved by
+the test (argv 6-8), so probe rounds, per-document scores and the engine's expectations are
+written, and must survive the kill too. Prints `step N` after each step (the test's clock
+for the kill).
 """
 
 import os
@@ -18,19 +21,25 @@ from fineline_monitor import FineLineMonitor, MonitorConfig
 
 out, steps, ckpt_every, alert_step, sleep = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
                                              float(sys.argv[5]))
+probe_every, tokenizer_dir, requests_file = int(sys.argv[6]), sys.argv[7], sys.argv[8]
 torch.set_num_threads(1)
 ckpt = os.path.join(out, "ckpt.pt")
-VOCAB, SEQ, BATCH = 128, 16, 2
 
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
+
+tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+VOCAB, SEQ, BATCH = len(tokenizer), 64, 2
 
 torch.manual_seed(0)
 model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-cfg = MonitorConfig(run_name="restart", out_dir=out, probe_every=0, indicators={"collect_every": 1},
-                    alerts={"cooldown_rounds": 1000}, sinks={"enabled": ["store", "webhook"]})
-mon = FineLineMonitor(model=model, optimizer=opt, config=cfg)
+cfg = MonitorConfig(run_name="restart", out_dir=out, probe_every=probe_every, probe_at_start=True,
+                    probe_max_overhead=0.0,  # a fixed cadence: the same rounds in every run
+                    probes={"tasks": [], "requests_files": [requests_file], "docs_per_task": 3, "batch_size": 4},
+                    indicators={"collect_every": 1}, alerts={"cooldown_rounds": 1000},
+                    sinks={"enabled": ["store", "webhook"]})
+mon = FineLineMonitor(model=model, optimizer=opt, config=cfg, tokenizer=tokenizer)
 start = 0
 if os.path.exists(ckpt):
     state = torch.load(ckpt, weights_only=False)

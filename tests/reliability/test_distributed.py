@@ -13,14 +13,17 @@ Also: the cadence functions are pure functions of step and tokens (no rank, cloc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -65,7 +68,6 @@ def _launch(tmp_path: Path, scenario: str, fault_table, what: str, pg_timeout_s:
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
-        fault_table.record(AREA, what, "HUNG (killed at the hard limit)", injected=1, hangs=1)
         logs = "\n".join((tmp_path / f"rank{r}.log").read_text()[-3000:] for r in range(2))
         pytest.fail(f"{scenario}: the 2-rank job hung for {HARD_LIMIT_S}s\n{logs}")
     wall = time.monotonic() - t0
@@ -96,16 +98,15 @@ def test_actions_come_from_the_logging_rank(tmp_path, fault_table):
     """Also the no-fault control: both ranks probe every round, nothing disabled."""
     what = "conflicting local stop/checkpoint wishes on the two ranks"
     rcs, res, wall, logs = _launch(tmp_path, "actions", fault_table, what)
-    ok = _finished(rcs, res)
-    fault_table.record(AREA, what, "the logging rank's `stop` reaches both ranks on the same step; the other "
-                       "rank's local wish is ignored", injected=1, survived=int(ok))
-    assert ok, _tail(logs)
+    assert _finished(rcs, res), _tail(logs)
     for r in (0, 1):
         assert res[r]["disabled"] == {}, res[r]["disabled"]
         assert res[r]["rounds"] == len(range(0, STEPS, 3))
         assert res[r]["should_stop"] is True and res[r]["stop_seen_at"] == 4, res[r]
         assert res[r]["checkpoints"] == [], "rank 1's local `checkpoint` wish must not count"
     assert res[0]["losses"] != res[1]["losses"]  # different data per rank: the check above is not vacuous
+    fault_table.record(AREA, what, "the logging rank's `stop` reaches both ranks on the same step; the other "
+                       "rank's local wish is ignored", injected=1, survived=1)
 
 
 @pytest.mark.timeout(HARD_LIMIT_S + 30)
@@ -115,27 +116,25 @@ def test_indicators_failing_on_one_rank_keep_joining_their_collectives(tmp_path,
     rank 1's next DDP gradient all-reduce (a crash or a hang). Rank 1 keeps joining it."""
     what = "rank 1's indicators fail (local part) while they carry a collective step metric"
     rcs, res, wall, logs = _launch(tmp_path, "indicator_raise", fault_table, what)
-    ok = _finished(rcs, res) and "indicators" in res[1]["disabled"] and "indicators" not in res[0]["disabled"]
-    fault_table.record(AREA, what, "indicators disabled on rank 1 alone; rank 1 still joins the collective "
-                       "metric at every collect step; training finishes on both", injected=1, survived=int(ok))
     assert _finished(rcs, res), _tail(logs)
     assert "indicators" in res[1]["disabled"] and "indicators" not in res[0]["disabled"], res
     n_collects = len(range(0, STEPS, 2))
     for r in (0, 1):
         assert res[r]["world_sums"] == [2.0] * n_collects, (r, res[r]["world_sums"])
+    fault_table.record(AREA, what, "indicators disabled on rank 1 alone; rank 1 still joins the collective "
+                       "metric at every collect step; training finishes on both", injected=1, survived=1)
 
 
 @pytest.mark.timeout(HARD_LIMIT_S + 30)
 def test_one_rank_raises_inside_a_probe_round(tmp_path, fault_table):
     what = "exception on rank 1 inside a probe round (after the probe's collectives)"
     rcs, res, wall, logs = _launch(tmp_path, "raise_after", fault_table, what)
-    ok = _finished(rcs, res) and all("probes" in res[r]["disabled"] and res[r]["rounds"] == 2 for r in (0, 1))
-    fault_table.record(AREA, what, "both ranks agree (all-reduce of the failure flag) and disable probes; "
-                       "training finishes on both", injected=1, survived=int(ok))
     assert _finished(rcs, res), _tail(logs)
     for r in (0, 1):
         assert "probes" in res[r]["disabled"], (r, res[r]["disabled"])
         assert res[r]["rounds"] == 2, "probes must stop on both ranks after the failed round"
+    fault_table.record(AREA, what, "both ranks agree (all-reduce of the failure flag) and disable probes; "
+                       "training finishes on both", injected=1, survived=1)
 
 
 @pytest.mark.timeout(HARD_LIMIT_S + 30)
@@ -145,14 +144,14 @@ def test_real_probe_runner_one_rank_raises(tmp_path, fault_table):
     result gather with the error, so both ranks learn of it and disable probes together."""
     what = "real ProbeRunner: rank 1's probe forward raises (OOM) mid-round"
     rcs, res, wall, logs = _launch(tmp_path, "real_raise", fault_table, what)
-    ok = _finished(rcs, res) and all("probes" in res[r]["disabled"] for r in (0, 1)) and _same_probe_decision(res)
-    fault_table.record(AREA, what, "the runner gathers the error on every rank; both disable probes after round 2 "
-                       "and finish training", injected=1, survived=int(ok))
     assert _finished(rcs, res), _tail(logs)
     for r in (0, 1):
         assert "probes" in res[r]["disabled"], (r, res[r]["disabled"])
         assert res[r]["rounds"] == 2, res[r]["rounds"]
+    assert _same_probe_decision(res), res
     assert "out of memory on rank 1" in logs[1]
+    fault_table.record(AREA, what, "the runner gathers the error on every rank; both disable probes after round 2 "
+                       "and finish training", injected=1, survived=1)
 
 
 @pytest.mark.timeout(HARD_LIMIT_S + 30)
@@ -173,48 +172,77 @@ def test_one_rank_raises_before_a_probe_collective(tmp_path, fault_table):
         fault_table.record(AREA, what, "probes disabled on both ranks, training finished", injected=1, survived=1)
         return
     fast = all(rc != 0 for rc in rcs) and wall < pg + 60
-    fault_table.record(AREA, what, f"job failed fast: both ranks exited non-zero after {wall:.0f}s "
-                       f"(process-group timeout {pg:.0f}s), no hang", injected=1, survived=0)
     assert fast, f"exit codes {rcs} after {wall:.0f}s\n{_tail(logs)}"
     assert "probe failed on rank 1" in logs[1]  # rank 1 reported the real cause once
+    # the wall time varies from run to run; the generated table states the bound, not a figure
+    fault_table.record(AREA, what, f"job failed fast: both ranks exited non-zero within {pg + 60:.0f}s "
+                       f"(process-group timeout {pg:.0f}s), no hang", injected=1, survived=0)
 
 
 @pytest.mark.timeout(HARD_LIMIT_S + 30)
 def test_slow_rank_does_not_hold_the_other_forever(tmp_path, fault_table):
     what = "rank 1 slower than dist_timeout_s before the monitor's agreement collective"
     rcs, res, wall, logs = _launch(tmp_path, "slow", fault_table, what)
-    ok = _finished(rcs, res) and _same_probe_decision(res)
-    fault_table.record(AREA, what, (f"both ranks finished in {wall:.0f}s with the same probe decision" if ok else
-                                    f"ranks diverged and training died after {wall:.0f}s (see docs)"),
-                       injected=1, survived=int(ok))
     assert _finished(rcs, res), _tail(logs)
     # Whatever the ranks decided, they decided the same: no rank may go on probing alone.
     assert _same_probe_decision(res), (res[0]["disabled"], res[1]["disabled"], res[0]["rounds"], res[1]["rounds"])
+    fault_table.record(AREA, what, "both ranks finished with the same probe decision", injected=1, survived=1)
 
 
 # ---- cadence: decisions that lead into collectives depend only on step and tokens -------------
+
+@contextlib.contextmanager
+def _as_another_rank(rank: int):
+    """What differs between two ranks of one job, or between two calls on one rank: the rank
+    in the environment, the clocks, the RNG state. A decision that leads into a collective
+    must not read any of them."""
+    shift = 7919.37 * rank  # not a round number: a clock read modulo anything still differs
+    clocks = {name: getattr(time, name) for name in ("time", "monotonic", "perf_counter", "process_time")}
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "NODE_RANK": str(rank)}
+    random.seed(rank)
+    with mock.patch.dict(os.environ, env), contextlib.ExitStack() as stack:
+        for name, real in clocks.items():
+            stack.enter_context(mock.patch.object(time, name, (lambda real=real: real() + shift)))
+        yield
+
+
+def _documented_should_probe(step, *, every, tokens=None, every_tokens=0, last_probe_tokens=None,
+                             at_start=True, first_step=None, not_before=None):
+    """The rule as the docstring and the README state it, written independently of the code."""
+    if every <= 0 and every_tokens <= 0:
+        return False
+    if not_before is not None and step < not_before:
+        return False
+    if at_start and first_step is not None and step == first_step:
+        return True
+    if every > 0 and step > 0 and step % every == 0:
+        return True
+    if every_tokens > 0 and tokens is not None:
+        crossed = (tokens // every_tokens) - ((last_probe_tokens or 0) // every_tokens)
+        return crossed > 0
+    return False
+
 
 def test_cadence_functions_take_only_step_and_token_numbers():
     for fn in (cadence.should_probe, cadence.should_collect):
         params = set(inspect.signature(fn).parameters)
         assert params <= {"step", "every", "tokens", "every_tokens", "last_probe_tokens", "at_start",
                           "first_step", "not_before"}, params
-        src = inspect.getsource(fn)
-        for banned in ("rank", "time", "random", "environ", "torch"):
-            assert banned not in src.replace("every_tokens", "").replace("tokens", ""), (fn.__name__, banned)
 
 
-def test_probe_budget_decision_is_pure():
+def test_probe_budget_decision_is_the_same_on_every_rank():
     """The budget decision reads timings, so the monitor all-reduces them first; the function
-    itself must then give every rank the same answer: no clock, rank, RNG or environment."""
-    src = inspect.getsource(cadence.probe_budget_next_step)
-    code = src.split('"""')[2]  # the body after the docstring
-    for banned in ("perf_counter", "time.", "rank", "random", "environ", "torch"):
-        assert banned not in code, banned
+    itself must then give every rank the same answer whatever its clock, rank, RNG or
+    environment, and the answer must be the first step that keeps the share within budget."""
     kw = dict(every=500, max_overhead=0.015, monitor_seconds=30.0, train_seconds=900.0, round_seconds=15.0,
               step_seconds=0.3, monitor_step_seconds=0.001)
-    r = cadence.probe_budget_next_step(2500, **kw)
-    assert r == cadence.probe_budget_next_step(2500, **kw) and r % 500 == 0
+    answers = []
+    for rank in (0, 1, 7):
+        with _as_another_rank(rank):
+            answers.append(cadence.probe_budget_next_step(2500, **kw))
+    assert len(set(answers)) == 1, answers
+    r = answers[0]
+    assert r % 500 == 0
 
     def within(step):  # the round at `step` keeps the share within budget
         n = step - 2500
@@ -226,13 +254,14 @@ def test_probe_budget_decision_is_pure():
 @settings(max_examples=200, deadline=None)
 @given(step=st.integers(0, 10**9), every=st.integers(0, 10**4), tokens=st.none() | st.integers(0, 10**13),
        every_tokens=st.integers(0, 10**9), last=st.none() | st.integers(0, 10**13), at_start=st.booleans(),
-       first=st.none() | st.integers(0, 10**9))
-def test_cadence_is_a_pure_function(step, every, tokens, every_tokens, last, at_start, first):
+       first=st.none() | st.integers(0, 10**9), rank=st.integers(1, 63))
+def test_cadence_follows_its_rule_on_every_rank(step, every, tokens, every_tokens, last, at_start, first, rank):
     kw = dict(every=every, tokens=tokens, every_tokens=every_tokens, last_probe_tokens=last, at_start=at_start,
               first_step=first)
-    a = cadence.should_probe(step, **kw)
-    b = cadence.should_probe(step, **kw)  # "another rank" with the same numbers
+    with _as_another_rank(0):
+        a = cadence.should_probe(step, **kw)
+    with _as_another_rank(rank):
+        b = cadence.should_probe(step, **kw)
     assert a == b and isinstance(a, bool)
-    if every <= 0 and every_tokens <= 0:
-        assert a is False
+    assert a == _documented_should_probe(step, **kw)
     assert cadence.should_collect(step, max(1, every)) == (step % max(1, every) == 0)

@@ -40,10 +40,10 @@ def test_memory_is_bounded_and_the_store_is_complete(tmp_path, fault_table):
     store.close()
     expected_rows = STEPS // 10
     lost = expected_rows - loss_rows + (STEPS // 10_000 - rounds)
-    fault_table.record("long runs", f"{STEPS:,} simulated steps (collect every 10, alert engine on, probe every 10k)",
-                       f"Python heap growth {growth_kib:+.1f} KiB from step {EARLY:,} to {STEPS:,} (bound "
-                       f"{BOUND_KIB} KiB); store holds all {loss_rows:,} loss rows and {rounds} probe rounds",
-                       injected=0, survived=0, rows_lost=max(0, lost))
     assert figs[-1]["disabled"] == 0, "a part of the monitor failed during the long run"
-    assert loss_rows == expected_rows and rounds == STEPS // 10_000, (loss_rows, rounds)
+    assert loss_rows == expected_rows and rounds == STEPS // 10_000 and lost == 0, (loss_rows, rounds)
     assert growth_kib < BOUND_KIB, f"the monitor's heap grew {growth_kib:.1f} KiB over {STEPS - EARLY:,} steps"
+    # the growth figure varies from run to run; the generated table states the bound
+    fault_table.record("long runs", f"{STEPS:,} simulated steps (collect every 10, alert engine on, probe every 10k)",
+                       f"Python heap growth from step {EARLY:,} to {STEPS:,} under {BOUND_KIB} KiB; store holds "
+                       f"all {loss_rows:,} loss rows and {rounds} probe rounds")

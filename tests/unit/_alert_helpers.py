@@ -1,24 +1,24 @@
-"""Shared helpers for the alert-engine tests (synthetic curves and the shared dev data)."""
+"""Shared helpers for the alert-engine tests (synthetic curves and the excerpt of real curves
+that the repository ships in tests/data)."""
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from fineline_monitor.core.config import AlertConfig
 from fineline_monitor.core.types import ProbeRound, TaskResult
 
 REPO = Path(__file__).resolve().parents[2]
-DEV = Path(os.environ.get("FINELINE_DEV_TRAJECTORIES", REPO / ".." / "shared" / "reference-trajectories" / "dev.csv.gz"))
+# Cut from ../shared/reference-trajectories by scripts/make_trajectory_excerpt.py (see
+# tests/data/README.md): 10 public runs, so a plain clone runs every test on real curves.
+DEV = REPO / "tests" / "data" / "trajectories-excerpt.csv.gz"
+DEV_RUNS, DEV_ROWS = 10, 14527
 
 
 def dev_path() -> Path:
-    if not DEV.exists():
-        pytest.skip(f"shared dev trajectories not found at {DEV} (set FINELINE_DEV_TRAJECTORIES)")
     return DEV
 
 

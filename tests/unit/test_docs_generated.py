@@ -45,7 +45,8 @@ def test_every_renderer_is_used_and_every_block_has_one():
     assert used <= set(render_docs.RENDERERS), f"blocks without a renderer: {used - set(render_docs.RENDERERS)}"
 
 
-@pytest.mark.parametrize("name", sorted(n for n, (p, _) in render_docs.RENDERERS.items() if p))
+@pytest.mark.parametrize("name", sorted(n for n, (p, _) in render_docs.RENDERERS.items()
+                                         if p and n.startswith("bench-")))
 def test_benchmark_json_says_where_it_came_from(name):
     path, _ = render_docs.RENDERERS[name]
     data = json.loads((REPO / path).read_text())
@@ -67,3 +68,15 @@ def test_a_changed_figure_is_stale(tmp_path, monkeypatch):
     copy.write_text(json.dumps(data))
     monkeypatch.setitem(render_docs.RENDERERS, name, (str(copy), fn))
     assert any(s.endswith(f": {name}") for s in render_docs.stale())
+
+
+def test_a_changed_fault_count_makes_the_reliability_table_stale(tmp_path, monkeypatch):
+    """The fault table (recorded by the reliability tests, not a benchmark) is checked alike."""
+    name = "fault-table"
+    path, fn = render_docs.RENDERERS[name]
+    data = json.loads((REPO / path).read_text())
+    data["totals"]["faults injected"] += 1
+    copy = tmp_path / "fault-table.json"
+    copy.write_text(json.dumps(data))
+    monkeypatch.setitem(render_docs.RENDERERS, name, (str(copy), fn))
+    assert "docs/reliability.md: fault-table" in render_docs.stale()

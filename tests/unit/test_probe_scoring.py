@@ -6,6 +6,8 @@ score the identical (context, continuation) requests.
 """
 
 import logging
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +65,12 @@ def test_matches_lm_eval_hflm(model_dir, ours):
     for name, entries in runner.docs.items():
         m = rnd.tasks[name].metrics
         assert rnd.tasks[name].n_docs == 8
+        # gold bpb from lm-eval's own log-likelihoods: bits per UTF-8 byte of the gold
+        # continuation (leading space included), averaged over documents
+        gold_bpb = [-ll[(name, d.doc_id, d.gold if runner.tasks[name].kind == "mc" else 0)]
+                    / (math.log(2) * len(d.continuations[d.gold if runner.tasks[name].kind == "mc" else 0]
+                                         .encode("utf-8"))) for d, _ in entries]
+        assert m["bpb"] == pytest.approx(float(np.mean(gold_bpb)), rel=1e-5, abs=1e-6), name
         if runner.tasks[name].kind != "mc":
             assert set(m) == {"bpb", "gold_logprob"}
             continue
@@ -73,6 +81,49 @@ def test_matches_lm_eval_hflm(model_dir, ours):
             acc.append(float(np.argmax(lls) == d.gold))
             accn.append(float(np.argmax(lls / lens) == d.gold))
         assert m["acc"] == np.mean(acc) and m["acc_norm"] == np.mean(accn), name
+
+
+BOS_TASKS = ["arc_easy:rc_0shot", "piqa:rc_0shot", "boolq:rc_0shot", "naturalqs_open:bpb_5shot"]
+
+
+@pytest.fixture(scope="module")
+def bos_model_dir(tmp_path_factory):
+    """The same tiny model with a tokenizer that prepends BOS to every encoding (as Llama's
+    and OLMo's do)."""
+    from tokenizers import Tokenizer, processors
+
+    d = build_tiny_model(str(tmp_path_factory.mktemp("tiny_bos")), n_positions=256)
+    path = Path(d) / "tokenizer.json"
+    t = Tokenizer.from_file(str(path))
+    bos = t.token_to_id("<|endoftext|>")
+    t.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", pair="<|endoftext|> $A $B",
+                                                     special_tokens=[("<|endoftext|>", bos)])
+    t.save(str(path))
+    return d
+
+
+@pytest.mark.slow
+def test_matches_lm_eval_hflm_with_a_tokenizer_that_adds_bos(bos_model_dir):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    model, tok = AutoModelForCausalLM.from_pretrained(bos_model_dir), AutoTokenizer.from_pretrained(bos_model_dir)
+    assert tok("The cat")["input_ids"][0] == tok.bos_token_id != tok("The cat", add_special_tokens=False)["input_ids"][0]
+    runner = ProbeRunner(ProbeConfig(tasks=BOS_TASKS, docs_per_task=6, batch_size=8, seed=3), model=model,
+                         tokenizer=tok)
+    rnd = runner.run(step=0)
+    insts = [Instance(request_type="loglikelihood", doc={}, arguments=(q.context, q.continuation), idx=i)
+             for i, q in enumerate(runner.requests)]
+    res = HFLM(pretrained=bos_model_dir, device="cpu", batch_size=8).loglikelihood(insts, disable_tqdm=True)
+    diffs = [abs(a[0] - b.logprob) for a, b in zip(res, rnd.requests)]
+    assert len(res) == len(rnd.requests) > 20 and max(diffs) < 1e-4, max(diffs)
+    assert [a[1] for a in res] == [b.is_greedy for b in rnd.requests]
+    # the BOS token changes the scores: the comparison above is not blind to it
+    no_bos = HFLM(pretrained=bos_model_dir, device="cpu", batch_size=8, add_bos_token=False)
+    res_no_bos = no_bos.loglikelihood(insts, disable_tqdm=True)
+    assert max(abs(a[0] - b[0]) for a, b in zip(res, res_no_bos)) > 1e-3
 
 
 def test_round_contents(ours):

@@ -7,7 +7,7 @@ import pytest
 
 from fineline_monitor.core.trajectory import TrajectoryError, read_trajectory
 
-from _alert_helpers import dev_path
+from _alert_helpers import DEV_ROWS, DEV_RUNS, dev_path
 
 HEAD = "source,model,params,step,tokens,task,metric,value,stderr\n"
 
@@ -85,4 +85,4 @@ def test_lm_eval_step_from_revision_and_error_without_step(tmp_path):
 
 def test_gzip_and_real_table():
     t = read_trajectory(dev_path())
-    assert len(t.runs()) == 75 and t.n_rows == 632282
+    assert len(t.runs()) == DEV_RUNS and t.n_rows == DEV_ROWS

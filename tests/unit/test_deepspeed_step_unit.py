@@ -1,6 +1,7 @@
 """DeepSpeedMonitor.step: once per optimizer step (gradient accumulation), mean loss of the
 step's micro-batches, skipped fp16 steps flagged, grad norm and loss scale from the engine.
-A stand-in engine with DeepSpeed's attribute names drives it (fast, single process)."""
+A stand-in engine with DeepSpeed's attribute names drives it: a unit test of the adapter's
+bookkeeping (the real engine: tests/integration/test_deepspeed_scaler.py, tests/gpu)."""
 
 from __future__ import annotations
 
