@@ -66,7 +66,7 @@ def _write_table(path, model, n=40, seed=0):
 def test_benchmark_runs_on_an_unseen_table(tmp_path, capsys):
     p = tmp_path / "unseen.csv"
     _write_table(p, "acme-7B")
-    assert aq.main(["--data", str(p), "--faults-per-kind", "3", "--replay", "alone"]) == 0
+    assert aq.main(["--data", str(p), "--faults-per-kind", "3", "--replay", "alone", "--json", ""]) == 0
     out = capsys.readouterr().out
     assert "split=all (auto): 1 of 1 runs" in out
     assert "healthy: 40 run-rounds" in out
