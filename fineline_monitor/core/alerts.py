@@ -28,6 +28,7 @@ import numpy as np
 from fineline_monitor.core.expectations import (ACC, LOSS, NEG, LagDetection, ReferenceCurves, base_task,
                                                  capability_for, chance_for, lagged_detect, majority_for,
                                                  metric_kind)
+from fineline_monitor import metric_names as names
 from fineline_monitor.core.history import CurveWindows
 from fineline_monitor.core.phases import PhaseTracker
 from fineline_monitor.core.rules import Finding, StepRules, probe_extra_rules
@@ -51,6 +52,12 @@ POINT_Z = 1.0  # every one of the k judged points must be at least this many sig
 ANCHORS = 4  # points of the previous phase kept as level anchors in decay/anneal
 ABS_FLOOR = 0.002  # accuracy noise floor (absolute): a curve can look smoother than its eval is
 REL_FLOOR = 0.001  # loss-like noise floor, relative to the value
+
+
+def _capability_kind(key: str) -> Optional[int]:
+    """A capability series' kind (metric_names.capability_judged_as); None: not judged."""
+    judged = names.capability_judged_as(key)
+    return None if judged is None else {"loss": LOSS, "acc": ACC}[judged[2]]
 
 
 def _floor(kind: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -221,14 +228,19 @@ class AlertEngine:
                 else:
                     chance.append(chance_for(name))
                 ndocs.append(n)
-        for cap, v in round.capability_scores.items():
-            keys.append(f"capability/{cap}")
+        for series_key, v in round.capability_scores.items():
+            key = f"capability/{series_key}"
+            judged = names.capability_judged_as(key)
+            if judged is None:  # headline / took_off switch meaning: recorded, not judged
+                continue
+            se = (round.capability_stderr or {}).get(series_key)
+            keys.append(key)
             tasks.append(None)
-            metrics.append(None)
-            caps.append(cap)
+            metrics.append(judged[1])
+            caps.append(judged[0])
             vals.append(float(v))
-            var.append(math.nan)
-            chance.append(None)
+            var.append(float(se) ** 2 if se is not None and math.isfinite(se) and se > 0 else math.nan)
+            chance.append(judged[3])
             ndocs.append(0)
         alerts = self.observe_curves(step, tokens, keys, tasks, metrics, caps, vals, var, chance,
                                      paired=round.gold_logprobs or None)
@@ -253,7 +265,7 @@ class AlertEngine:
                 key = self.win.keys[len(self.meta)]
                 j = pos[key]
                 metric = metrics[j] or "capability"
-                kind = metric_kind(metric) if not key.startswith("capability/") else ACC
+                kind = metric_kind(metric) if not key.startswith("capability/") else _capability_kind(key)
                 self.meta.append({"key": key, "task": tasks[j], "metric": metrics[j], "cap": caps[j],
                                   "base_task": base_task(tasks[j]) if tasks[j] else key,
                                   "kind": -1 if kind is None else kind, "lo": chance[j], "base": None,
