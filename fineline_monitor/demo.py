@@ -60,7 +60,7 @@ class DemoArgs:
     vocab_size: int = 2048
     lr: float = 2e-3
     seed: int = 0
-    threads: int = 0
+    threads: int = 1  # a ~1M-parameter model gains little from more, and loses much on a busy machine
     pilots: int = len(PILOTS)  # 0: no ladder (the target is judged against its own fit only)
 
 
@@ -352,48 +352,10 @@ def _have_prometheus_client(say) -> bool:
     return False
 
 
-def _is_capability_alert(a: dict) -> bool:
-    return bool(a.get("capability")) and str(a.get("rule", "")).startswith(("capability_", "sibling_"))
-
-
-def what_happened(alerts: List[dict], injection: Optional[Tuple[str, int]], probe_steps: List[int]) -> List[str]:
-    """Lines saying which capability left its band, where, after how many probe rounds, and
-    expected vs observed (the report's "What happened" box and the closing summary)."""
-    from fineline_monitor import metric_names as names
-
-    at = injection[1] if injection else 0
-    lines: List[str] = []
-    seen = set()
-    for a in alerts:
-        if not _is_capability_alert(a) or a["step"] < at:
-            continue
-        what = (a.get("capability"), a.get("task"), a.get("metric"))
-        if what in seen:
-            continue
-        seen.add(what)
-        series = a.get("metric") or ""
-        unit = names.describe_capability_series(series) if series in names.CAPABILITY_SERIES else series
-        rounds = sum(1 for s in probe_steps if at <= s <= a["step"]) if injection else None
-        band = a.get("band")
-        band_s = f" (band {band[0]:.4g} to {band[1]:.4g})" if band else ""
-        where = a["capability"] + (f" task {a['task']}" if a.get("task") else "")
-        lines.append(f"{where} left its band at step {a['step']} ({a['severity']} {a['rule']}"
-                     + (f", {rounds} probe round(s) after the injection" if rounds is not None else "")
-                     + f"): observed {_fmt(a.get('observed'))}, expected {_fmt(a.get('expected'))}{band_s}; "
-                     f"{unit}")
-    return lines
-
-
-def _fmt(v) -> str:
-    try:
-        return f"{float(v):.4g}"
-    except (TypeError, ValueError):
-        return "n/a"
-
-
 def _summarize(out: Path, monitor, injection, args: DemoArgs, n_params: int, train_seconds: float,
                total_seconds: float, losses: List[float], ladder: Optional[dict] = None) -> dict:
     from fineline_monitor.core.store import RunStore
+    from fineline_monitor.report.render import is_capability_alert, what_happened
 
     store = RunStore(out / "run.db", readonly=True)
     run = monitor.run
@@ -421,7 +383,7 @@ def _summarize(out: Path, monitor, injection, args: DemoArgs, n_params: int, tra
         "alerts": {s: sum(1 for a in alerts if a["severity"] == s) for s in ("info", "warning", "critical")},
         "first_alert_after_injection": first_alert_after,
         "first_capability_alert_after_injection": next(
-            (a for a in alerts if _is_capability_alert(a) and (injection is None or a["step"] >= injection[1])), None),
+            (a for a in alerts if is_capability_alert(a) and (injection is None or a["step"] >= injection[1])), None),
         "what_happened": what_happened(alerts, injection, probe_steps),
         "ladder": ladder,
         "probe_rounds_to_detect": rounds_to_detect,
