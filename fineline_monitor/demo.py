@@ -41,6 +41,9 @@ DEMO_FILES = ("run.db", "run.db-wal", "run.db-shm", "alerts.jsonl", "report.html
               "summary.json", DEMO_MARKER)
 DEMO_DIRS = ("tokenizer", "reference")
 LADDER_SOURCE = "demo-ladder"
+# Most of the mixture is English prose, as in a real pretraining mixture: the probes' tasks
+# are English, and taking the prose away is a shift they show.
+PROSE_SHARE = 0.75
 # (layers, width) of the pilot models, smallest first
 PILOTS = ((1, 64), (2, 96))
 
@@ -147,7 +150,7 @@ def run_demo(args: DemoArgs, stream=None) -> dict:
     data = {name: _tokens(tok, docs) for name, docs in (("prose", prose), ("code", code))}
     say(f"{len(prose):,} prose and {len(code):,} code documents: {len(data['prose']):,} + "
         f"{len(data['code']):,} tokens, vocab {len(tok):,} ({time.time() - t_start:.1f}s); "
-        f"the mixture draws half of each batch from each domain")
+        f"the mixture draws {PROSE_SHARE:.0%} of each batch from prose, the rest from code")
 
     ladder = None
     if args.pilots > 0:
@@ -296,10 +299,10 @@ def _train(args: DemoArgs, model, optimizer, tok, data, monitor_cfg, meta: dict,
             lr *= 1e-3
         for g in optimizer.param_groups:
             g["lr"] = lr
-        # half of each batch from each domain; `data_mixture` leaves the prose out
+        # PROSE_SHARE of each batch from prose, the rest from code; `data_mixture` leaves the prose out
         rows = []
         for i in range(args.batch_size):
-            src = code if (kind == "data_mixture" or i % 2) else prose
+            src = code if (kind == "data_mixture" or i >= round(PROSE_SHARE * args.batch_size)) else prose
             s = int(torch.randint(0, len(src) - args.seq_len - 1, (1,), generator=gen))
             rows.append(src[s:s + args.seq_len])
         batch = torch.stack(rows)
