@@ -94,3 +94,33 @@ def test_healthy_run_raises_no_warning(tmp_path_factory):
     ladder = (out / "reference" / "ladder.csv").read_text().splitlines()
     assert ladder[0] == "source,model,params,step,tokens,task,metric,value,stderr"
     assert all(line.startswith("demo-ladder,pilot-") for line in ladder[1:])
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_default_report_in_chromium_shows_bands_units_and_the_alert(tmp_path_factory, tmp_path):
+    """The rendered DOM of the data_mixture report (what a browser shows, after its script
+    ran): capability charts with their bands, each score's unit, the alert marker."""
+    import os
+    import re
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (Debian package chromium)")
+    out, _, alerts = _run(tmp_path_factory, f"data_mixture@{AT}")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000", "--dump-dom"]
+    dom = subprocess.run([CHROMIUM, *flags, (out / "report.html").resolve().as_uri()], capture_output=True,
+                         text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert re.search(r'<pre id="js-errors" data-count="0">\s*</pre>', html)
+    for cap in ("commonsense", "reading", "code"):
+        chart = re.search(rf'<svg[^>]*aria-label="{cap} · bits per byte, lower is better".*?</svg>', html, re.S)
+        assert chart, cap
+        assert "<title>expected band</title>" in chart.group(0), cap
+    hit = _capability_alerts(alerts, {"commonsense", "reading", "knowledge", "examination"})[0]
+    chart = re.search(rf'<svg[^>]*aria-label="{hit["capability"]} · bits per byte, lower is better".*?</svg>',
+                      html, re.S).group(0)
+    assert f"{hit['severity']} {hit['rule']} @ step {hit['step']}" in chart
