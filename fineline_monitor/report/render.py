@@ -157,17 +157,20 @@ def is_capability_alert(a: dict) -> bool:
     return bool(a.get("capability")) and str(a.get("rule", "")).startswith(("capability_", "sibling_"))
 
 
-def what_happened(alerts: List[dict], injection: Optional[Tuple[str, int]], probe_steps: List[int]) -> List[str]:
+def what_happened(alerts: List[dict], injection: Optional[Tuple[str, int]], probe_steps: List[int],
+                  max_lines: int = 5) -> List[str]:
     """Lines saying which capability left its band, where, after how many probe rounds, and
     expected vs observed (the report's "What happened" box and the closing summary)."""
     at = injection[1] if injection else 0
     lines: List[str] = []
     seen = set()
-    for a in alerts:
-        if not is_capability_alert(a) or a["step"] < at:
-            continue
-        what = (a.get("capability"), a.get("task"), a.get("metric"))
-        if what in seen:
+    # a capability's own series before its tasks', the first step first; one line per curve
+    # family (a task's bpb and gold log-probability are one finding)
+    ordered = sorted((a for a in alerts if is_capability_alert(a) and a["step"] >= at),
+                     key=lambda a: (a["step"], a.get("task") is not None, a.get("metric") != names.CAP_BPB))
+    for a in ordered:
+        what = (a.get("capability"), a.get("task"))
+        if what in seen or len(lines) >= max_lines:
             continue
         seen.add(what)
         series = a.get("metric") or ""
@@ -252,7 +255,9 @@ def _capability_section(d: Dict[str, Any], spans) -> str:
         return '<p class="muted">No probe rounds recorded (probes off, or the run ended before the first round).</p>'
     ladder = _ladder_capabilities(d)
     charts = []
-    keys = sorted(k for k in caps if k.rsplit("/", 1)[-1] in names.CAPABILITY_SERIES)
+    # bits per byte of every capability first (what moves before take-off), then accuracy
+    keys = sorted((k for k in caps if k.rsplit("/", 1)[-1] in names.CAPABILITY_SERIES),
+                  key=lambda k: (k.rsplit("/", 1)[-1] != names.CAP_BPB, k))
     if not keys:  # a store written before the capability series: one score per capability
         keys = sorted(caps)
     for i, key in enumerate(keys):
@@ -426,12 +431,14 @@ def build_html(d: Dict[str, Any]) -> str:
 <div class="legend muted">phases: {phase_legend or 'none recorded'} · ▼ alert markers:
 <span style="color:{SEVERITY_COLORS['critical']}">critical</span>, <span style="color:{SEVERITY_COLORS['warning']}">warning</span>
 · shaded bands: expected range for the current phase</div>
+{_what_happened_section(d)}
 <h2 id="alerts-h">Alerts</h2>
 {_alerts_section(d['alerts'])}
-{_what_happened_section(d)}
 <h2>Capabilities</h2>
 <p class="muted">Per capability: bits per byte of the gold continuation (mean over its tasks, lower is better) and
-accuracy above chance (higher is better; 0 is chance). Dashed grey: the reference runs (pilot models).</p>
+accuracy above chance (higher is better; 0 is chance). Shaded: the band expected from the run's own fit,
+where one could be formed (an accuracy is judged only once it is above chance). Dashed grey: the reference runs
+(pilot models).</p>
 {_capability_section(d, spans)}
 <h2>Loss and indicators</h2>
 {_indicators_section(d, spans)}
