@@ -100,7 +100,11 @@ def test_report_contents(report_dir):
     # alerts table with explanations, escaped
     assert "capability_regression" in text and "fell below the expected band" in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "<script>alert(1)" not in text
-    assert text.index("nonfinite_loss") < text.index("capability_regression")  # sorted by step
+    table = text[text.index('<table id="alerts"'):]
+    assert table.index("nonfinite_loss") < table.index("capability_regression")  # sorted by step
+    # the What happened box (no injection recorded here) names the capability that left its band
+    box = text[text.index('id="what-happened"'):text.index('<h2 id="alerts-h">')]
+    assert "math task gsm8k left its band at step 100" in box and "observed 0.42, expected 0.56" in box
     # internal errors are listed; zero-only indicators are summarised, not charted
     assert "W&amp;B unreachable" in text
     assert "Zero throughout the run: non-finite losses" in text
