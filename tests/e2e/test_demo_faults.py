@@ -13,6 +13,7 @@ import pytest
 
 from fineline_monitor import metric_names as names
 from fineline_monitor.core.store import RunStore
+from fineline_monitor.report.render import is_capability_alert
 
 STEPS, EVERY, AT = 300, 20, 180
 WITHIN_ROUNDS = 3
@@ -50,7 +51,7 @@ def _deadline():
 
 
 def _capability_alerts(alerts, capabilities):
-    return [a for a in alerts if a.get("capability") in capabilities and a["rule"].startswith("capability_")
+    return [a for a in alerts if a.get("capability") in capabilities and is_capability_alert(a)
             and AT <= a["step"] <= _deadline()]
 
 
@@ -72,7 +73,8 @@ def test_data_mixture_raises_a_capability_alert_naming_an_english_capability(tmp
     box = box[:box.index("</div>")]
     assert re.search(rf"{first['capability']}[^<]* left its band at step {first['step']}", box), box
     assert names.describe_capability_series(names.CAP_BPB) in html
-    assert "what happened: " + first["capability"] in p.stderr
+    said = next(line for line in p.stderr.splitlines() if "what happened: " in line)
+    assert f"{first['capability']}" in said and f"left its band at step {first['step']}" in said, said
 
 
 def test_lr_spike_is_caught_at_the_injection(tmp_path_factory):
