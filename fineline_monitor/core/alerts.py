@@ -25,10 +25,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fineline_monitor import metric_names as names
 from fineline_monitor.core.expectations import (ACC, LOSS, NEG, LagDetection, ReferenceCurves, base_task,
                                                  capability_for, chance_for, lagged_detect, majority_for,
                                                  metric_kind)
-from fineline_monitor import metric_names as names
 from fineline_monitor.core.history import CurveWindows
 from fineline_monitor.core.phases import PhaseTracker
 from fineline_monitor.core.rules import Finding, StepRules, probe_extra_rules
