@@ -46,7 +46,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--pilots", type=int, default=d.pilots, choices=range(0, d.pilots + 1),
                    help=f"pilot models of the reference ladder (default {d.pilots}; 0: own-run fit only)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help=f"torch threads (default {d.threads}; 0: torch's default)")
     p.set_defaults(func=_run_demo)
 
 
