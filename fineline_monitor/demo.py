@@ -153,8 +153,10 @@ def run_demo(args: DemoArgs, stream=None) -> dict:
         f"the mixture draws {PROSE_SHARE:.0%} of each batch from prose, the rest from code")
 
     ladder = None
-    if args.pilots > 0:
+    if args.pilots > 0 and args.probe_every > 0:
         ladder = _train_ladder(args, tok, data, out, say)
+    elif args.pilots > 0:
+        say("probes are off (--probe-every 0): no pilot ladder, nothing to compare capabilities with")
 
     # ---- the target run ----
     model, optimizer, n_params = _build_model(args, len(tok), args.n_layer, args.n_embd, tok.eos_token_id)
@@ -236,7 +238,7 @@ def _monitor_config(args: DemoArgs, out: Path, run_name: str, ladder: Optional[d
     )
 
 
-def _train_ladder(args: DemoArgs, tok, data, out: Path, say) -> dict:
+def _train_ladder(args: DemoArgs, tok, data, out: Path, say) -> Optional[dict]:
     """Pretrain the pilots on the same data, for the same steps and tokens, probed at the
     target's steps; write their probe results to OUT/reference/ladder.csv."""
     import csv
@@ -249,6 +251,7 @@ def _train_ladder(args: DemoArgs, tok, data, out: Path, say) -> dict:
     path = ref / "ladder.csv"
     runs: List[str] = []
     params: List[int] = []
+    total = 0
     cols = ["source", "model", "params", "step", "tokens", "task", "metric", "value", "stderr"]
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
@@ -269,8 +272,12 @@ def _train_ladder(args: DemoArgs, tok, data, out: Path, say) -> dict:
                 store.close()
             runs.append(f"{LADDER_SOURCE}/{name}")
             params.append(n)
+            total += rows
             say(f"pilot {name}: GPT-2 {n_layer} x {n_embd}, {n / 1e6:.2f}M parameters, {rows} probe rows "
                 f"({time.time() - t0:.1f}s)")
+    if total == 0:  # no probe round happened (a run shorter than its first round): no reference
+        say("the pilots recorded no probe rows: no ladder")
+        return None
     say(f"ladder: {path} ({', '.join(runs)})")
     return {"csv": str(path), "runs": runs, "params": params}
 
