@@ -55,8 +55,11 @@ def build_workspace(entity: str, project: str, name: str = "FineLine monitor",
         line("learning rate", [names.LR]),
     ])]
     for cap, tasks in caps.items():
-        score = names.capability_key(cap)
-        panels = [line(f"{cap}: score vs expected band", [score, f"{score}_expected", f"{score}_low", f"{score}_high"])]
+        panels = []
+        for series in (names.CAP_BPB, names.CAP_ACC):
+            score = names.capability_series_key(cap, series)
+            panels.append(line(f"{cap}: {names.describe_capability_series(series)}, vs expected band",
+                               [score, f"{score}_expected", f"{score}_low", f"{score}_high"]))
         for t in tasks:
             acc, acc_norm, bpb = (f"probe_{cap}/{t}/{m}" for m in ("acc", "acc_norm", "bpb"))
             panels.append(line(f"{t} accuracy", [acc, acc_norm, f"{acc}_expected", f"{acc}_low", f"{acc}_high"]))

@@ -27,21 +27,27 @@ def _add_demo(sub) -> None:
 
     d = DemoArgs()
     p = sub.add_parser("demo", help="train a tiny GPT on the CPU with the monitor attached",
-                       description="Pretrain a tiny GPT-2 on the CPU (corpus: the CPython standard library's "
-                                   "docs and sources) with the monitor attached, inject one instability, "
-                                   "and write OUT/run.db, alerts.jsonl, report.html, metrics.prom.")
+                       description="Pretrain two pilot models and a tiny GPT-2 on the CPU (corpus: the CPython "
+                                   "standard library's docs and sources) with the monitor attached, judge the "
+                                   "target against its own fit and the pilots, inject one fault, and write "
+                                   "OUT/run.db, alerts.jsonl, report.html, metrics.prom, reference/ladder.csv "
+                                   "(docs/demo.md).")
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--inject", default=d.inject, metavar="KIND@STEP",
-                   help="instability to inject: lr_spike, data_corruption or grad_explosion, as KIND@STEP "
-                        "or KIND (at 60%% of the run); `none` for a healthy run (default: lr_spike at 60%%)")
+                   help="fault to inject: data_mixture (English prose leaves the mixture), stall (LR x 1e-3 "
+                        "with no scheduled decay), lr_spike, data_corruption or grad_explosion, as KIND@STEP "
+                        "or KIND (at 60%% of the run); `none` for a healthy run (default: data_mixture at 60%%)")
     p.add_argument("--probe-every", type=int, default=d.probe_every, help=f"default {d.probe_every}")
     p.add_argument("--docs-per-task", type=int, default=d.docs_per_task, help=f"default {d.docs_per_task}")
     p.add_argument("--tasks", default=d.tasks, help="comma-separated probe tasks (default: the default suite)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--pilots", type=int, default=d.pilots, choices=range(0, d.pilots + 1),
+                   help=f"pilot models of the reference ladder (default {d.pilots}; 0: own-run fit only)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help=f"torch threads (default {d.threads}; 0: torch's default)")
     p.set_defaults(func=_run_demo)
 
 
@@ -56,7 +62,8 @@ def _run_demo(args) -> int:
     try:
         run_demo(DemoArgs(out=args.out, steps=args.steps, inject=args.inject, probe_every=args.probe_every,
                           docs_per_task=args.docs_per_task, tasks=args.tasks, batch_size=args.batch_size,
-                          seq_len=args.seq_len, seed=args.seed, threads=args.threads))
+                          seq_len=args.seq_len, seed=args.seed, threads=args.threads,
+                          pilots=args.pilots))
     except (ValueError, FileExistsError) as e:
         print(f"fineline-monitor demo: {e}", file=sys.stderr)
         return 2

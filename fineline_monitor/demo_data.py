@@ -17,7 +17,7 @@ import os
 import random
 import sysconfig
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 CORPUS_SOURCE = ("CPython standard library of this interpreter: pydoc_data.topics (language reference "
                  "prose), stdlib docstrings (prose) and stdlib module sources (code)")
@@ -25,6 +25,15 @@ CORPUS_SOURCE = ("CPython standard library of this interpreter: pydoc_data.topic
 
 def load_corpus(max_code_files: int = 120, seed: int = 0) -> List[str]:
     """Documents of the demo corpus, in a fixed order for a given seed."""
+    prose, code = load_corpus_domains(max_code_files, seed)
+    docs = prose + code
+    random.Random(seed).shuffle(docs)
+    return docs
+
+
+def load_corpus_domains(max_code_files: int = 120, seed: int = 0) -> Tuple[List[str], List[str]]:
+    """(English prose documents, Python code documents) of the demo corpus: the two domains
+    of its training mixture (the `data_mixture` injection drops the prose)."""
     docs: List[str] = []
     import pydoc_data.topics as topics
 
@@ -43,15 +52,15 @@ def load_corpus(max_code_files: int = 120, seed: int = 0) -> List[str]:
                 if doc and len(doc) > 80:
                     docs.append(doc)
     rng = random.Random(seed)
-    code = [p for p in files if os.path.getsize(p) < 200_000]
-    rng.shuffle(code)
-    for path in code[:max_code_files]:
+    code_files = [p for p in files if os.path.getsize(p) < 200_000]
+    rng.shuffle(code_files)
+    code: List[str] = []
+    for path in code_files[:max_code_files]:
         try:
-            docs.append(Path(path).read_text(encoding="utf-8"))
+            code.append(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError):
             continue
-    rng.shuffle(docs)
-    return docs
+    return docs, code
 
 
 def train_tokenizer(docs: List[str], vocab_size: int, out_dir: Path):

@@ -196,9 +196,12 @@ PROBE_METRIC = _metric(
     meaning="a probe task's metric in one round; the exporter takes it, with its capability and "
             "stderr, from the probe round itself")
 CAPABILITY_SCORE = _metric(
-    "capability/<capability>", "Capability score (chance-normalised mean over its tasks).",
+    "capability/<capability>/<series>", "Capability series: bpb, acc_above_chance, headline, took_off.",
     "fineline_capability_score", producer=MONITOR,
-    meaning="a capability's score in one probe round")
+    meaning="a capability's series in one probe round: `bpb` (gold-continuation bits per byte, "
+            "mean over its tasks, lower is better), `acc_above_chance` (mean accuracy minus chance, "
+            "higher is better), `headline` (bpb until take-off, then acc_above_chance) and "
+            "`took_off` (1 once accuracy is above chance beyond its noise)")
 INTERNAL_ERROR = _metric(
     "fineline/internal_error", "Errors isolated inside the monitor (training went on).",
     "fineline_internal_errors", unit="errors", producer=MONITOR,
@@ -264,8 +267,42 @@ def split_probe_key(name: str) -> Optional[Tuple[str, str]]:
     return None
 
 
+# The series of a capability (`capability/<capability>/<series>`), their units and directions.
+CAP_BPB = "bpb"
+CAP_ACC = "acc_above_chance"
+CAP_HEADLINE = "headline"
+CAP_TOOK_OFF = "took_off"
+CAPABILITY_SERIES = {
+    CAP_BPB: ("bits per byte", "lower is better"),
+    CAP_ACC: ("accuracy above chance", "higher is better"),
+}
+# What the alert engine judges a capability series as ("loss": lower is better, "acc":
+# higher is better, chance 0); headline and took_off switch meaning, so they are not judged.
+_CAPABILITY_JUDGED = {CAP_BPB: "loss", CAP_ACC: "acc"}
+
+
+def capability_series_key(capability: str, series: str) -> str:
+    return f"capability/{capability}/{series}"
+
+
+def capability_judged_as(name: str) -> Optional[Tuple[str, str, str, Optional[float]]]:
+    """(capability, series, "loss" | "acc", chance) for a judged capability key
+    (`capability/code/bpb` -> ("code", "bpb", "loss", None)); None for any other name."""
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] != "capability" or parts[2] not in _CAPABILITY_JUDGED:
+        return None
+    how = _CAPABILITY_JUDGED[parts[2]]
+    return parts[1], parts[2], how, (0.0 if how == "acc" else None)
+
+
+def describe_capability_series(series: str) -> str:
+    """`bpb` -> "bits per byte, lower is better"."""
+    unit, better = CAPABILITY_SERIES.get(series, (series, ""))
+    return f"{unit}, {better}" if better else unit
+
+
 def split_capability_key(name: str) -> Optional[str]:
-    """The capability of `capability/<capability>`, else None."""
+    """The capability part of `capability/<capability>[/<series>]` (with its series), else None."""
     head, sep, cap = name.partition("/")
     return cap if head == "capability" and sep else None
 

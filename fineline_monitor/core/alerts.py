@@ -99,6 +99,13 @@ class CurveTable:
     paired: Optional[Sequence[Optional[Dict[str, Dict[Any, float]]]]] = None
 
 
+def _capability_kind(key: str) -> Optional[int]:
+    """A capability series' kind (`capability/<cap>/bpb` is loss-like, `.../acc_above_chance`
+    accuracy-like; metric_names.capability_judged_as); None: recorded, not judged."""
+    judged = names.capability_judged_as(key)
+    return None if judged is None else {"loss": LOSS, "acc": ACC}[judged[2]]
+
+
 def _noise_floor(kind: np.ndarray, y: np.ndarray, p: DetectorParams) -> np.ndarray:
     return np.where(kind == ACC, p.accuracy_noise_floor,
                     p.relative_noise_floor * np.maximum(np.abs(np.nan_to_num(y)), 1e-3))
@@ -245,8 +252,14 @@ class AlertEngine:
                 if metric_kind(metric) is not None:
                     _add(cols, names.probe_key(name, metric), name, metric, r.capability or capability_for(name),
                          float(v), _probe_variance(r, metric, float(v)), _probe_chance(r, name, metric))
-        for cap, v in round.capability_scores.items():
-            _add(cols, names.capability_key(cap), None, None, cap, float(v), math.nan, None)
+        for series_key, v in round.capability_scores.items():
+            key = names.capability_key(series_key)
+            judged = names.capability_judged_as(key)
+            if judged is None:  # headline / took_off switch meaning: recorded, not judged
+                continue
+            se = (getattr(round, "capability_stderr", None) or {}).get(series_key)
+            var = float(se) ** 2 if se is not None and math.isfinite(se) and se > 0 else math.nan
+            _add(cols, key, None, judged[1], judged[0], float(v), var, judged[3])
         alerts = self.observe_curves(step, tokens, cols["keys"], cols["tasks"], cols["metrics"], cols["caps"],
                                      cols["vals"], cols["var"], cols["chance"], paired=round.gold_logprobs or None)
         if extra:
@@ -308,7 +321,7 @@ class AlertEngine:
     def _new_curve(key: str, j: int, table: CurveTable) -> CurveState:
         task, metric = table.tasks[j], table.metrics[j]
         cap_key = names.split_capability_key(key) is not None
-        kind = ACC if cap_key else metric_kind(metric or "capability")
+        kind = _capability_kind(key) if cap_key else metric_kind(metric or "capability")
         return CurveState(key=key, task=task, metric=metric, capability=table.capabilities[j],
                           base_task=base_task(task) if task else key, kind=-1 if kind is None else kind,
                           chance=table.chance[j], taken_off=kind != ACC)

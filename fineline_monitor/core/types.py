@@ -78,7 +78,9 @@ class ProbeRound:
     seconds: float
     tokens_scored: int
     n_truncated: int = 0
+    # `<capability>/<series>` -> value (probes/metrics.py: bpb, acc_above_chance, headline, took_off)
     capability_scores: Dict[str, float] = field(default_factory=dict)
+    capability_stderr: Dict[str, float] = field(default_factory=dict)  # same keys, where known
     # gold log-probability per document, keyed by task then doc_id; rounds compare doc by doc
     gold_logprobs: Dict[str, Dict[int, float]] = field(default_factory=dict)
 
@@ -95,6 +97,7 @@ class ProbeRound:
                 for name, r in self.tasks.items()
             },
             "capabilities": dict(self.capability_scores),
+            "capabilities_stderr": dict(self.capability_stderr),
             "requests": [q.to_json() for q in self.requests],
             "seconds": self.seconds,
             "tokens_scored": self.tokens_scored,

@@ -14,11 +14,20 @@ Definitions (lm-eval-harness 0.4.x where it has one):
   ``mean_stderr``; for 0/1 accuracies this is the binomial sqrt(p(1-p)/(n-1))). Omitted
   for n < 2.
 
-Capability score (``ProbeRound.capability_scores``): the mean over the capability's
-multiple-choice tasks of (primary metric - random baseline), so 0 is chance for every
-task and the tasks are comparable; a capability with only gold-bpb tasks (e.g. a suite
-of code bpb tasks) scores ``-mean(bpb)`` instead (higher is better in both cases, and bpb
-moves long before accuracy takes off). The per-task bpb of every task is logged too.
+Capability series (``ProbeRound.capability_scores``, keys ``<capability>/<series>``; names in
+fineline_monitor/metric_names.py):
+
+- ``<cap>/bpb``: gold-continuation bits per byte, the mean over the capability's tasks (the
+  OLMo in-loop convention; lower is better). It moves long before accuracy takes off.
+- ``<cap>/acc_above_chance``: the mean over its multiple-choice tasks of (primary accuracy -
+  random baseline), so 0 is chance for every task (higher is better). bpb-only
+  capabilities (a suite of code bpb tasks) have none.
+- ``<cap>/headline``: the one number to read: bpb until the capability has taken off, then
+  accuracy above chance; ``<cap>/took_off`` (1/0) says which. Taken off means accuracy above
+  chance exceeds twice its stderr plus ``TAKEOFF_MARGIN`` in that round.
+
+``ProbeRound.capability_stderr`` holds the stderr of the bpb and accuracy series: the
+stderr of a mean of independent task means, sqrt(sum se_i^2) / n.
 """
 
 from __future__ import annotations
@@ -96,19 +105,48 @@ def task_result(name: str, capability: str, kind: str, primary: str,
                       constant_baseline=constant if kind == "mc" else 0.0), gold_lp
 
 
-def capability_scores(results: Dict[str, TaskResult]) -> Dict[str, float]:
-    """See the module docstring: mean of (primary - baseline) over MC tasks, else -mean(bpb)."""
-    mc: Dict[str, List[float]] = {}
-    bpb: Dict[str, List[float]] = {}
+TAKEOFF_MARGIN = 0.02  # accuracy above chance (absolute) a capability must clear to count as taken off
+
+
+def _mean_and_se(vals: List[float], ses: List[float]) -> Tuple[float, float]:
+    mean = float(np.mean(vals))
+    known = [x for x in ses if math.isfinite(x)]
+    se = math.sqrt(sum(x * x for x in known)) / len(vals) if len(known) == len(vals) else float("nan")
+    return mean, se
+
+
+def capability_series(results: Dict[str, TaskResult]) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """(values, stderrs) keyed `<cap>/<series>`; see the module docstring."""
+    from fineline_monitor import metric_names as names
+
+    acc: Dict[str, List[Tuple[float, float]]] = {}
+    bpb: Dict[str, List[Tuple[float, float]]] = {}
     for r in results.values():
         if r.n_docs == 0:
             continue
         if r.primary_metric in ("acc", "acc_norm") and r.primary_metric in r.metrics:
-            mc.setdefault(r.capability, []).append(r.metrics[r.primary_metric] - r.random_baseline)
-        elif "bpb" in r.metrics and math.isfinite(r.metrics["bpb"]):
-            bpb.setdefault(r.capability, []).append(-r.metrics["bpb"])
-    out = {}
-    for cap in sorted(set(mc) | set(bpb)):
-        vals = mc.get(cap) or bpb.get(cap)
-        out[cap] = float(np.mean(vals))
-    return out
+            acc.setdefault(r.capability, []).append(
+                (r.metrics[r.primary_metric] - r.random_baseline, r.stderr.get(r.primary_metric, math.nan)))
+        if "bpb" in r.metrics and math.isfinite(r.metrics["bpb"]):
+            bpb.setdefault(r.capability, []).append((r.metrics["bpb"], r.stderr.get("bpb", math.nan)))
+    values: Dict[str, float] = {}
+    stderr: Dict[str, float] = {}
+    for cap in sorted(set(acc) | set(bpb)):
+        for series, rows in ((names.CAP_BPB, bpb.get(cap)), (names.CAP_ACC, acc.get(cap))):
+            if rows:
+                m, se = _mean_and_se([v for v, _ in rows], [e for _, e in rows])
+                values[f"{cap}/{series}"] = m
+                if math.isfinite(se):
+                    stderr[f"{cap}/{series}"] = se
+        a = values.get(f"{cap}/{names.CAP_ACC}")
+        took = a is not None and a > 2 * stderr.get(f"{cap}/{names.CAP_ACC}", math.inf) + TAKEOFF_MARGIN
+        if not took and f"{cap}/{names.CAP_BPB}" not in values:
+            took = a is not None
+        values[f"{cap}/{names.CAP_TOOK_OFF}"] = 1.0 if took else 0.0
+        values[f"{cap}/{names.CAP_HEADLINE}"] = values[f"{cap}/{names.CAP_ACC if took else names.CAP_BPB}"]
+    return values, stderr
+
+
+def capability_scores(results: Dict[str, TaskResult]) -> Dict[str, float]:
+    """The capability series of one round (values only)."""
+    return capability_series(results)[0]

@@ -209,9 +209,10 @@ class ProbeRunner:
             constant = M.constant_baseline([d.continuations[d.gold] for d, _ in entries])
             results[name], gold[name] = M.task_result(name, t.capability, t.kind, t.primary_metric, docs,
                                                       constant)
+        cap_values, cap_stderr = M.capability_series(results)
         return ProbeRound(step=int(step), tokens=tokens, tasks=results, requests=scores, seconds=seconds,
                           tokens_scored=self.tokens_per_round, n_truncated=self.n_truncated,
-                          capability_scores=M.capability_scores(results), gold_logprobs=gold)
+                          capability_scores=cap_values, capability_stderr=cap_stderr, gold_logprobs=gold)
 
 
 def _encode_tolerant(scorer: Scorer, items: Sequence[Tuple[Any, str, str]]) -> List[Optional[EncodedRequest]]:

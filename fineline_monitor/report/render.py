@@ -153,6 +153,92 @@ def _mark(chart: Chart, alerts: List[Dict[str, Any]]) -> None:
         chart.marker(a["step"], a["severity"], f"{a['severity']} {a['rule']} @ step {a['step']}: {a['message']}")
 
 
+def is_capability_alert(a: dict) -> bool:
+    return bool(a.get("capability")) and str(a.get("rule", "")).startswith(("capability_", "sibling_"))
+
+
+def what_happened(alerts: List[dict], injection: Optional[Tuple[str, int]], probe_steps: List[int],
+                  max_lines: int = 5) -> List[str]:
+    """Lines saying which capability left its band, where, after how many probe rounds, and
+    expected vs observed (the report's "What happened" box and the closing summary)."""
+    at = injection[1] if injection else 0
+    lines: List[str] = []
+    seen = set()
+    # a capability's own series before its tasks', the first step first; one line per curve
+    # family (a task's bpb and gold log-probability are one finding)
+    ordered = sorted((a for a in alerts if is_capability_alert(a) and a["step"] >= at),
+                     key=lambda a: (a["step"], a.get("task") is not None, a.get("metric") != names.CAP_BPB))
+    for a in ordered:
+        what = (a.get("capability"), a.get("task"))
+        if what in seen or len(lines) >= max_lines:
+            continue
+        seen.add(what)
+        series = a.get("metric") or ""
+        unit = names.describe_capability_series(series) if series in names.CAPABILITY_SERIES else series
+        rounds = sum(1 for s in probe_steps if at <= s <= a["step"]) if injection else None
+        band = a.get("band")
+        band_s = f" (band {band[0]:.4g} to {band[1]:.4g})" if band else ""
+        where = a["capability"] + (f" task {a['task']}" if a.get("task") else "")
+        lines.append(f"{where} left its band at step {a['step']} ({a['severity']} {a['rule']}"
+                     + (f", {rounds} probe round(s) after the injection" if rounds is not None else "")
+                     + f"): observed {_fmt(a.get('observed'))}, expected {_fmt(a.get('expected'))}{band_s}; "
+                     f"{unit}")
+    return lines
+
+
+def _fmt(v) -> str:
+    try:
+        return f"{float(v):.4g}"
+    except (TypeError, ValueError):
+        return "n/a"
+
+
+def _what_happened_section(d: Dict[str, Any]) -> str:
+    meta = d["info"].get("meta", {}) or {}
+    injection = None
+    spec = meta.get("injection")
+    if isinstance(spec, str) and "@" in spec:
+        kind, _, at = spec.partition("@")
+        injection = (kind, int(at)) if at.isdigit() else None
+    lines = what_happened(d["alerts"], injection, [r["step"] for r in d["probe_rounds"]])
+    head = (f"Injected: {esc(injection[0])} at step {injection[1]}. " if injection else "")
+    if not lines:
+        body = '<p class="ok">No capability left its expected band.</p>'
+    else:
+        body = "<ul>" + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul>"
+    return f'<div class="card" id="what-happened"><h3>What happened</h3><p>{head}</p>{body}</div>'
+
+
+def _ladder_capabilities(d: Dict[str, Any]) -> Dict[str, Dict[str, List[Tuple[int, float]]]]:
+    """The reference runs' capability series (`<cap>/bpb` -> run -> points), from the ladder CSV
+    the run was judged against; each capability is the mean over the same tasks as the run's."""
+    import csv
+
+    path = ((d["info"].get("config") or {}).get("alerts") or {}).get("reference_csv")
+    if not path or not Path(path).is_file():
+        return {}
+    cap_of = {r["task"]: r["capability"] for r in d["probe_results"]}
+    acc: Dict[Tuple[str, str, int], List[float]] = defaultdict(list)
+    try:
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                cap = cap_of.get(row["task"])
+                if cap is None or row["metric"] != names.CAP_BPB:
+                    continue
+                try:
+                    v = float(row["value"])
+                except ValueError:
+                    continue
+                if math.isfinite(v):
+                    acc[(f"{cap}/{names.CAP_BPB}", f"{row['source']}/{row['model']}", int(row["step"]))].append(v)
+    except (OSError, KeyError, csv.Error):
+        return {}
+    out: Dict[str, Dict[str, List[Tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for (key, run, step), vals in sorted(acc.items(), key=lambda kv: kv[0][2]):
+        out[key][run].append((step, sum(vals) / len(vals)))
+    return out
+
+
 def _capability_section(d: Dict[str, Any], spans) -> str:
     caps: Dict[str, List[Tuple[int, float]]] = defaultdict(list)
     for r in d["probe_rounds"]:
@@ -167,14 +253,25 @@ def _capability_section(d: Dict[str, Any], spans) -> str:
         exp[e["name"]].append(e)
     if not caps:
         return '<p class="muted">No probe rounds recorded (probes off, or the run ended before the first round).</p>'
+    ladder = _ladder_capabilities(d)
     charts = []
-    for i, cap in enumerate(sorted(caps)):
-        c = Chart(cap, y_label="capability score").phase_spans(spans)
-        rows = exp.get(names.capability_key(cap), [])
+    # bits per byte of every capability first (what moves before take-off), then accuracy
+    keys = sorted((k for k in caps if k.rsplit("/", 1)[-1] in names.CAPABILITY_SERIES),
+                  key=lambda k: (k.rsplit("/", 1)[-1] != names.CAP_BPB, k))
+    if not keys:  # a store written before the capability series: one score per capability
+        keys = sorted(caps)
+    for i, key in enumerate(keys):
+        cap, _, series = key.rpartition("/")
+        label = names.describe_capability_series(series) if series in names.CAPABILITY_SERIES else "capability score"
+        c = Chart(f"{cap or key} · {label}", y_label=label).phase_spans(spans)
+        rows = exp.get(names.capability_key(key), [])
         c.band("expected band", [(e["step"], e["low"], e["high"]) for e in rows], color=PALETTE[i % len(PALETTE)])
         c.line("expected", [(e["step"], e["expected"]) for e in rows], color="#6b7280", dashed=True)
-        c.line(cap, caps[cap], color=PALETTE[i % len(PALETTE)])
-        _mark(c, [a for a in d["alerts"] if a.get("capability") == cap])
+        for run, pts in sorted(ladder.get(key, {}).items()):
+            c.line(f"reference {run}", pts, color="#9ca3af", dashed=True)
+        c.line(key, caps[key], color=PALETTE[i % len(PALETTE)])
+        _mark(c, [a for a in d["alerts"] if a.get("capability") == (cap or key)
+                  and (not series or a.get("metric") in (series, None))])
         charts.append(c.render())
     return '<div class="grid">' + "".join(f'<div class="card">{c}</div>' for c in charts) + "</div>"
 
@@ -198,7 +295,8 @@ def _tasks_section(d: Dict[str, Any], spans) -> str:
             with_exp = [m for m in t["metrics"] if names.probe_key(task, m) in exp]
             metric = (with_exp or [m for m in PRIMARY_ORDER if m in t["metrics"]] or sorted(t["metrics"]))[0]
             rows = t["metrics"][metric]
-            c = Chart(f"{task} · {metric} (n={t['n_docs']})", y_label=metric, width=360, height=200)
+            c = Chart(f"{task} · {metric} (n={t['n_docs']})", width=360, height=200,
+                      y_label=names.describe_capability_series(metric) if metric in names.CAPABILITY_SERIES else metric)
             c.phase_spans(spans)
             e = exp.get(names.probe_key(task, metric), [])
             c.band("expected band", [(x["step"], x["low"], x["high"]) for x in e])
@@ -333,9 +431,14 @@ def build_html(d: Dict[str, Any]) -> str:
 <div class="legend muted">phases: {phase_legend or 'none recorded'} · ▼ alert markers:
 <span style="color:{SEVERITY_COLORS['critical']}">critical</span>, <span style="color:{SEVERITY_COLORS['warning']}">warning</span>
 · shaded bands: expected range for the current phase</div>
+{_what_happened_section(d)}
 <h2 id="alerts-h">Alerts</h2>
 {_alerts_section(d['alerts'])}
 <h2>Capabilities</h2>
+<p class="muted">Per capability: bits per byte of the gold continuation (mean over its tasks, lower is better) and
+accuracy above chance (higher is better; 0 is chance). Shaded: the band expected from the run's own fit,
+where one could be formed (an accuracy is judged only once it is above chance). Dashed grey: the reference runs
+(pilot models).</p>
 {_capability_section(d, spans)}
 <h2>Loss and indicators</h2>
 {_indicators_section(d, spans)}

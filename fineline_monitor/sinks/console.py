@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 
 from fineline_monitor import metric_names as names
 from fineline_monitor.core.types import Alert, ProbeRound
@@ -35,7 +35,7 @@ class ConsoleSink(Sink):
         self._print("[fineline] " + " | ".join(parts))
 
     def log_probe(self, round: ProbeRound) -> None:
-        caps = " ".join(f"{c}={v:+.3f}" for c, v in sorted(round.capability_scores.items()))
+        caps = capability_line(round.capability_scores)
         self._print(f"[fineline] probe step {round.step}: {len(round.tasks)} tasks, "
                     f"{round.tokens_scored:,} tokens in {round.seconds:.1f}s  {caps}")
 
@@ -88,3 +88,20 @@ class AlertsFileSink(Sink):
 
     def close(self) -> None:
         self._fh.close()
+
+
+def capability_line(scores: Dict[str, float]) -> str:
+    """Each capability's headline with its unit: bits per byte until it has taken off, then
+    accuracy above chance (probes/metrics.py)."""
+    heads: Dict[str, List[str]] = {names.CAP_BPB: [], names.CAP_ACC: []}
+    for key in sorted(scores):
+        cap, _, series = key.rpartition("/")
+        if series != names.CAP_HEADLINE:
+            continue
+        took = scores.get(f"{cap}/{names.CAP_TOOK_OFF}", 0.0) >= 0.5
+        heads[names.CAP_ACC if took else names.CAP_BPB].append(f"{cap}={scores[key]:.3f}")
+    parts = [f"{names.describe_capability_series(s)}: {' '.join(v)}" for s, v in heads.items() if v]
+    if not parts:  # scores without the capability series
+        return " ".join(f"{c}={v:+.3f}" for c, v in sorted(scores.items()))
+    return "; ".join(parts)
+

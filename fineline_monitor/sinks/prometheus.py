@@ -190,6 +190,9 @@ class _Collector:
     def _curve_labels(s: _State, name: str) -> Tuple[str, str, str]:
         """(capability, task, metric) of an expectation row's curve name."""
         cap = names.split_capability_key(name)
+        if cap is not None and cap.count("/") == 1:  # capability/<cap>/<series>
+            cap, series = cap.split("/")
+            return cap, "", series
         if cap is not None and "/" not in cap:
             return cap, "", "score"
         probe = names.split_probe_key(name)

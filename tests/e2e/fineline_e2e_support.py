@@ -46,7 +46,7 @@ def probe_metrics(step: int) -> Dict[str, float]:
         m[f"probe/{task}/acc"] = 0.3 + 0.001 * step
         m[f"probe/{task}/bpb"] = 1.5 - 0.001 * step
     for cap in set(CAPS.values()):
-        m[f"capability/{cap}"] = 0.05 + 0.001 * step
+        m[f"capability/{cap}/bpb"] = 0.05 + 0.001 * step
     return m
 
 
@@ -54,7 +54,7 @@ def probe_round(step: int, tokens: int) -> ProbeRound:
     tasks = {t: TaskResult(t, c, 8, {"acc": 0.3 + 0.001 * step, "bpb": 1.5 - 0.001 * step}, {"acc": 0.05})
              for t, c in CAPS.items()}
     return ProbeRound(step=step, tokens=tokens, tasks=tasks, requests=[], seconds=1.2, tokens_scored=42000,
-                      capability_scores={c: 0.05 + 0.001 * step for c in set(CAPS.values())})
+                      capability_scores={f"{c}/bpb": 0.05 + 0.001 * step for c in set(CAPS.values())})
 
 
 def make_monitor(out: Path, run: str, **sinks) -> FineLineMonitor:

@@ -34,8 +34,8 @@ def test_registry_is_consistent():
         assert m.help.endswith(".") and m.help[0].isupper(), m.name
         assert m.family is None or re.fullmatch(r"fineline_[a-z0-9_]+", m.family), m.family
     for name in ("optim/grad_norm", "optim/update_ratio/matrices", "stability/attn_logit_max/h.3",
-                 "probe/arc_easy:rc_0shot/acc", "capability/math", "fineline/internal_error/sink_store",
-                 "alerts/critical", "capability/math_expected", "probe_math/gsm8k/bpb_low"):
+                 "probe/arc_easy:rc_0shot/acc", "capability/math/bpb", "fineline/internal_error/sink_store",
+                 "alerts/critical", "capability/math/acc_above_chance_expected", "probe_math/gsm8k/bpb_low"):
         assert names.is_registered(name), name
     for name in ("optim/grad_nrom", "train/los", "probe/only_task", "stability/act_rms_max"):
         assert not names.is_registered(name), name
@@ -140,7 +140,7 @@ def _round():
 
     return ProbeRound(step=1, tokens=10, tasks={"gsm8k": TaskResult("gsm8k", "math", 4, {"acc": 0.1, "bpb": 1.2},
                                                                     {"acc": 0.05})},
-                      requests=[], seconds=1.0, tokens_scored=100, capability_scores={"math": 0.02})
+                      requests=[], seconds=1.0, tokens_scored=100, capability_scores={"math/bpb": 2.1, "math/headline": 2.1})
 
 
 def test_producers_write_only_registered_names():

@@ -135,7 +135,9 @@ def test_round_contents(ours):
         assert q.n_tokens >= 1 and q.logprob < 0 and q.n_bytes >= 1
     assert set(rnd.gold_logprobs) == set(TASKS)
     assert all(len(v) == 8 for v in rnd.gold_logprobs.values())
-    assert set(rnd.capability_scores) == {"commonsense", "knowledge", "reading"}
+    assert {k.split("/")[0] for k in rnd.capability_scores} == {"commonsense", "knowledge", "reading"}
+    assert {"commonsense/bpb", "commonsense/acc_above_chance", "commonsense/headline"} <= set(rnd.capability_scores)
+    assert set(rnd.capability_stderr) <= set(rnd.capability_scores) and "commonsense/bpb" in rnd.capability_stderr
     assert rnd.tokens_scored == runner.tokens_per_round > 0
     j = rnd.to_json()
     assert {"tasks", "requests", "seconds", "tokens_scored"} <= set(j)

@@ -54,7 +54,7 @@ def make_store(out: Path, run: str = "report-run", steps: int = 120) -> Path:
                 if t == "gsm8k" and s >= 80:
                     acc -= 0.12  # the regression the warning is about
                 tasks[t] = TaskResult(t, cap, 16, {"acc": acc, "bpb": 2.0 - acc}, {"acc": 0.05, "bpb": 0.02})
-            caps[cap] = sum(tasks[t].metrics["acc"] for t in names) / len(names) - 0.25
+            caps[f"{cap}/acc_above_chance"] = sum(tasks[t].metrics["acc"] for t in names) / len(names) - 0.25
         st.log_probe(ProbeRound(step=s, tokens=(s + 1) * 1024, tasks=tasks, requests=[], seconds=1.5,
                                 tokens_scored=9000, capability_scores=caps))
         rows = [{"name": f"capability/{c}", "expected": v + 0.01, "low": v - 0.05, "high": v + 0.07}
@@ -88,7 +88,7 @@ def test_report_contents(report_dir):
     assert "<link" not in text and "@import" not in text
     # one capability chart per capability, task charts, indicators next to the loss
     for cap in CAPABILITIES:
-        assert f'aria-label="{cap}"' in text, cap
+        assert f'aria-label="{cap} · accuracy above chance, higher is better"' in text, cap
     for t in ("hellaswag", "gsm8k", "mmlu"):
         assert f"{t} · acc" in text
     for title in ("training loss", "gradient norm", "update / parameter ratio per group",
@@ -100,7 +100,11 @@ def test_report_contents(report_dir):
     # alerts table with explanations, escaped
     assert "capability_regression" in text and "fell below the expected band" in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "<script>alert(1)" not in text
-    assert text.index("nonfinite_loss") < text.index("capability_regression")  # sorted by step
+    table = text[text.index('<table id="alerts"'):]
+    assert table.index("nonfinite_loss") < table.index("capability_regression")  # sorted by step
+    # the What happened box (no injection recorded here) names the capability that left its band
+    box = text[text.index('id="what-happened"'):text.index('<h2 id="alerts-h">')]
+    assert "math task gsm8k left its band at step 100" in box and "observed 0.42, expected 0.56" in box
     # internal errors are listed; zero-only indicators are summarised, not charted
     assert "W&amp;B unreachable" in text
     assert "Zero throughout the run: non-finite losses" in text

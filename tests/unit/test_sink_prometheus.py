@@ -51,10 +51,10 @@ def test_snapshot_at_scrape_time_with_labels():
         s.log_metrics(10, 1000, {"train/loss": 2.5, "stability/attn_logit_max/0": 12.0, "train/lr": float("nan")})
         s.log_probe(ProbeRound(step=10, tokens=1000, tasks={
             "gsm8k": TaskResult("gsm8k", "math", 16, {"acc": 0.1, "bpb": 1.4}, {"acc": 0.07})},
-            requests=[], seconds=2.0, tokens_scored=100, capability_scores={"math": 0.02}))
+            requests=[], seconds=2.0, tokens_scored=100, capability_scores={"math/bpb": 0.02}))
         # the flat probe names the monitor also logs: the exporter takes probes from the round itself
-        s.log_metrics(10, 1000, {"probe/gsm8k/acc": 0.125, "capability/math": 0.03})
-        s.log_expectations(10, [{"name": "capability/math", "expected": 0.04, "low": 0.01, "high": 0.07},
+        s.log_metrics(10, 1000, {"probe/gsm8k/acc": 0.125, "capability/math/bpb": 0.03})
+        s.log_expectations(10, [{"name": "capability/math/bpb", "expected": 0.04, "low": 0.01, "high": 0.07},
                                 {"name": "probe/gsm8k/acc", "expected": 0.12, "low": 0.05, "high": 0.2}])
         s.log_phase(10, 1000, "stable", "warmup")
         s.log_alert(Alert("capability_regression", "critical", 10, "m", run="r1", capability="math", task="gsm8k",
@@ -66,10 +66,10 @@ def test_snapshot_at_scrape_time_with_labels():
         assert got[("fineline_stability_attn_logit_max", lab(run="r1", layer="0"))] == 12.0
         assert got[("fineline_probe_value", lab(run="r1", capability="math", task="gsm8k", metric="acc"))] == 0.1
         assert got[("fineline_probe_stderr", lab(run="r1", capability="math", task="gsm8k", metric="acc"))] == 0.07
-        assert got[("fineline_capability_score", lab(run="r1", capability="math"))] == 0.02
+        assert got[("fineline_capability_score", lab(run="r1", capability="math/bpb"))] == 0.02
         assert not any(name.startswith(("fineline_probe_gsm8k", "fineline_capability_math")) for name, _ in got)
-        assert got[("fineline_expected_low", lab(run="r1", name="capability/math", capability="math", task="",
-                                                 metric="score"))] == 0.01
+        assert got[("fineline_expected_low", lab(run="r1", name="capability/math/bpb", capability="math", task="",
+                                                 metric="bpb"))] == 0.01
         assert got[("fineline_expected_high", lab(run="r1", name="probe/gsm8k/acc", capability="math",
                                                   task="gsm8k", metric="acc"))] == 0.2
         assert got[("fineline_phase", lab(run="r1", phase="stable"))] == 1.0

@@ -34,7 +34,7 @@ def logged_key_patterns(mod):
         k = re.escape(wandb_key(f"probe/{t}/X", task_cap)[:-1])
         pats.append(k + r"(acc|acc_norm|bpb)(_stderr|_expected|_low|_high)?")
     for c in mod.CAPABILITY_TASKS:
-        pats.append(re.escape(f"capability/{c}") + r"(_expected|_low|_high)?")
+        pats.append(re.escape(f"capability/{c}/") + r"(bpb|acc_above_chance)(_expected|_low|_high)?")
     return [re.compile(p + "$") for p in pats]
 
 
