@@ -129,6 +129,26 @@ class DetectorParams:
 
 
 @dataclass
+class ReferenceConfig:
+    """Reference runs that say what this run's capability curves should do: a ladder of smaller
+    runs of the same recipe (pilots), and/or an earlier run at this size."""
+
+    files: List[str] = _f(factory=list, help=(
+        "Reference runs: trajectory CSVs, lm-eval output folders or another run's `run.db` (docs/formats.md)."))
+    runs: List[str] = _f(factory=list, help=(
+        "Which runs of those files form the ladder (`model` or `source/model`); empty takes every run."))
+    align: str = _f("auto", choices=("auto", "tokens", "steps", "fraction", "compute"), help=(
+        "How reference and run are put side by side: log tokens, log steps, log fraction of each run's "
+        "schedule (needs total_tokens) or log compute 6*N*D (needs parameter counts); `auto` takes the "
+        "one that predicts the ladder's own runs best, leaving one out."))
+    total_tokens: float = _f(0.0, min=0.0, help=(
+        "This run's planned training tokens (for `fraction` alignment); 0 leaves that alignment out."))
+    params: float = _f(0.0, min=0.0, help=(
+        "This run's parameter count for the fit across sizes; 0 takes the count the monitor measured "
+        "(or the table's `params` column in `analyze`)."))
+
+
+@dataclass
 class AlertConfig:
     """Phases, expectations and alert rules."""
 
@@ -138,7 +158,10 @@ class AlertConfig:
     warmup_steps: int = _f(0, min=0, help="Declared warmup length; 0 infers phases from the observed LR.")
     phases: List[str] = _f(factory=list, help=(
         "Declared phases as `name@step` (e.g. `warmup@0`, `stable@2000`, `decay@90000`); empty infers them."))
-    reference_csv: str = _f("", help="Trajectory CSV of a reference run (a pilot or smaller model).")
+    reference: ReferenceConfig = _f(factory=ReferenceConfig, help=(
+        "Reference runs (a ladder of smaller runs of the same recipe) that give the expected trajectory."))
+    reference_csv: str = _f("", help=(
+        "One reference run's trajectory CSV (the older spelling of `reference.files`; still read)."))
     reference_model: str = _f("", help="Which `(source/)model` of the reference CSV to follow.")
     reference_align: str = _f("tokens", choices=("tokens", "fraction"), help=(
         "Align the reference run on training tokens (log scale), or on the fraction of its schedule "
