@@ -79,7 +79,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -251,6 +251,202 @@ def with_run(run_curves: List[Curve], fc: Curve) -> List[Curve]:
     return out
 
 
+# ---- issue: the ladder of smaller runs as the expected trajectory (`--reference ladder`) ----
+LADDER_SIZE_EDGES = (6.0, 10.0)
+LADDER_SIZE_LABELS = ("< 6", "6-10", ">= 10")
+LADDER_CALIB_POINTS = 5  # as the ladder source: the first judged points fix its level
+POSITIONS = (0.25, 0.5, 0.75, 1.0)
+
+
+def _variant(model: str) -> str:
+    """Pythia runs of one recipe: standard, deduped, or one batch-size variant."""
+    if "deduped" in model:
+        return "deduped"
+    m = re.search(r"[\d.]+MtokBS", model)
+    return m.group(0) if m else ""
+
+
+def _schedule(model: str) -> str:
+    """OLMo ladder runs of one schedule: the model name without its size."""
+    return re.sub(r"-\d+(?:\.\d+)?[MB]-", "-*-", model)
+
+
+def family_ladder(run_key: Tuple[str, str], curves: List[Curve], all_runs: Dict[Tuple[str, str], List[Curve]]):
+    """The smaller runs of the same family (Pythia: same source and variant; OLMo ladder: same
+    source and schedule), or [] when there are none."""
+    src, model = run_key
+    params = curves[0].params
+    if not params:
+        return []
+    same = _variant if "pythia" in model else _schedule
+    return [k for k, cs in sorted(all_runs.items())
+            if k[0] == src and k != run_key and same(k[1]) == same(model)
+            and cs[0].params and cs[0].params < params]
+
+
+def build_ladders(runs, all_runs) -> Dict[Tuple[str, str], Any]:
+    from fineline_monitor.core.ladder import Ladder, runs_from_curves
+
+    out = {}
+    for key, curves in runs.items():
+        members = family_ladder(key, curves, all_runs)
+        if not members:
+            continue
+        total = max(float(np.nanmax(c.tokens)) for c in curves if np.isfinite(c.tokens).any())
+        refs = runs_from_curves(c for m in members for c in all_runs[m])
+        out[key] = Ladder(refs, align="auto", target_total_tokens=total)
+    return out
+
+
+def _calibration_start(c: Curve) -> Optional[int]:
+    if metric_kind(c.metric) == ACC:
+        return takeoff_index(c.values.astype(float), c.stderr * c.stderr, chance_for(c.task))
+    return 0
+
+
+def prediction_errors(runs, ladders) -> Dict[Tuple[str, float, str], List[float]]:
+    """|predicted - observed| at 25/50/75/100% of each run with a ladder, per metric kind, for
+    the level-calibrated ladder and for the own-run extrapolation (a straight line in log
+    tokens through the same calibration points): accuracy in points, bpb/ppl in % of value."""
+    errs: Dict[Tuple[str, float, str], List[float]] = {}
+    for key, lad in ladders.items():
+        for c in runs[key]:
+            k = metric_kind(c.metric)
+            if k not in (ACC, LOSS) or len(c) < 12:
+                continue
+            start = _calibration_start(c)
+            if start is None:
+                continue
+            y = c.values.astype(float)
+            pred = lad.predict(c.task, c.metric, steps=c.steps, tokens=c.tokens, params=c.params)
+            with np.errstate(divide="ignore"):
+                x = np.log(np.where(np.isfinite(c.tokens), c.tokens, c.steps.astype(float)))
+            cal = [i for i in range(start, len(y)) if np.isfinite(pred[i]) and np.isfinite(x[i])]
+            cal = cal[:LADDER_CALIB_POINTS]
+            if len(cal) < LADDER_CALIB_POINTS:
+                continue
+            offset = float(np.median(y[cal] - pred[cal]))
+            slope, icpt = np.polyfit(x[cal], y[cal], 1)
+            for q in POSITIONS:
+                i = int(round(q * (len(y) - 1)))
+                if i <= cal[-1] or not np.isfinite(pred[i]):
+                    continue
+                scale = 100.0 if k == ACC else 100.0 / abs(y[i])
+                name = "accuracy (points)" if k == ACC else "bpb/ppl (% of value)"
+                errs.setdefault((name, q, "ladder"), []).append(abs(y[i] - pred[i] - offset) * scale)
+                errs.setdefault((name, q, "own-run"), []).append(abs(y[i] - (icpt + slope * x[i])) * scale)
+    return errs
+
+
+def print_prediction_errors(errs) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    print("trajectory prediction error, median |predicted - observed| (n curves), calibrated on the first "
+          f"{LADDER_CALIB_POINTS} judged points (accuracy: after take-off):")
+    for name in sorted({k[0] for k in errs}):
+        for how in ("ladder", "own-run"):
+            cells = []
+            for q in POSITIONS:
+                e = errs.get((name, q, how), [])
+                med = float(np.median(e)) if e else math.nan
+                out.setdefault(name, {}).setdefault(how, {})[f"{int(q * 100)}%"] = {"median": med, "n": len(e)}
+                cells.append(f"{int(q * 100)}%: {med:.2f} ({len(e)})")
+            print(f"  {name:22s} {how:8s} " + "; ".join(cells))
+    return out
+
+
+def inject_sized(c: Curve, kind: str, rng: random.Random) -> Optional[Tuple[Curve, int, float]]:
+    """A fault of a drawn size (uniform 3-20 noise sigmas, sigma = the curve's round-to-round
+    noise) from round t0 on, on the bad side: drop (an offset of that size), drift (a deficit
+    reaching that size at t0+2 and growing on), stall (the level of t0-1 held where the healthy
+    curve gains >= 6 sigmas over t0-1..t0+2; its size is that gain). Returns the faulted curve
+    truncated at t0+2, t0 and the size in sigmas; None when not eligible."""
+    k = metric_kind(c.metric)
+    if k not in (ACC, LOSS) or len(c) < 12:
+        return None
+    y = c.values.astype(float)
+    sig = curve_noise(y)
+    if not np.isfinite(sig) or sig <= 0:
+        return None
+    sm = running_median(y)
+    bad = -1.0 if k == ACC else 1.0
+    start = 0
+    if k == ACC:
+        tk = takeoff_index(y, c.stderr * c.stderr, chance_for(c.task))
+        if tk is None:
+            return None
+        start = tk
+    cands = list(range(max(start + 8, 8), len(y) - 2))
+    if kind == "stall":
+        cands = [t for t in cands if -bad * (sm[t + 2] - sm[t - 1]) >= 6 * sig]
+    if not cands:
+        return None
+    t0 = rng.choice(cands)
+    yf = y.copy()
+    if kind == "stall":
+        size = -bad * (sm[t0 + 2] - sm[t0 - 1]) / sig
+        yf[t0:] = sm[t0 - 1] + (y[t0:] - sm[t0:])
+    else:
+        size = rng.uniform(3.0, 20.0)
+        j = np.arange(len(y) - t0)
+        yf[t0:] += bad * size * sig * (np.ones_like(j) if kind == "drop" else (j + 1) / 3.0)
+    if k == ACC:
+        yf = np.clip(yf, 0.0, 1.0)
+    return head(c, t0 + 3, values=yf), t0, float(size)
+
+
+def ladder_quality(runs, ladders, cfg, n_per_kind: int, seed: int) -> Dict[str, Any]:
+    """Healthy warnings and fault recall with the ladder off and on (same faults)."""
+    out: Dict[str, Any] = {}
+    for mode in ("off", "on"):
+        n_warn = n_crit = run_rounds = 0
+        for key, curves in runs.items():
+            ref = ladders.get(key) if mode == "on" else None
+            alerts, summ = replay_run(curves, cfg, reference=ref)
+            run_rounds += summ["rounds"]
+            n_crit += sum(a.severity == "critical" for a in alerts)
+            n_warn += sum(a.severity == "warning" for a in alerts)
+        out[mode] = {"healthy": {"run_rounds": run_rounds, "criticals": n_crit, "warnings": n_warn,
+                                 "warnings_per_50_run_rounds": 50 * n_warn / max(run_rounds, 1)}}
+        print(f"ladder {mode:3s} healthy: {run_rounds} run-rounds, criticals {n_crit}, warnings {n_warn} "
+              f"({50 * n_warn / max(run_rounds, 1):.3f} per 50 run-rounds)")
+    curves = sorted((c for cs in runs.values() for c in cs if metric_kind(c.metric) in (ACC, LOSS) and len(c) >= 12),
+                    key=lambda c: (c.source, c.model, c.task, c.metric))
+    for kind in ("drop", "drift", "stall"):
+        rng = random.Random(f"{seed}-ladder-{kind}")
+        order = list(range(len(curves)))
+        rng.shuffle(order)
+        table: Dict[str, Dict[int, List[int]]] = {"off": {}, "on": {}}
+        n = 0
+        for idx in order:
+            if n >= n_per_kind:
+                break
+            got = inject_sized(curves[idx], kind, rng)
+            if got is None:
+                continue
+            fc, t0i, size = got
+            n += 1
+            key = (fc.source, fc.model)
+            b = int(np.searchsorted(LADDER_SIZE_EDGES, size, side="right"))
+            for mode in ("off", "on"):
+                ref = ladders.get(key) if mode == "on" else None
+                alerts, _ = replay_run(with_run(runs[key], fc), cfg, reference=ref)
+                steps = fc.steps.tolist()
+                hit = [steps.index(a.step) - t0i for a in alerts if a.step in steps
+                       and steps.index(a.step) >= t0i and a.task == fc.task and a.metric == fc.metric]
+                cell = table[mode].setdefault(b, [0, 0])
+                cell[0] += bool(hit and min(hit) <= 2)
+                cell[1] += 1
+        for mode in ("off", "on"):
+            tot = [sum(v[0] for v in table[mode].values()), sum(v[1] for v in table[mode].values())]
+            bins = {LADDER_SIZE_LABELS[b]: {"caught": v[0], "n": v[1], "recall": v[0] / max(v[1], 1)}
+                    for b, v in sorted(table[mode].items())}
+            out[mode][kind] = {"caught": tot[0], "n": tot[1], "recall": tot[0] / max(tot[1], 1), "by_size": bins}
+            print(f"ladder {mode:3s} {kind:5s}: recall within 3 rounds {tot[0] / max(tot[1], 1):.3f} "
+                  f"({tot[0]}/{tot[1]}); by size in noise sigmas: " + "; ".join(
+                      f"{lab}: {c['recall']:.2f} ({c['caught']}/{c['n']})" for lab, c in bins.items()))
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("FINELINE_DEV_TRAJECTORIES", str(DEFAULT_DATA)))
@@ -266,6 +462,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "default: what the engine sees live) or alone (how faults were replayed before)")
     ap.add_argument("--stall-without-past-growth", action="store_true",
                     help="draw stalls without requiring growth before t0 (the older definition)")
+    ap.add_argument("--reference", choices=("none", "ladder"), default="none",
+                    help="ladder: judge each run with the smaller runs of its family as its reference ladder; "
+                         "prints the prediction error and the recall by fault size with the ladder off and on")
     bench_json.add_json_argument(ap, "alert-quality")
     args = ap.parse_args(argv)
     if not Path(args.data).exists():
@@ -283,6 +482,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: no run of {args.data} is in split {split!r} (the held-out split is by dev-table model "
               f"size: {sorted(HELDOUT_SIZES)}); pass --split all", file=sys.stderr)
         return 2
+
+    if args.reference == "ladder":
+        ladders = build_ladders(runs, all_runs)
+        print(f"ladders: {len(ladders)} of {len(runs)} runs have smaller runs of their family "
+              f"(the others are judged as without a ladder)")
+        errs = print_prediction_errors(prediction_errors(runs, ladders))
+        qual = ladder_quality(runs, ladders, cfg, args.faults_per_kind, args.seed)
+        print(f"seconds: {time.perf_counter() - t0:.1f}")
+        return 0
 
     # ---- healthy runs ----
     n_warn = n_crit = curve_rounds = run_rounds = 0

@@ -354,3 +354,46 @@ def _across_sizes(smoothed: List[_Smoothed], x: np.ndarray, params: Optional[flo
 
 __all__ = ["ALIGNMENTS", "ALIGN_CHOICES", "Ladder", "LadderError", "ReferenceRun", "coordinate",
            "read_reference_runs", "runs_from_curves", "smooth_on_grid"]
+
+
+def level_shift_detect(R: np.ndarray, U: np.ndarray, floor: np.ndarray, *, K: int = 3, F: int = 8,
+                       min_base: int = 4) -> Dict[str, np.ndarray]:
+    """Residuals from the ladder (signed so that higher is better), as (N, W) windows with the
+    newest point last: for each lag k, the mean of the k newest points against the mean level
+    of the F usable points before them, in units of the residuals' round-to-round noise.
+
+    The ladder carries the trend, so what is left should hold its level: a stall (the curve
+    stops while the ladder still climbs) is a level shift of the residual that grows by the
+    ladder's expected gain each round. A level (not a line) is the baseline because its
+    extrapolation error does not grow with the lag: sigma * sqrt(1/k + 1/F)."""
+    N, W = R.shape
+    z = np.full((N, K), np.nan)
+    zpt = np.full((N, K), np.nan)
+    pred_k = np.full((N, K), np.nan)
+    sig_k = np.full((N, K), np.nan)
+    Rm = np.where(U, R, np.nan)
+    with np.errstate(invalid="ignore"):
+        d = np.diff(Rm, axis=1)
+        med = np.nanmedian(d, axis=1) if W > 1 else np.full(N, np.nan)
+        noise = 1.4826 * np.nanmedian(np.abs(d - med[:, None]), axis=1) / math.sqrt(2.0)
+    noise = np.fmax(np.nan_to_num(noise, nan=np.inf), floor)
+    for k in range(1, K + 1):
+        newest = Rm[:, W - k:]
+        ok_new = np.isfinite(newest).all(axis=1)
+        before = Rm[:, :W - k]
+        have = np.isfinite(before)
+        # the F most recent usable points before the newest k
+        rank = np.cumsum(have[:, ::-1], axis=1)[:, ::-1]
+        take = have & (rank <= F)
+        n = take.sum(axis=1)
+        base = np.where(n > 0, np.where(take, before, 0.0).sum(axis=1) / np.maximum(n, 1), np.nan)
+        okk = ok_new & (n >= min_base)
+        s_mean = noise * np.sqrt(1.0 / k + 1.0 / np.maximum(n, 1))
+        s_pt = noise * np.sqrt(1.0 + 1.0 / np.maximum(n, 1))
+        with np.errstate(invalid="ignore"):
+            z[:, k - 1] = np.where(okk, (newest.mean(axis=1) - base) / s_mean, np.nan)
+            zpt[:, k - 1] = np.where(okk, ((newest - base[:, None]) / s_pt[:, None]).max(axis=1), np.nan)
+        pred_k[:, k - 1] = np.where(okk, base, np.nan)
+        sig_k[:, k - 1] = np.where(okk, s_pt, np.nan)
+    return {"z": z, "zpt": zpt, "pred_k": pred_k, "sig_k": sig_k, "expected": pred_k[:, K - 1],
+            "level_last": pred_k[:, K - 1], "noise": noise}
