@@ -401,7 +401,7 @@ def ladder_quality(runs, ladders, cfg, n_per_kind: int, seed: int) -> Dict[str, 
         n_warn = n_crit = run_rounds = 0
         for key, curves in runs.items():
             ref = ladders.get(key) if mode == "on" else None
-            alerts, summ = replay_run(curves, cfg, reference=ref)
+            alerts, summ = replay_run(curves, cfg, ladder=ref)
             run_rounds += summ["rounds"]
             n_crit += sum(a.severity == "critical" for a in alerts)
             n_warn += sum(a.severity == "warning" for a in alerts)
@@ -429,7 +429,7 @@ def ladder_quality(runs, ladders, cfg, n_per_kind: int, seed: int) -> Dict[str, 
             b = int(np.searchsorted(LADDER_SIZE_EDGES, size, side="right"))
             for mode in ("off", "on"):
                 ref = ladders.get(key) if mode == "on" else None
-                alerts, _ = replay_run(with_run(runs[key], fc), cfg, reference=ref)
+                alerts, _ = replay_run(with_run(runs[key], fc), cfg, ladder=ref)
                 steps = fc.steps.tolist()
                 hit = [steps.index(a.step) - t0i for a in alerts if a.step in steps
                        and steps.index(a.step) >= t0i and a.task == fc.task and a.metric == fc.metric]
@@ -466,6 +466,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="ladder: judge each run with the smaller runs of its family as its reference ladder; "
                          "prints the prediction error and the recall by fault size with the ladder off and on")
     bench_json.add_json_argument(ap, "alert-quality")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a detector setting (alerts.detector.NAME) other than its default, for sensitivity runs")
     args = ap.parse_args(argv)
     if not Path(args.data).exists():
         print(f"SKIP: trajectory data not found at {args.data} (pass --data or set FINELINE_DEV_TRAJECTORIES)")
@@ -473,6 +475,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.perf_counter()
     traj = read_trajectory(args.data)
     cfg = AlertConfig()
+    if args.set:
+        sets = {}
+        for kv in args.set:
+            k, _, v = kv.partition("=")
+            sets[k] = type(getattr(cfg.detector, k))(v)
+        cfg = replace(cfg, detector=replace(cfg.detector, **sets))
     all_runs = traj.runs()
     split = resolve_split(args.split, all_runs)
     runs = {k: v for k, v in all_runs.items() if split == "all" or split_of(k[1]) == split}
@@ -489,7 +497,18 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"(the others are judged as without a ladder)")
         errs = print_prediction_errors(prediction_errors(runs, ladders))
         qual = ladder_quality(runs, ladders, cfg, args.faults_per_kind, args.seed)
-        print(f"seconds: {time.perf_counter() - t0:.1f}")
+        seconds = time.perf_counter() - t0
+        print(f"seconds: {seconds:.1f}")
+        out = args.json
+        if out == str(bench_json.DATA_DIR / "bench-alert-quality.json"):
+            out = str(bench_json.DATA_DIR / "bench-alert-quality-ladder.json")
+        bench_json.write(out, "alert-quality-ladder", {
+            "split": split, "runs": len(runs), "runs_with_ladder": len(ladders),
+            "ladders": {f"{k[0]}/{k[1]}": {"runs": v.names, "align": v.align} for k, v in ladders.items()},
+            "prediction_error": errs, "quality": qual, "faults_per_kind": args.faults_per_kind,
+            "settings": dict(kv.partition("=")[::2] for kv in args.set), "seconds": seconds,
+        }, size=f"{args.faults_per_kind} faults per kind",
+            argv=[__file__, *(sys.argv[1:] if argv is None else argv)])
         return 0
 
     # ---- healthy runs ----

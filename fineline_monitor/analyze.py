@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from fineline_monitor import metric_names as names
 from fineline_monitor.core.alerts import AlertEngine, CurveTable
 from fineline_monitor.core.config import AlertConfig, ConfigError, MonitorConfig
 from fineline_monitor.core.expectations import ACC, ReferenceCurves, capability_for, chance_for, metric_kind
+from fineline_monitor.core.ladder import Ladder, LadderError, ladder_from_config
 from fineline_monitor.core.trajectory import Curve, TrajectoryError, read_trajectory
 from fineline_monitor.core.types import Alert
 
@@ -40,13 +41,17 @@ STEP_NAMESPACES = ("train", "optim", "stability")
 
 
 def replay_run(curves: List[Curve], cfg: AlertConfig, *, reference: Optional[ReferenceCurves] = None,
-               run_name: Optional[str] = None) -> Tuple[List[Alert], Dict[str, Any]]:
-    """Replay one run's curves through a fresh AlertEngine; returns (alerts, run summary)."""
+               ladder: Optional[Ladder] = None, run_name: Optional[str] = None) -> Tuple[List[Alert], Dict[str, Any]]:
+    """Replay one run's curves through a fresh AlertEngine; returns (alerts, run summary).
+    `ladder`: reference runs judged against (the run's parameter count, for the fit across
+    sizes, is `alerts.reference.params` or else the table's `params` column)."""
     if not curves:
         return [], {}
     source, model = curves[0].source, curves[0].model
+    run_params = cfg.reference.params or next((c.params for c in curves if c.params), None)
     eng = AlertEngine(cfg, run=run_name or f"{source}/{model}", source=source, model=model,
-                      reference=reference, params=cfg.detector, emit_expectations=False)
+                      reference=reference, params=cfg.detector, emit_expectations=False, ladder=ladder,
+                      run_params=run_params)
     probe, step_curves = [], []
     too_short, untracked = [], []
     for c in curves:
@@ -117,6 +122,8 @@ def replay_run(curves: List[Curve], cfg: AlertConfig, *, reference: Optional[Ref
     summary = {"source": source, "model": model, "rounds": rounds, "curves": len(probe),
                "points": int(st.size), "too_short": too_short, "untracked_metrics": len(untracked),
                "phase_changes": eng.phases.history, "alerts": _count(alerts)}
+    if ladder is not None:
+        summary["notes"] = list(eng.context.notes)
     return alerts, summary
 
 
@@ -135,16 +142,31 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-def _replay_job(job: Tuple[List[Curve], AlertConfig, Optional[ReferenceCurves]]):
-    curves, cfg, ref = job
-    return replay_run(curves, cfg, reference=ref)
+def _table_params(traj: Any) -> Optional[float]:
+    return next((c.params for c in traj.curves if c.params), None)
 
 
-def _replay_all(runs: Dict[Any, List[Curve]], cfg: AlertConfig, ref: Optional[ReferenceCurves],
+def _replay_job(job: Tuple[List[Curve], AlertConfig, Optional[Ladder]]):
+    curves, cfg, ladder = job
+    if ladder is not None:
+        ladder = ladder.for_run(f"{curves[0].source}/{curves[0].model}", _run_total_tokens(curves, cfg))
+    return replay_run(curves, cfg, ladder=ladder)
+
+
+def _run_total_tokens(curves: List[Curve], cfg: AlertConfig) -> Optional[float]:
+    """A run's planned tokens for schedule-fraction alignment: `alerts.reference.total_tokens`,
+    else the last tokens the table has for it (right for a finished run)."""
+    if cfg.reference.total_tokens:
+        return float(cfg.reference.total_tokens)
+    last = [float(np.nanmax(c.tokens)) for c in curves if np.isfinite(c.tokens).any()]
+    return max(last) if last else None
+
+
+def _replay_all(runs: Dict[Any, List[Curve]], cfg: AlertConfig, ladder: Optional[Ladder],
                 jobs: int) -> List[Tuple[List[Alert], Dict[str, Any]]]:
     """Replay every run, in input order. Runs are independent (one engine each), so with
     jobs > 1 they go to worker processes; the result is the same as the serial loop."""
-    work = [(curves, cfg, ref) for curves in runs.values()]
+    work = [(curves, cfg, ladder) for curves in runs.values()]
     jobs = max(1, min(jobs, len(work)))
     if jobs > 1:
         import concurrent.futures as cf
@@ -166,25 +188,34 @@ def _replay_all(runs: Dict[Any, List[Curve]], cfg: AlertConfig, ref: Optional[Re
     return [_replay_job(w) for w in work]
 
 
-def analyze(path: str, out: str, *, reference: Optional[str] = None, reference_model: str = "",
-            cfg: Optional[AlertConfig] = None, jobs: int = 1) -> Dict[str, Any]:
+def analyze(path: str, out: str, *, reference: Union[None, str, Sequence[str]] = None, reference_model: str = "",
+            reference_models: Sequence[str] = (), cfg: Optional[AlertConfig] = None,
+            jobs: int = 1) -> Dict[str, Any]:
     """Replay a whole table; write DIR/alerts.jsonl and DIR/summary.json; return the summary.
-    `jobs`: worker processes for the per-run replays (the runs are independent)."""
+    `reference`: reference files (a ladder; default: the config's `alerts.reference`),
+    `reference_models`: which of their runs. A run of the table that is also in the ladder is
+    judged without itself. `jobs`: worker processes for the per-run replays."""
     t0 = time.perf_counter()
     cfg = cfg or AlertConfig()
     traj = read_trajectory(path)
-    ref = None
-    if reference:
-        ref = ReferenceCurves.from_csv(reference, reference_model or cfg.reference_model, align=cfg.reference_align,
-                                       total_tokens=cfg.reference_total_tokens)
+    files = [reference] if isinstance(reference, str) else list(reference or [])
+    models = list(reference_models) or ([reference_model] if reference_model else [])
+    ladder, notes = ladder_from_config(cfg, run_params=cfg.reference.params or _table_params(traj),
+                                       files=files, runs=models, total_tokens_known=True)
+    for n in notes:
+        print(f"fineline-monitor analyze: note: {n}", file=sys.stderr)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = traj.runs()
     all_alerts: List[Alert] = []
     run_summaries = []
-    for alerts, summ in _replay_all(runs, cfg, ref, jobs):
+    for alerts, summ in _replay_all(runs, cfg, ladder, jobs):
         all_alerts += alerts
         run_summaries.append(summ)
+        for n in summ.get("notes", []):
+            if n not in notes:
+                notes.append(n)
+                print(f"fineline-monitor analyze: note: {n}", file=sys.stderr)
     with open(out_dir / "alerts.jsonl", "w") as fh:
         for a in all_alerts:
             row = a.to_json()
@@ -194,8 +225,10 @@ def analyze(path: str, out: str, *, reference: Optional[str] = None, reference_m
                 row["metric"] = None
             fh.write(json.dumps(row) + "\n")
     summary = {
-        "input": str(path), "reference": reference or None,
-        "reference_run": ref.name if ref else None,
+        "input": str(path), "reference": files or None,
+        "reference_runs": ladder.names if ladder else None,
+        "reference_align": ladder.align if ladder else None,
+        "reference_notes": notes,
         "rows": traj.n_rows, "runs": len(runs), "curves": len(traj.curves),
         "rounds": int(sum(s["rounds"] for s in run_summaries)),
         "alerts": _count(all_alerts),
@@ -223,8 +256,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("trajectory", help="trajectory CSV (.csv/.csv.gz), or an lm-eval-harness output folder / "
                                       "results_*.json")
-    p.add_argument("--reference", default=None, help="trajectory CSV of a reference run")
-    p.add_argument("--reference-model", default="", help="which `model` or `source/model` of the reference CSV")
+    p.add_argument("--reference", action="append", default=[], metavar="FILE",
+                   help="reference runs (a ladder of smaller runs of the same recipe, or an earlier run): a "
+                        "trajectory CSV, an lm-eval output folder or a run.db; repeat for several files")
+    p.add_argument("--reference-models", default="", metavar="A,B,C",
+                   help="which runs of the reference files (`model` or `source/model`, comma-separated); "
+                        "default: all of them")
+    p.add_argument("--reference-model", default="", help=argparse.SUPPRESS)  # the older single-run spelling
     p.add_argument("--out", required=True, help="output folder for alerts.jsonl and summary.json")
     p.add_argument("--config", default=None, help="MonitorConfig YAML; its `alerts` section is used")
     p.add_argument("--phases", default="", help="declared phases for every run, e.g. warmup@0,stable@2000")
@@ -251,9 +289,10 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.jobs < 0:
             raise ValueError(f"--jobs must be >= 0 (0: one per CPU core), got {args.jobs}")
         jobs = args.jobs or _cpu_count()
-        summary = analyze(args.trajectory, args.out, reference=args.reference,
-                          reference_model=args.reference_model, cfg=cfg, jobs=jobs)
-    except (TrajectoryError, ConfigError, ValueError) as e:
+        models = [m.strip() for m in f"{args.reference_models},{args.reference_model}".split(",") if m.strip()]
+        summary = analyze(args.trajectory, args.out, reference=args.reference, reference_models=models,
+                          cfg=cfg, jobs=jobs)
+    except (TrajectoryError, ConfigError, LadderError, ValueError) as e:
         print(f"fineline-monitor analyze: error: {e}", file=sys.stderr)
         return 2
     a = summary["alerts"]

@@ -34,6 +34,7 @@ from fineline_monitor import metric_names as names
 from fineline_monitor.components import Component, ErrorGuard, Hosted
 from fineline_monitor.core.cadence import probe_budget_next_step, should_collect, should_probe
 from fineline_monitor.core.config import ConfigError, MonitorConfig
+from fineline_monitor.core.ladder import LadderError
 from fineline_monitor.core.trajectory import TrajectoryError
 from fineline_monitor.core.types import Alert, ProbeRound
 from fineline_monitor.distributed import DistContext, module_device
@@ -41,7 +42,7 @@ from fineline_monitor.distributed import DistContext, module_device
 log = logging.getLogger("fineline_monitor")
 LOCAL_SINKS = ("sink:store", "sink:alerts_file")  # synchronous writes to local disk
 # what reading `alerts.reference_csv` raises for a bad path, table or setting (fatal at attach)
-REFERENCE_ERRORS = (TrajectoryError, ConfigError)
+REFERENCE_ERRORS = (TrajectoryError, ConfigError, LadderError)
 PARTS = ("indicators", "probes", "alerts")  # the hosted parts besides the sinks
 STATEFUL_PARTS = ("indicators", "alerts")  # their state_dict goes into the monitor's, under their name
 
@@ -219,7 +220,16 @@ class FineLineMonitor:
     def _build_engine(self):
         from fineline_monitor.core.alerts import AlertEngine
 
-        return AlertEngine(self.config.alerts, run=self.run, params=self.config.alerts.detector)
+        alerts = self.config.alerts
+        run_params = alerts.reference.params or _count_params(self.model)
+        engine = AlertEngine(alerts, run=self.run, params=alerts.detector, run_params=run_params)
+        self._say_notes(engine)
+        return engine
+
+    @staticmethod
+    def _say_notes(engine: Any) -> None:
+        for note in engine.pop_notes():  # once each: a reference that cannot be used as configured
+            log.warning("fineline_monitor: %s", note)
 
     # ---- the per-step entry point ------------------------------------------------------
     def step(self, step: int, loss: Any = None, tokens: Optional[int] = None, lr: Optional[float] = None, *,
@@ -368,6 +378,8 @@ class FineLineMonitor:
         alerts = engine.call(method, *args, default=[]) or []
         for ev in engine.call("pop_phase_changes", default=[]) or []:
             self._emit("log_phase", ev["step"], ev.get("tokens"), ev["phase"], ev.get("previous"))
+        for note in engine.call("pop_notes", default=[]) or []:
+            log.warning("fineline_monitor: %s", note)
         rows = engine.call("pop_expectations", default=[]) or []
         if rows:
             self._emit("log_expectations", step, rows)

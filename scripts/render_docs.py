@@ -210,8 +210,15 @@ def render_fault_table(doc: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_detector(_: Any) -> str:
+    from fineline_monitor.core.config import detector_markdown
+
+    return detector_markdown()
+
+
 RENDERERS: Dict[str, Tuple[Optional[str], Renderer]] = {
     "config-reference": (None, render_config),
+    "detector-settings": (None, render_detector),
     "fault-table": ("docs/data/fault-table.json", render_fault_table),
     "bench-probe-speed": ("docs/data/bench-probe-speed.json", render_probe_speed),
     "bench-overhead": ("docs/data/bench-overhead.json", render_overhead),

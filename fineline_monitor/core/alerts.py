@@ -40,6 +40,7 @@ from fineline_monitor.core.history import TrailingPoints
 from fineline_monitor.core.phases import PhaseTracker
 from fineline_monitor.core.rules import (Finding, RuleBook, StepRules, classify, probe_extra_rules,
                                          single_point_hysteresis)
+from fineline_monitor.core.ladder import ladder_from_config
 from fineline_monitor.core.sources import (GOLD_LOGPROB, ExpectationSource, PointBlock, SourceContext, Verdict,
                                            build_sources)
 from fineline_monitor.core.types import Alert, ProbeRound
@@ -164,6 +165,7 @@ class _Block:
     usable: np.ndarray
     segment: np.ndarray
     anchor: np.ndarray
+    ref: np.ndarray  # a reference ladder's value at the point (nan: none)
     row: np.ndarray  # engine row of each merged point
     starts: np.ndarray  # merged index where each curve starts (per merged point)
     at: np.ndarray
@@ -196,7 +198,8 @@ class AlertEngine:
 
     def __init__(self, cfg: Any, run: str, *, source: Optional[str] = None, model: Optional[str] = None,
                  reference: Optional[ReferenceCurves] = None, references: Sequence[ReferenceCurves] = (),
-                 params: Optional[DetectorParams] = None, emit_expectations: bool = True):
+                 params: Optional[DetectorParams] = None, emit_expectations: bool = True,
+                 ladder: Any = None, run_params: Optional[float] = None):
         self.cfg = cfg
         self.run = run
         self.source, self.model = source, model
@@ -215,11 +218,16 @@ class AlertEngine:
         self.n_probe = 0
         self.n_collect = 0
         refs = list(references) + ([reference] if reference is not None else [])
-        if not refs and getattr(cfg, "reference_csv", ""):
-            refs = [ReferenceCurves.from_csv(cfg.reference_csv, cfg.reference_model, align=cfg.reference_align,
-                                             total_tokens=cfg.reference_total_tokens)]
         self.reference = refs[0] if refs else None
-        self.sources: List[ExpectationSource] = build_sources(SourceContext(cfg, self.params, refs))
+        notes: List[str] = []
+        if ladder is None and not refs and hasattr(cfg, "reference"):
+            # alerts.reference (or the older reference_csv): an unreadable file raises here,
+            # a ladder that cannot be used as configured leaves a note and no ladder
+            ladder, notes = ladder_from_config(cfg, run_params=run_params)
+        self.ladder = ladder
+        self.context = SourceContext(cfg, self.params, refs, ladder=ladder, run_params=run_params, notes=notes)
+        self._notes_said = 0
+        self.sources: List[ExpectationSource] = build_sources(self.context)
         self.alert_counts: Dict[str, int] = {}
 
     # ---- the monitor's interface ----------------------------------------------------------
@@ -266,6 +274,13 @@ class AlertEngine:
             alerts += self._findings_to_alerts(probe_extra_rules(self.cfg, extra), step, tokens, self.n_probe,
                                                scope="probe")
         return alerts
+
+    def pop_notes(self) -> List[str]:
+        """What the engine's sources found wrong with their input since the last call (each
+        said once: a reference ladder that shares no curve with the run, ...)."""
+        new = self.context.notes[self._notes_said:]
+        self._notes_said = len(self.context.notes)
+        return list(new)
 
     def pop_phase_changes(self) -> List[Dict[str, Any]]:
         return self.phases.pop_changes()
@@ -350,7 +365,8 @@ class AlertEngine:
         m = np.lexsort((seq, curve_all))
         hist = (hist_rows[hr], hs + 1)
         new_vals = {"x": x_r[pr], "y": y, "var": v, "usable": np.isfinite(y) & fitx_r[pr], "segment": seg_r[pr],
-                    "anchor": np.full(pc.size, -1, dtype=np.int64)}
+                    "anchor": np.full(pc.size, -1, dtype=np.int64),
+                    "ref": self._reference_series(rows_c, pc, steps[pr], tok[pr])}
         arrays = {f: np.concatenate([getattr(T, f)[hist], new_vals[f]])[m] for f in new_vals}
         row = np.concatenate([hist_rows[hr], rows_c[pc]])[m]
         at = np.empty(pc.size, dtype=np.int64)
@@ -361,6 +377,15 @@ class AlertEngine:
         blk = _Block(row=row, starts=starts, at=at, curve=pc, rnd=pr, width=T.width, **arrays)
         self._mark_anchors(table, blk)
         return blk, y, v
+
+    def _reference_series(self, rows_c: np.ndarray, pc: np.ndarray, steps: np.ndarray,
+                          tokens: np.ndarray) -> np.ndarray:
+        """A reference's value at every new point (kept with the point, so a later round's
+        window has it), from the first source that gives one; nan elsewhere."""
+        for s in self.sources:
+            if s.gives_series:
+                return s.series([self.curves[r] for r in rows_c[pc]], pc, steps, tokens)
+        return np.full(pc.size, np.nan)
 
     def _mark_anchors(self, table: CurveTable, blk: _Block) -> None:
         """Where a curve enters a decay or anneal segment, its last `decay_anchors` usable
@@ -423,7 +448,8 @@ class AlertEngine:
         sgn = np.where(kind[judged] == LOSS, -1.0, 1.0)
         windows = {"X": blk.window("x", jm, np.nan), "G": sgn[:, None] * blk.window("y", jm, np.nan),
                    "V": blk.window("var", jm, np.nan), "U": U, "floor": _noise_floor(kind[judged], y[judged],
-                                                                                       self.params)}
+                                                                                       self.params),
+                   "R": sgn[:, None] * blk.window("ref", jm, np.nan)}
         return PointBlock(curves=[self.curves[r] for r in rows_c[blk.curve]], y=y, var=v, kind=kind, taken=taken,
                           eligible=judged, windows=windows)
 
@@ -513,8 +539,16 @@ class AlertEngine:
                 bad |= vd.bad & vd.has
             shown = vd.has & ((s.takes_over == "always") |
                               ((s.takes_over == "where_missing") & ~np.isfinite(combined.expected)))
+            if s.sustained:
+                # a point an earlier source found bad keeps that source's expectation unless
+                # this one finds it bad too (an alert shows the band the value left)
+                shown &= ~combined.bad | (vd.bad & vd.has)
             for f in ("expected", "low", "high", "z"):
                 getattr(combined, f)[shown] = getattr(vd, f)[shown]
+            for f in ("lag", "noise", "gain", "level_last"):  # what the shown verdict was judged on
+                mine, theirs = getattr(vd, f), getattr(combined, f)
+                if mine is not None and theirs is not None:
+                    theirs[shown] = mine[shown]
             shown_by[shown] = s.name
             open_ &= ~shown
         return combined, shown_by, judged, bad
@@ -526,7 +560,8 @@ class AlertEngine:
         last = np.append(np.flatnonzero(np.diff(blk.row)) + 1, blk.row.size) - 1
         rows = blk.row[last]
         for f in T.FIELDS:
-            fill = {"x": np.nan, "y": np.nan, "var": np.nan, "usable": False, "segment": -2, "anchor": -1}[f]
+            fill = {"x": np.nan, "y": np.nan, "var": np.nan, "usable": False, "segment": -2, "anchor": -1,
+                    "ref": np.nan}[f]
             getattr(T, f)[rows] = blk.window(f, last, fill)
 
     # ---- firing ----------------------------------------------------------------------------
@@ -612,10 +647,15 @@ class AlertEngine:
         lag = int(verdict.lag[i]) if verdict.lag is not None else 1
         look = LOOK_FIRST[rule].format(n_sib=n_sib, cap=cap)
         sib_txt = f"; {n_sib_bad}/{n_sib} sibling tasks also out of band" if n_sib else ""
-        msg = (f"{what} ({cap}) is {obs:.4g}, expected {exp:.4g} from the {source_text} (band [{low:.4g}, "
-               f"{high:.4g}], {self.band_sigma:g} sigma; the last {lag} rounds average z={z:.1f}) in phase "
-               f"{rb.phase}{sib_txt}" + (f"; the same values are reported as {', '.join(aka)}" if aka else "")
-               + f". Look first at: {look}.")
+        if source_text.startswith("ladder"):
+            lead = (f"{what} ({cap}): expected from {source_text}: {exp:.4g}, observed {obs:.4g} (band "
+                    f"[{low:.4g}, {high:.4g}], {self.params.ladder_band_sigma:g} sigma of the residual from the "
+                    f"ladder; the last {lag} rounds average z={z:.1f})")
+        else:
+            lead = (f"{what} ({cap}) is {obs:.4g}, expected {exp:.4g} from the {source_text} (band [{low:.4g}, "
+                    f"{high:.4g}], {self.band_sigma:g} sigma; the last {lag} rounds average z={z:.1f})")
+        msg = (f"{lead} in phase {rb.phase}{sib_txt}" + (f"; the same values are reported as {', '.join(aka)}"
+                                                           if aka else "") + f". Look first at: {look}.")
         tokens = rb.tokens
         return Alert(rule=rule, severity=severity, step=int(rb.step), tokens=None if tokens is None else int(tokens),
                      run=self.run, source=self.source, model=self.model, capability=c.capability, task=c.task,

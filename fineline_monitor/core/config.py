@@ -122,6 +122,11 @@ class DetectorParams:
         "document count is known."))
     reference_calibration_points: int = _f(5, min=1, help=(
         "Points after take-off that calibrate a reference run's offset and scatter on this run."))
+    ladder_band_sigma: float = _f(4.0, min=0.5, help=(
+        "Band of the ladder expectation in sigmas of the curve's residual from the ladder."))
+    ladder_confirm_z: float = _f(2.0, min=0.0, help=(
+        "A point the ladder finds bad is bad only when the own-run fit also puts it at least this "
+        "many sigma low (0: the ladder alone decides)."))
     paired_min_docs: int = _f(5, min=2, help=(
         "Documents in common with the anchor round that a paired per-document verdict needs."))
     alias_min_points: int = _f(5, min=1, help=(

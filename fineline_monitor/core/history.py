@@ -75,7 +75,7 @@ class TrailingPoints:
     it (finite, at a positive time), its phase segment, and the segment it anchors
     (`anchor`: a decay or anneal segment that keeps it as a level anchor; -1 none)."""
 
-    FIELDS = ("x", "y", "var", "usable", "segment", "anchor")
+    FIELDS = ("x", "y", "var", "usable", "segment", "anchor", "ref")
 
     def __init__(self, width: int = 16):
         self.width = int(width)
@@ -87,6 +87,7 @@ class TrailingPoints:
         self.usable = np.zeros((0, self.width), dtype=bool)
         self.segment = np.full((0, self.width), -2, dtype=np.int64)
         self.anchor = np.full((0, self.width), -1, dtype=np.int64)
+        self.ref = np.full((0, self.width), np.nan)  # a reference ladder's value at the point (nan: none)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -95,7 +96,8 @@ class TrailingPoints:
     def _empty(n: int, width: int) -> Dict[str, np.ndarray]:
         return {"x": np.full((n, width), np.nan), "y": np.full((n, width), np.nan),
                 "var": np.full((n, width), np.nan), "usable": np.zeros((n, width), dtype=bool),
-                "segment": np.full((n, width), -2, dtype=np.int64), "anchor": np.full((n, width), -1, dtype=np.int64)}
+                "segment": np.full((n, width), -2, dtype=np.int64), "anchor": np.full((n, width), -1, dtype=np.int64),
+                "ref": np.full((n, width), np.nan)}
 
     def rows(self, keys: Sequence[str]) -> np.ndarray:
         """Row index of each key, adding new curves as needed."""
@@ -126,7 +128,7 @@ class TrailingPoints:
 
         return {"width": self.width, "keys": list(self.keys), "x": enc(self.x), "y": enc(self.y),
                 "var": enc(self.var), "usable": self.usable.astype(int).tolist(),
-                "segment": self.segment.tolist(), "anchor": self.anchor.tolist()}
+                "segment": self.segment.tolist(), "anchor": self.anchor.tolist(), "ref": enc(self.ref)}
 
     @classmethod
     def from_state(cls, sd: Dict[str, Any], segments: Optional[Sequence[int]] = None) -> "TrailingPoints":
@@ -143,6 +145,7 @@ class TrailingPoints:
             return a.reshape(n, w.width)
 
         w.x, w.y, w.var = dec(sd["x"]), dec(sd["y"]), dec(sd["var"])
+        w.ref = dec(sd["ref"]) if "ref" in sd else np.full((n, w.width), np.nan)
         if "usable" in sd:
             w.usable = np.array(sd["usable"], dtype=bool).reshape(n, w.width)
             w.segment = np.array(sd["segment"], dtype=np.int64).reshape(n, w.width)

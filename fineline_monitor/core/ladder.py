@@ -28,12 +28,14 @@ The core stays free of torch; everything is numpy.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -49,7 +51,7 @@ AUTO_MAX_CURVES = 24  # curves used to choose the alignment (enough to rank; kee
 LOSO_CALIB_FRACTION = 0.2  # the held-out run's first 20% of points fix its level
 
 
-class LadderError(ValueError):
+class LadderError(TrajectoryError):
     """A reference ladder that cannot be read or used; the message says what was expected."""
 
 
@@ -215,6 +217,17 @@ class Ladder:
         self.align = align
         self._cache: Dict[Key, List[_Smoothed]] = {}
 
+    def for_run(self, name: str, total_tokens: Optional[float]) -> "Ladder":
+        """This ladder for judging run `name` of planned length `total_tokens`: without that
+        run itself (a table judged against a ladder cut from it), alignment kept."""
+        if name in self.names and len(self.runs) > 1:
+            out = Ladder([r for r in self.runs if r.name != name], align=self.align,
+                         target_total_tokens=total_tokens or self.target_total_tokens)
+            return out
+        out = copy.copy(self)  # shares the smoothed references: they do not depend on the target
+        out.target_total_tokens = float(total_tokens) if total_tokens else self.target_total_tokens
+        return out
+
     # -- what the ladder holds ------------------------------------------------------------
     @property
     def names(self) -> List[str]:
@@ -228,7 +241,7 @@ class Ladder:
         return {k for r in self.runs for k in r.curves}
 
     def describe(self) -> str:
-        names = ", ".join(r.name.split("/", 1)[-1] for r in self.runs)
+        names = ", ".join(r.name.rsplit("/", 1)[-1] for r in self.runs)
         return f"ladder {names} (aligned on {self.align})"
 
     def feasible_alignments(self) -> List[str]:
@@ -352,48 +365,58 @@ def _across_sizes(smoothed: List[_Smoothed], x: np.ndarray, params: Optional[flo
     return mean + slope * (math.log(params) - mx)
 
 
-__all__ = ["ALIGNMENTS", "ALIGN_CHOICES", "Ladder", "LadderError", "ReferenceRun", "coordinate",
-           "read_reference_runs", "runs_from_curves", "smooth_on_grid"]
 
 
-def level_shift_detect(R: np.ndarray, U: np.ndarray, floor: np.ndarray, *, K: int = 3, F: int = 8,
-                       min_base: int = 4) -> Dict[str, np.ndarray]:
-    """Residuals from the ladder (signed so that higher is better), as (N, W) windows with the
-    newest point last: for each lag k, the mean of the k newest points against the mean level
-    of the F usable points before them, in units of the residuals' round-to-round noise.
+def configured_reference(alerts_cfg: Any) -> Tuple[List[str], List[str], str, float]:
+    """(files, runs, align, total_tokens) from `alerts.reference`, or from the older single-run
+    fields (`reference_csv`, `reference_model`, `reference_align`, `reference_total_tokens`)."""
+    ref = alerts_cfg.reference
+    if ref.files:
+        return list(ref.files), list(ref.runs), ref.align, float(ref.total_tokens)
+    if alerts_cfg.reference_csv:
+        runs = [alerts_cfg.reference_model] if alerts_cfg.reference_model else list(ref.runs)
+        total = float(ref.total_tokens or alerts_cfg.reference_total_tokens)
+        return [alerts_cfg.reference_csv], runs, alerts_cfg.reference_align, total
+    return [], [], ref.align, float(ref.total_tokens)
 
-    The ladder carries the trend, so what is left should hold its level: a stall (the curve
-    stops while the ladder still climbs) is a level shift of the residual that grows by the
-    ladder's expected gain each round. A level (not a line) is the baseline because its
-    extrapolation error does not grow with the lag: sigma * sqrt(1/k + 1/F)."""
-    N, W = R.shape
-    z = np.full((N, K), np.nan)
-    zpt = np.full((N, K), np.nan)
-    pred_k = np.full((N, K), np.nan)
-    sig_k = np.full((N, K), np.nan)
-    Rm = np.where(U, R, np.nan)
-    with np.errstate(invalid="ignore"):
-        d = np.diff(Rm, axis=1)
-        med = np.nanmedian(d, axis=1) if W > 1 else np.full(N, np.nan)
-        noise = 1.4826 * np.nanmedian(np.abs(d - med[:, None]), axis=1) / math.sqrt(2.0)
-    noise = np.fmax(np.nan_to_num(noise, nan=np.inf), floor)
-    for k in range(1, K + 1):
-        newest = Rm[:, W - k:]
-        ok_new = np.isfinite(newest).all(axis=1)
-        before = Rm[:, :W - k]
-        have = np.isfinite(before)
-        # the F most recent usable points before the newest k
-        rank = np.cumsum(have[:, ::-1], axis=1)[:, ::-1]
-        take = have & (rank <= F)
-        n = take.sum(axis=1)
-        base = np.where(n > 0, np.where(take, before, 0.0).sum(axis=1) / np.maximum(n, 1), np.nan)
-        okk = ok_new & (n >= min_base)
-        s_mean = noise * np.sqrt(1.0 / k + 1.0 / np.maximum(n, 1))
-        s_pt = noise * np.sqrt(1.0 + 1.0 / np.maximum(n, 1))
-        with np.errstate(invalid="ignore"):
-            z[:, k - 1] = np.where(okk, (newest.mean(axis=1) - base) / s_mean, np.nan)
-            zpt[:, k - 1] = np.where(okk, ((newest - base[:, None]) / s_pt[:, None]).max(axis=1), np.nan)
-        pred_k[:, k - 1] = np.where(okk, base, np.nan)
-        sig_k[:, k - 1] = np.where(okk, s_pt, np.nan)
-    return {"z": z, "zpt": zpt, "pred_k": pred_k, "sig_k": sig_k, "expected": pred_k[:, K - 1],
-            "level_last": pred_k[:, K - 1], "noise": noise}
+
+def ladder_from_config(alerts_cfg: Any, *, run_params: Optional[float] = None, files: Sequence[str] = (),
+                       runs: Sequence[str] = (), total_tokens_known: bool = False) -> Tuple[Optional[Ladder], List[str]]:
+    """The reference ladder the config (or `files`/`runs`, given on the command line) names.
+
+    Returns (ladder or None, notes). A file that cannot be read or a run that is not in it
+    raises LadderError (the user's to fix before the run starts). A ladder that cannot be
+    used as configured gives None and a note saying what is missing and what was expected:
+    the run is then judged by its own-run detector only. `total_tokens_known`: each judged
+    run's planned tokens will be given later (`Ladder.for_run`; `analyze` takes them from the
+    table), so schedule-fraction alignment is open without `total_tokens`."""
+    cfg_files, cfg_runs, align, total = configured_reference(alerts_cfg)
+    files = list(files) or cfg_files
+    runs = list(runs) or cfg_runs
+    if not files:
+        return None, []
+    members = read_reference_runs(files, runs)
+    fallback = "; judging with the own-run detector only"
+    sizes = sorted({r.params for r in members if r.params})
+    if len(members) >= 2 and len(sizes) < 2:
+        have = ", ".join(f"{r.name.rsplit('/', 1)[-1]} ({_params_text(r.params)})" for r in members)
+        return None, [f"the reference ladder needs runs of at least two sizes for its fit across sizes; it has "
+                      f"{len(sizes)} ({have}): give each run's parameter count (the `params` column) or keep one "
+                      f"reference run" + fallback]
+    try:
+        ladder = Ladder(members, align=align, target_total_tokens=total or (1.0 if total_tokens_known else None))
+    except LadderError as e:
+        return None, [f"{e}" + fallback]
+    notes = []
+    if len(sizes) >= 2 and not run_params:
+        notes.append(f"this run's parameter count is unknown (set alerts.reference.params): {ladder.describe()} "
+                     f"gives the mean of its runs, not a fit across sizes")
+    return ladder, notes
+
+
+def _params_text(p: Optional[float]) -> str:
+    return "size unknown" if not p else f"{p / 1e6:.0f}M parameters"
+
+
+__all__ = ["ALIGNMENTS", "ALIGN_CHOICES", "Ladder", "LadderError", "ReferenceRun", "coordinate", "configured_reference",
+           "ladder_from_config", "read_reference_runs", "runs_from_curves", "smooth_on_grid"]

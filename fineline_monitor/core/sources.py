@@ -49,7 +49,14 @@ class SourceContext:
 
     cfg: Any  # the AlertConfig
     params: DetectorParams
-    references: List[ReferenceCurves] = field(default_factory=list)  # several form a ladder
+    references: List[ReferenceCurves] = field(default_factory=list)  # a single reference run's curves
+    ladder: Any = None  # a `core.ladder.Ladder` of reference runs (the `ladder` source)
+    run_params: Optional[float] = None  # this run's parameter count, for the fit across sizes
+    notes: List[str] = field(default_factory=list)  # what a source says once (the engine logs it)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
 
     @property
     def band_sigma(self) -> float:
@@ -116,6 +123,7 @@ class ExpectationSource:
     sustained: bool = False
     takes_over: str = "never"  # "always" | "where_missing" | "never"
     per_round: bool = True
+    gives_series: bool = False  # `series` gives a value per point, kept in the curve's window
 
     @classmethod
     def build(cls, ctx: SourceContext) -> Optional["ExpectationSource"]:
@@ -372,5 +380,96 @@ class ReferenceRunSource(ExpectationSource):
         self.calibration = {k: ReferenceCalibration(**c) for k, c in sd.get("calibration", {}).items()}
 
 
+
+
+# ---- a ladder of reference runs ------------------------------------------------------------
+@register_source
+class LadderSource(ExpectationSource):
+    """The reference ladder's prediction (`core/ladder.py`) carries the trend: the own-run
+    detector (`lagged_detect`: frozen fits, lags 1..K) runs on the curve's residual from the
+    ladder instead of on the curve. Bad: for some lag k >= hysteresis, the k newest residuals
+    are `ladder_band_sigma` below the residual's frozen fit (every one at least `point_z`
+    low), and the own-run fit of the curve itself puts the point at least `ladder_confirm_z`
+    sigma low. A stall (the curve stops while the ladder still climbs) or a drift away from
+    the ladder's growth leaves the residual; the own-run trend alone cannot say how much
+    growth to expect. Expected value: the ladder at this point plus the residual's frozen fit,
+    i.e. the run's own level moved on by the ladder's growth."""
+
+    name = "ladder"
+    sustained = True
+    takes_over = "always"
+    per_round = False
+    gives_series = True
+
+    def __init__(self, ctx: SourceContext):
+        self.ctx = ctx
+        self.ladder = ctx.ladder
+        self.covered: Optional[bool] = None  # whether any judged curve is in the ladder (said once)
+
+    @classmethod
+    def build(cls, ctx: SourceContext) -> Optional["LadderSource"]:
+        return cls(ctx) if ctx.ladder is not None else None
+
+    def series(self, curves: Sequence[Any], pc: np.ndarray, steps: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        out = np.full(len(curves), np.nan)
+        keys = self.ladder.keys()
+        for c in np.unique(pc):
+            sel = np.flatnonzero(pc == c)
+            cs = curves[sel[0]]
+            if cs.task is None or (cs.task, cs.metric) not in keys:
+                continue
+            out[sel] = self.ladder.predict(cs.task, cs.metric, steps=steps[sel], tokens=tokens[sel],
+                                           params=self.ctx.run_params)
+        if self.covered is None and len(curves):
+            self.covered = bool(np.isfinite(out).any())
+            if not self.covered:
+                shared = sorted({f"{c.task}/{c.metric}" for c in curves if c.task})[:5]
+                self.ctx.note(f"the reference {self.ladder.describe()} shares no task and metric with this run "
+                              f"(this run has {', '.join(shared)}...; the ladder has "
+                              f"{', '.join(sorted(f'{t}/{m}' for t, m in keys)[:5])}...): judging with the "
+                              f"own-run detector only")
+        return out
+
+    def evaluate(self, block: PointBlock, so_far: Verdict, open_: np.ndarray) -> Verdict:
+        p, n = self.ctx.params, len(block)
+        jr = np.flatnonzero(block.eligible)
+        out = Verdict.empty(n)
+        if not jr.size:
+            return out
+        w = block.windows
+        ref = w["R"]  # the ladder at the window's points, good-direction units
+        d = lagged_detect(w["X"], w["G"] - ref, w["V"], w["U"] & np.isfinite(ref), w["floor"], p)
+        band, K = p.ladder_band_sigma, p.lags
+        with np.errstate(invalid="ignore"):
+            cond = (d.z < -band) & (d.zpt < -p.point_z)
+        cond[:, :min(max(self.ctx.hysteresis, 1), K) - 1] = False
+        kbest = np.argmin(np.where(cond, d.z, np.inf), axis=1)
+        bad = cond.any(1)
+        kuse = np.where(bad, kbest, K - 1)
+        r = np.arange(jr.size)
+        sgn = np.where(block.kind[jr] == LOSS, -1.0, 1.0)
+        pg = d.pred_k[r, kuse] + ref[:, -1]
+        sg = d.sig_k[r, kuse]
+        lo, hi = sgn * (pg - band * sg), sgn * (pg + band * sg)
+        has = np.isfinite(pg) & np.isfinite(sg)
+        if p.ladder_confirm_z > 0 and so_far.z is not None:
+            with np.errstate(invalid="ignore"):
+                bad &= so_far.z[jr] < -p.ladder_confirm_z
+        out.expected[jr], out.low[jr], out.high[jr] = sgn * pg, np.fmin(lo, hi), np.fmax(lo, hi)
+        out.z[jr], out.bad[jr], out.has[jr] = d.z[r, kuse], bad & has, has
+        out.lag = np.ones(n, dtype=np.int64)
+        out.lag[jr] = kuse + 1
+        # what `rules.classify` reads (good-direction units): the level when the fit was
+        # frozen and the growth expected since, the ladder's included
+        ref_then = ref[r, ref.shape[1] - 2 - kuse]
+        out.level_last, out.gain, out.noise = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+        out.level_last[jr] = d.level_last + ref_then
+        out.gain[jr] = (d.expected - d.level_last) + (ref[:, -1] - ref_then)
+        out.noise[jr] = d.noise
+        return out
+
+    def describe(self, verdict: Verdict, i: int) -> str:
+        return self.ladder.describe()
+
 __all__ = ["ExpectationSource", "SourceContext", "PointBlock", "Verdict", "register_source", "SOURCES",
-           "build_sources", "OwnRunSource", "PairedDocumentsSource", "ReferenceRunSource"]
+           "build_sources", "OwnRunSource", "PairedDocumentsSource", "ReferenceRunSource", "LadderSource"]

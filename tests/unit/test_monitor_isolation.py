@@ -248,11 +248,11 @@ def test_probe_self_check_failure_is_isolated_and_fatal_errors_close_the_sinks(t
     assert Closing.closed == 1
 
 
-def test_unreadable_reference_run_fails_at_attach(tmp_path):
-    """alerts.reference_csv that cannot be used raises at attach (it disabled the whole
-    alert engine before: no rule, no page); schedule-fraction alignment is reachable from
-    the config and names its missing setting."""
-    from fineline_monitor.core.config import ConfigError
+def test_unreadable_reference_run_fails_at_attach(tmp_path, caplog):
+    """A reference file that cannot be read raises at attach (a bad path is the user's to
+    fix; it must not silently disable the alert engine). A reference that is read but cannot
+    be used as configured (runs of one size for a fit across sizes, an alignment without what
+    it needs) is said once in the log, and the run is judged by its own-run detector."""
     from fineline_monitor.core.trajectory import TrajectoryError, write_trajectory_csv
 
     with pytest.raises(TrajectoryError, match="no such file"):
@@ -261,15 +261,23 @@ def test_unreadable_reference_run_fails_at_attach(tmp_path):
     write_trajectory_csv(ref, [{"source": "s", "model": m, "params": 1, "step": st, "tokens": st * 1000, "task": "piqa",
                                 "metric": "acc", "value": 0.5 + st / 1000, "stderr": None}
                                for m in ("a", "b") for st in (100, 200, 300)])
-    with pytest.raises(TrajectoryError, match="holds 2 runs; set `alerts.reference_model`"):
-        FineLineMonitor(config=_cfg(tmp_path / "m", alerts={"reference_csv": str(ref)}), sinks=[])
-    with pytest.raises(ConfigError, match="reference_total_tokens"):
-        FineLineMonitor(config=_cfg(tmp_path / "f", alerts={"reference_csv": str(ref), "reference_model": "s/a",
-                                                            "reference_align": "fraction"}), sinks=[])
-    mon = FineLineMonitor(config=_cfg(tmp_path / "ok", alerts={"reference_csv": str(ref), "reference_model": "s/a",
-                                                               "reference_align": "fraction",
-                                                               "reference_total_tokens": 6e5}), sinks=[])
-    assert mon.engine is not None and mon.engine.reference.value("piqa", "acc", 3e5) == pytest.approx(0.65)
+    with caplog.at_level("WARNING", logger="fineline_monitor"):
+        mon = FineLineMonitor(config=_cfg(tmp_path / "m", alerts={"reference_csv": str(ref)}), sinks=[])
+    assert mon.engine is not None and mon.engine.ladder is None
+    assert "at least two sizes" in caplog.text and "own-run detector only" in caplog.text
+    mon.close()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fineline_monitor"):
+        mon = FineLineMonitor(config=_cfg(tmp_path / "f", alerts={"reference_csv": str(ref), "reference_model": "s/a",
+                                                                  "reference_align": "fraction"}), sinks=[])
+    assert mon.engine.ladder is None and "planned training tokens" in caplog.text
+    mon.close()
+    mon = FineLineMonitor(config=_cfg(tmp_path / "ok", alerts={"reference": {
+        "files": [str(ref)], "runs": ["s/a"], "align": "fraction", "total_tokens": 6e5}}), sinks=[])
+    lad = mon.engine.ladder
+    assert lad.names == ["s/a"] and lad.align == "fraction"
+    # half way through this run is half way through the reference's: step 150 there
+    assert lad.predict("piqa", "acc", steps=[300], tokens=[3e5])[0] == pytest.approx(0.65, abs=0.01)
     mon.close()
 
 
