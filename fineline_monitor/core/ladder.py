@@ -241,7 +241,8 @@ class Ladder:
         return {k for r in self.runs for k in r.curves}
 
     def describe(self) -> str:
-        names = ", ".join(r.name.rsplit("/", 1)[-1] for r in self.runs)
+        by_size = sorted(self.runs, key=lambda r: (r.params or 0.0, r.name))
+        names = ", ".join(r.name.rsplit("/", 1)[-1] for r in by_size)
         return f"ladder {names} (aligned on {self.align})"
 
     def feasible_alignments(self) -> List[str]:
