@@ -216,12 +216,8 @@ def _monitor_config(args: DemoArgs, out: Path, run_name: str, ladder: Optional[d
     warm, decay_start = schedule_phases(args.steps)
     alerts = {"phases": [f"warmup@0", f"stable@{warm}", f"decay@{decay_start}"]}
     if ladder is not None:
-        # ---- THE LADDER CONFIG: the one place where the demo tells the engine about its pilots.
-        # Today the single-reference options follow the biggest pilot; a ladder expectation
-        # (alerts.reference: files, runs, align, total_tokens) takes ladder["csv"] and
-        # ladder["runs"] here instead.
-        alerts.update({"reference_csv": ladder["csv"], "reference_model": ladder["runs"][-1],
-                       "reference_align": "tokens"})
+        # the pilots are the reference ladder: same data and tokens, two smaller sizes
+        alerts["reference"] = {"files": [ladder["csv"]], "runs": list(ladder["runs"]), "align": "tokens"}
     sinks = ["store"] if pilot else ["store", "console"] + (["prometheus"] if _have_prometheus_client(say) else [])
     return MonitorConfig(
         run_name=run_name,

@@ -402,7 +402,7 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     _family("fineline_probe_stderr", "Standard error of the probe metric.", labels=PROBE),
     _family("fineline_probe_docs", "Documents scored per task in each probe round.",
             labels=("capability", "task")),
-    _family("fineline_capability_score", METRICS[CAPABILITY_SCORE].help, labels=("capability",)),
+    _family("fineline_capability_score", METRICS[CAPABILITY_SCORE].help, labels=("capability", "series")),
     _family("fineline_probe_rounds", "Probe rounds completed.", "counter"),
     _family("fineline_probe_last_step", "Step of the last completed probe round."),
     _family("fineline_last_probe_timestamp_seconds", "Unix time of the last completed probe round.",

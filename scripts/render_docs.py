@@ -210,6 +210,58 @@ def render_fault_table(doc: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_ladder_prediction(d: Dict[str, Any]) -> str:
+    f = d["figures"]
+    rows = ["| metric | expected from | 25% of the run | 50% | 75% | 100% (last checkpoint) |", "|---|---|---|---|---|---|"]
+    for name, hows in sorted(f["prediction_error"].items()):
+        for how in ("ladder", "own-run"):
+            cells = [f"{c['median']:.2f} (n={c['n']})" for c in hows[how].values()]
+            rows.append(f"| {name} | {how} | " + " | ".join(cells) + " |")
+    return ("\n".join(rows) + f"\n\nMedian |predicted - observed| over the curves of {f['runs_with_ladder']} held-out runs "
+            f"that have smaller runs of their family (of {f['runs']}).\n\n" + _provenance(d))
+
+
+def render_ladder_quality(d: Dict[str, Any]) -> str:
+    f = d["figures"]
+    q = f["quality"]
+    labels = list(next(iter(q["on"]["drop"]["by_size"].values())) and q["on"]["drop"]["by_size"])
+    rows = ["| | criticals on healthy runs | warnings per 50 run-rounds | fault | recall within 3 rounds | "
+            + " | ".join(f"size {lab} sigma" for lab in labels) + " |",
+            "|---|---|---|---|---|" + "---|" * len(labels)]
+    for mode in ("off", "on"):
+        h = q[mode]["healthy"]
+        for i, kind in enumerate(("drop", "drift", "stall")):
+            k = q[mode][kind]
+            head = (f"| ladder {mode} | {h['criticals']} | {h['warnings_per_50_run_rounds']:.2f} ({h['warnings']})"
+                    if i == 0 else "| | | ")
+            cells = []
+            for lab in labels:
+                c = k["by_size"].get(lab)
+                cells.append(f"{c['recall']:.2f} ({c['caught']}/{c['n']})" if c else "-")
+            rows.append(f"{head} | {kind} | **{k['recall']:.3f}** ({k['caught']}/{k['n']}) | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n\n" + _provenance(d)
+
+
+def render_ladder_frontier(d: Dict[str, Any]) -> str:
+    """Warnings against recall for the ladder off, confirmed by the own-run fit (the
+    default) and deciding alone: the default run's JSON and the `--set ladder_confirm_z=0` one."""
+    alone = json.loads((REPO / "docs" / "data" / "bench-alert-quality-ladder-alone.json").read_text())
+    rows = ["| ladder | warnings per 50 run-rounds | drop >= 10 sigma | drift 6-10 | drift >= 10 | stall | "
+            "stall >= 10 sigma |", "|---|---|---|---|---|---|---|"]
+
+    def cell(k: Dict[str, Any], lab: Optional[str] = None) -> str:
+        c = k if lab is None else k["by_size"].get(lab, {"recall": float("nan"), "caught": 0, "n": 0})
+        return f"{c['recall']:.2f} ({c['caught']}/{c['n']})"
+
+    for label, q in (("off", d["figures"]["quality"]["off"]), ("on, confirmed by the own-run fit (default)",
+                                                               d["figures"]["quality"]["on"]),
+                     ("on, deciding alone", alone["figures"]["quality"]["on"])):
+        rows.append(f"| {label} | {q['healthy']['warnings_per_50_run_rounds']:.2f} | {cell(q['drop'], '>= 10')} | "
+                    f"{cell(q['drift'], '6-10')} | {cell(q['drift'], '>= 10')} | {cell(q['stall'])} | "
+                    f"{cell(q['stall'], '>= 10')} |")
+    return "\n".join(rows) + "\n\n" + _provenance(d) + "\n\n" + _provenance(alone)
+
+
 def render_detector(_: Any) -> str:
     from fineline_monitor.core.config import detector_markdown
 
@@ -219,6 +271,9 @@ def render_detector(_: Any) -> str:
 RENDERERS: Dict[str, Tuple[Optional[str], Renderer]] = {
     "config-reference": (None, render_config),
     "detector-settings": (None, render_detector),
+    "bench-ladder-prediction": ("docs/data/bench-alert-quality-ladder.json", render_ladder_prediction),
+    "bench-ladder-quality": ("docs/data/bench-alert-quality-ladder.json", render_ladder_quality),
+    "bench-ladder-frontier": ("docs/data/bench-alert-quality-ladder.json", render_ladder_frontier),
     "fault-table": ("docs/data/fault-table.json", render_fault_table),
     "bench-probe-speed": ("docs/data/bench-probe-speed.json", render_probe_speed),
     "bench-overhead": ("docs/data/bench-overhead.json", render_overhead),

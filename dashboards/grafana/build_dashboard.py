@@ -124,13 +124,14 @@ def build() -> Dict[str, Any]:
     y += 1
     cap = 'capability=~"$capability"'
     panels.append(timeseries(
-        "Capability: $capability", [
-            target(f"fineline_capability_score{{{R},{cap}}}", "{{run}} score"),
-            target(f'fineline_expected_low{{{R},{cap},task=""}}', "low", "B"),
-            target(f'fineline_expected_high{{{R},{cap},task=""}}', "high", "C"),
-            target(f'fineline_expected_value{{{R},{cap},task=""}}', "expected", "D")],
+        "Capability bits per byte: $capability (lower is better)", [
+            target(f'fineline_capability_score{{{R},{cap},series="bpb"}}', "{{run}} bpb"),
+            target(f'fineline_expected_low{{{R},{cap},task="",metric="bpb"}}', "low", "B"),
+            target(f'fineline_expected_high{{{R},{cap},task="",metric="bpb"}}', "high", "C"),
+            target(f'fineline_expected_value{{{R},{cap},task="",metric="bpb"}}', "expected", "D")],
         0, y, 8, 8, repeat="capability", overrides=band_overrides("low", "high", "expected"),
-        description="Chance-normalised capability score with the band expected for the current phase."))
+        description="Gold-continuation bits per byte, mean over the capability's tasks, with the band "
+                    "expected for the current phase (from the reference ladder where there is one)."))
     y += 8
     panels.append(timeseries(
         "Probe accuracy per task ($capability)", [
@@ -140,8 +141,12 @@ def build() -> Dict[str, Any]:
         0, y, 12, 8, unit="percentunit"))
     panels.append(timeseries(
         "Gold bits per byte per task ($capability)", [
-            target(f'fineline_probe_value{{{R},{cap},metric="bpb"}}', "{{task}}")],
-        12, y, 12, 8, description="Smooth long before accuracy takes off (OLMo in-loop evals)."))
+            target(f'fineline_probe_value{{{R},{cap},metric="bpb"}}', "{{task}}"),
+            target(f'fineline_expected_low{{{R},{cap},metric="bpb",task!=""}}', "{{task}} low", "B"),
+            target(f'fineline_expected_high{{{R},{cap},metric="bpb",task!=""}}', "{{task}} high", "C"),
+            target(f'fineline_expected_value{{{R},{cap},metric="bpb",task!=""}}', "{{task}} expected", "D")],
+        12, y, 12, 8, description="Smooth long before accuracy takes off (OLMo in-loop evals); the expected "
+                                  "value and band beside each task, from the reference ladder where there is one."))
     y += 8
     # ---- loss and indicators --------------------------------------------------------------
     panels.append(row("Loss and optimization-state indicators", y))

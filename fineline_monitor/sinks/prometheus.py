@@ -168,8 +168,9 @@ class _Collector:
             docs.add_metric([s.run, cap, task], float(n))
         yield docs
         score = self._family(s, "fineline_capability_score")
-        for cap, v in sorted(s.capability.items()):
-            score.add_metric([s.run, cap], v)
+        for key, v in sorted(s.capability.items()):
+            cap, _, series = key.partition("/")  # `math/bpb`: capability math, series bpb
+            score.add_metric([s.run, cap, series or "score"], v)
         yield score
         yield self._single(s, "fineline_probe_rounds", float(s.probe_rounds))
         if s.last_probe_step is not None:

@@ -66,7 +66,7 @@ def test_snapshot_at_scrape_time_with_labels():
         assert got[("fineline_stability_attn_logit_max", lab(run="r1", layer="0"))] == 12.0
         assert got[("fineline_probe_value", lab(run="r1", capability="math", task="gsm8k", metric="acc"))] == 0.1
         assert got[("fineline_probe_stderr", lab(run="r1", capability="math", task="gsm8k", metric="acc"))] == 0.07
-        assert got[("fineline_capability_score", lab(run="r1", capability="math/bpb"))] == 0.02
+        assert got[("fineline_capability_score", lab(run="r1", capability="math", series="bpb"))] == 0.02
         assert not any(name.startswith(("fineline_probe_gsm8k", "fineline_capability_math")) for name, _ in got)
         assert got[("fineline_expected_low", lab(run="r1", name="capability/math/bpb", capability="math", task="",
                                                  metric="bpb"))] == 0.01
