@@ -189,6 +189,9 @@ def render_analyze_speed(d: Dict[str, Any]) -> str:
         f"| the same with `--jobs 1` | | {f['seconds_jobs_1']:.1f} s |",
         f"| warnings / criticals over the table | | {f['warnings']} / {f['criticals']} |",
     ]
+    if f.get("seconds_with_ladder") is not None:
+        rows.insert(4, f"| the same with a reference ladder ({', '.join(f['ladder_runs'])}), default `--jobs` "
+                       f"| <= 20 s | **{f['seconds_with_ladder']:.1f} s** wall |")
     return "\n".join(rows) + "\n\n" + _provenance(d)
 
 

@@ -556,7 +556,6 @@ class AlertEngine:
     def _keep_trailing(self, blk: _Block) -> None:
         """Store each curve's newest `width` points for the next block."""
         T = self.points
-        W = T.width
         last = np.append(np.flatnonzero(np.diff(blk.row)) + 1, blk.row.size) - 1
         rows = blk.row[last]
         for f in T.FIELDS:

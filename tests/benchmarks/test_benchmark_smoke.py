@@ -18,7 +18,7 @@ EXCERPT = str(REPO / "tests" / "data" / "trajectories-excerpt.csv.gz")
 # script -> (arguments for a tiny run, a line fragment its report always prints)
 SMOKE = {
     "alert_quality.py": (["--data", EXCERPT, "--split", "all", "--faults-per-kind", "4"], "healthy"),
-    "analyze_speed.py": (["--data", EXCERPT], "rows"),
+    "analyze_speed.py": (["--data", EXCERPT, "--reference-models", "pythia-70m,pythia-160m"], "reference ladder"),
     "healthy_warnings.py": (["--data", EXCERPT, "--split", "all"], "warning"),
     "long_run_memory.py": (["--steps", "3000", "--probe-every", "1000"], "heap"),
     "overhead.py": (["--blocks", "2", "--warmup", "2", "--batch-size", "2", "--seq-len", "16", "--n-layer", "1",
