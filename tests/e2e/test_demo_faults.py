@@ -84,7 +84,11 @@ def test_lr_spike_is_caught_at_the_injection(tmp_path_factory):
     assert caught and {a["rule"] for a in caught} & {"loss_divergence", "loss_spike", "update_ratio"}, caught
 
 
-@pytest.mark.xfail(strict=True, reason="needs the ladder expectation (issue 16)")
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap: the demo's curves flatten at the stall (bits per byte gains 0.08 a round before, "
+    "under 0.003 after) and the pilots keep improving, but with probe rounds every 40 of 600 steps "
+    "the stable phase has too few rounds before the stall for a frozen fit of the curve's residual "
+    "from the ladder (10 fit points, 5 at least); docs/ladder.md"))
 def test_stall_raises_a_capability_alert(tmp_path_factory):
     _, _, alerts = _run(tmp_path_factory, f"stall@{AT}")
     _no_critical_before(alerts)
