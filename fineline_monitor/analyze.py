@@ -201,7 +201,8 @@ def analyze(path: str, out: str, *, reference: Union[None, str, Sequence[str]] =
     files = [reference] if isinstance(reference, str) else list(reference or [])
     models = list(reference_models) or ([reference_model] if reference_model else [])
     ladder, notes = ladder_from_config(cfg, run_params=cfg.reference.params or _table_params(traj),
-                                       files=files, runs=models, total_tokens_known=True)
+                                       files=files, runs=models, total_tokens_known=True,
+                                       tables={str(path): traj})
     for n in notes:
         print(f"fineline-monitor analyze: note: {n}", file=sys.stderr)
     out_dir = Path(out)

@@ -68,8 +68,11 @@ class ReferenceRun:
 
     @property
     def total_tokens(self) -> Optional[float]:
-        last = [float(np.nanmax(c.tokens)) for c in self.curves.values() if np.isfinite(c.tokens).any()]
-        return max(last) if last else None
+        """The run's last tokens (its length); computed once, the curves do not change."""
+        if "_total" not in self.__dict__:
+            last = [float(np.nanmax(c.tokens)) for c in self.curves.values() if np.isfinite(c.tokens).any()]
+            self.__dict__["_total"] = max(last) if last else None
+        return self.__dict__["_total"]
 
     @property
     def has_tokens(self) -> bool:
@@ -108,8 +111,10 @@ def _read_table(path: str):
     return read_trajectory(p)
 
 
-def read_reference_runs(paths: Sequence[str], select: Sequence[str] = ()) -> List[ReferenceRun]:
-    """The reference runs in `paths`; `select` keeps runs named `model` or `source/model`.
+def read_reference_runs(paths: Sequence[str], select: Sequence[str] = (),
+                        tables: Optional[Dict[str, Any]] = None) -> List[ReferenceRun]:
+    """The reference runs in `paths`; `select` keeps runs named `model` or `source/model`;
+    `tables`: tables already read, by path (`analyze` of a table against runs of itself).
 
     Raises LadderError naming the file or the missing run (with the runs there are)."""
     if not paths:
@@ -117,7 +122,7 @@ def read_reference_runs(paths: Sequence[str], select: Sequence[str] = ()) -> Lis
     runs: List[ReferenceRun] = []
     for path in paths:
         try:
-            table = _read_table(str(path))
+            table = (tables or {}).get(str(path)) or _read_table(str(path))
         except TrajectoryError as e:
             raise LadderError(f"reference {path}: {e}") from None
         except Exception as e:  # an unreadable run.db, a folder without results
@@ -382,7 +387,8 @@ def configured_reference(alerts_cfg: Any) -> Tuple[List[str], List[str], str, fl
 
 
 def ladder_from_config(alerts_cfg: Any, *, run_params: Optional[float] = None, files: Sequence[str] = (),
-                       runs: Sequence[str] = (), total_tokens_known: bool = False) -> Tuple[Optional[Ladder], List[str]]:
+                       runs: Sequence[str] = (), total_tokens_known: bool = False,
+                       tables: Optional[Dict[str, Any]] = None) -> Tuple[Optional[Ladder], List[str]]:
     """The reference ladder the config (or `files`/`runs`, given on the command line) names.
 
     Returns (ladder or None, notes). A file that cannot be read or a run that is not in it
@@ -396,7 +402,7 @@ def ladder_from_config(alerts_cfg: Any, *, run_params: Optional[float] = None, f
     runs = list(runs) or cfg_runs
     if not files:
         return None, []
-    members = read_reference_runs(files, runs)
+    members = read_reference_runs(files, runs, tables)
     fallback = "; judging with the own-run detector only"
     sizes = sorted({r.params for r in members if r.params})
     if len(members) >= 2 and len(sizes) < 2:

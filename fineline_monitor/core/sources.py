@@ -432,11 +432,14 @@ class LadderSource(ExpectationSource):
 
     def evaluate(self, block: PointBlock, so_far: Verdict, open_: np.ndarray) -> Verdict:
         p, n = self.ctx.params, len(block)
-        jr = np.flatnonzero(block.eligible)
+        w = block.windows
+        # only the points where the ladder has a prediction (windows are of the eligible points)
+        covered = np.isfinite(w["R"][:, -1]) if len(w["R"]) else np.zeros(0, dtype=bool)
+        jr = np.flatnonzero(block.eligible)[covered]
         out = Verdict.empty(n)
         if not jr.size:
             return out
-        w = block.windows
+        w = {k: v[covered] for k, v in w.items()}
         ref = w["R"]  # the ladder at the window's points, good-direction units
         d = lagged_detect(w["X"], w["G"] - ref, w["V"], w["U"] & np.isfinite(ref), w["floor"], p)
         band, K = p.ladder_band_sigma, p.lags
