@@ -95,7 +95,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_json  # noqa: E402
 
 HELDOUT_SIZES = {"370M", "1B", "3B", "410m", "1.4b"}
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference-trajectories" / "dev.csv.gz"
+DEFAULT_DATA = (
+    Path(__file__).resolve().parents[1] / ".." / "shared" / "reference-trajectories" / "dev.csv.gz"
+)
 
 
 def model_size(model: str) -> str:
@@ -109,8 +111,13 @@ def split_of(model: str) -> str:
 
 # the sources of ../shared/reference-trajectories/dev.csv.gz: runs of these with a tune-split
 # size were looked at while tuning
-DEV_SOURCES = ("allenai/OLMo@ladder-1xC:peteish-final-new", "allenai/OLMo@ladder-1xC:peteish-moreeval-const",
-               "allenai/OLMo@ladder-1xC:peteish-moreeval-decay", "pythia-v1/0shot", "pythia-v1/5shot")
+DEV_SOURCES = (
+    "allenai/OLMo@ladder-1xC:peteish-final-new",
+    "allenai/OLMo@ladder-1xC:peteish-moreeval-const",
+    "allenai/OLMo@ladder-1xC:peteish-moreeval-decay",
+    "pythia-v1/0shot",
+    "pythia-v1/5shot",
+)
 
 
 def resolve_split(split: str, run_keys) -> str:
@@ -139,13 +146,19 @@ LOCAL_BEFORE, LOCAL_AFTER = 10, 2
 def local_noise(y: np.ndarray, t0: int) -> float:
     """Round-to-round noise of the healthy curve around round t0 (rounds t0-10 .. t0+2):
     second differences cancel a locally straight trend, var(d2) = 6 sigma^2."""
-    w = y[max(0, t0 - LOCAL_BEFORE):t0 + LOCAL_AFTER + 1]
+    w = y[max(0, t0 - LOCAL_BEFORE) : t0 + LOCAL_AFTER + 1]
     d2 = np.diff(w, 2)
     return float(1.4826 * np.median(np.abs(d2 - np.median(d2))) / math.sqrt(6))
 
 
-def inject(c: Curve, kind: str, rng: random.Random, scale: float = 1.0,
-           sizing: str = "global", stall_past: bool = True) -> Optional[Tuple[Curve, int]]:
+def inject(
+    c: Curve,
+    kind: str,
+    rng: random.Random,
+    scale: float = 1.0,
+    sizing: str = "global",
+    stall_past: bool = True,
+) -> Optional[Tuple[Curve, int]]:
     """Return (faulted curve truncated at t0+2, t0) or None when the curve is not eligible."""
     k = metric_kind(c.metric)
     if k not in (ACC, LOSS) or len(c) < 12:
@@ -271,7 +284,9 @@ def _schedule(model: str) -> str:
     return re.sub(r"-\d+(?:\.\d+)?[MB]-", "-*-", model)
 
 
-def family_ladder(run_key: Tuple[str, str], curves: List[Curve], all_runs: Dict[Tuple[str, str], List[Curve]]):
+def family_ladder(
+    run_key: Tuple[str, str], curves: List[Curve], all_runs: Dict[Tuple[str, str], List[Curve]]
+):
     """The smaller runs of the same family (Pythia: same source and variant; OLMo ladder: same
     source and schedule), or [] when there are none."""
     src, model = run_key
@@ -279,9 +294,15 @@ def family_ladder(run_key: Tuple[str, str], curves: List[Curve], all_runs: Dict[
     if not params:
         return []
     same = _variant if "pythia" in model else _schedule
-    return [k for k, cs in sorted(all_runs.items())
-            if k[0] == src and k != run_key and same(k[1]) == same(model)
-            and cs[0].params and cs[0].params < params]
+    return [
+        k
+        for k, cs in sorted(all_runs.items())
+        if k[0] == src
+        and k != run_key
+        and same(k[1]) == same(model)
+        and cs[0].params
+        and cs[0].params < params
+    ]
 
 
 def build_ladders(runs, all_runs) -> Dict[Tuple[str, str], Any]:
@@ -333,22 +354,31 @@ def prediction_errors(runs, ladders) -> Dict[Tuple[str, float, str], List[float]
                     continue
                 scale = 100.0 if k == ACC else 100.0 / abs(y[i])
                 name = "accuracy (points)" if k == ACC else "bpb/ppl (% of value)"
-                errs.setdefault((name, q, "ladder"), []).append(abs(y[i] - pred[i] - offset) * scale)
-                errs.setdefault((name, q, "own-run"), []).append(abs(y[i] - (icpt + slope * x[i])) * scale)
+                errs.setdefault((name, q, "ladder"), []).append(
+                    abs(y[i] - pred[i] - offset) * scale
+                )
+                errs.setdefault((name, q, "own-run"), []).append(
+                    abs(y[i] - (icpt + slope * x[i])) * scale
+                )
     return errs
 
 
 def print_prediction_errors(errs) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
-    print("trajectory prediction error, median |predicted - observed| (n curves), calibrated on the first "
-          f"{LADDER_CALIB_POINTS} judged points (accuracy: after take-off):")
+    print(
+        "trajectory prediction error, median |predicted - observed| (n curves), calibrated on the first "
+        f"{LADDER_CALIB_POINTS} judged points (accuracy: after take-off):"
+    )
     for name in sorted({k[0] for k in errs}):
         for how in ("ladder", "own-run"):
             cells = []
             for q in POSITIONS:
                 e = errs.get((name, q, how), [])
                 med = float(np.median(e)) if e else math.nan
-                out.setdefault(name, {}).setdefault(how, {})[f"{int(q * 100)}%"] = {"median": med, "n": len(e)}
+                out.setdefault(name, {}).setdefault(how, {})[f"{int(q * 100)}%"] = {
+                    "median": med,
+                    "n": len(e),
+                }
                 cells.append(f"{int(q * 100)}%: {med:.2f} ({len(e)})")
             print(f"  {name:22s} {how:8s} " + "; ".join(cells))
     return out
@@ -405,12 +435,27 @@ def ladder_quality(runs, ladders, cfg, n_per_kind: int, seed: int) -> Dict[str, 
             run_rounds += summ["rounds"]
             n_crit += sum(a.severity == "critical" for a in alerts)
             n_warn += sum(a.severity == "warning" for a in alerts)
-        out[mode] = {"healthy": {"run_rounds": run_rounds, "criticals": n_crit, "warnings": n_warn,
-                                 "warnings_per_50_run_rounds": 50 * n_warn / max(run_rounds, 1)}}
-        print(f"ladder {mode:3s} healthy: {run_rounds} run-rounds, criticals {n_crit}, warnings {n_warn} "
-              f"({50 * n_warn / max(run_rounds, 1):.3f} per 50 run-rounds)")
-    curves = sorted((c for cs in runs.values() for c in cs if metric_kind(c.metric) in (ACC, LOSS) and len(c) >= 12),
-                    key=lambda c: (c.source, c.model, c.task, c.metric))
+        out[mode] = {
+            "healthy": {
+                "run_rounds": run_rounds,
+                "criticals": n_crit,
+                "warnings": n_warn,
+                "warnings_per_50_run_rounds": 50 * n_warn / max(run_rounds, 1),
+            }
+        }
+        print(
+            f"ladder {mode:3s} healthy: {run_rounds} run-rounds, criticals {n_crit}, warnings {n_warn} "
+            f"({50 * n_warn / max(run_rounds, 1):.3f} per 50 run-rounds)"
+        )
+    curves = sorted(
+        (
+            c
+            for cs in runs.values()
+            for c in cs
+            if metric_kind(c.metric) in (ACC, LOSS) and len(c) >= 12
+        ),
+        key=lambda c: (c.source, c.model, c.task, c.metric),
+    )
     for kind in ("drop", "drift", "stall"):
         rng = random.Random(f"{seed}-ladder-{kind}")
         order = list(range(len(curves)))
@@ -431,46 +476,93 @@ def ladder_quality(runs, ladders, cfg, n_per_kind: int, seed: int) -> Dict[str, 
                 ref = ladders.get(key) if mode == "on" else None
                 alerts, _ = replay_run(with_run(runs[key], fc), cfg, ladder=ref)
                 steps = fc.steps.tolist()
-                hit = [steps.index(a.step) - t0i for a in alerts if a.step in steps
-                       and steps.index(a.step) >= t0i and a.task == fc.task and a.metric == fc.metric]
+                hit = [
+                    steps.index(a.step) - t0i
+                    for a in alerts
+                    if a.step in steps
+                    and steps.index(a.step) >= t0i
+                    and a.task == fc.task
+                    and a.metric == fc.metric
+                ]
                 cell = table[mode].setdefault(b, [0, 0])
                 cell[0] += bool(hit and min(hit) <= 2)
                 cell[1] += 1
         for mode in ("off", "on"):
             tot = [sum(v[0] for v in table[mode].values()), sum(v[1] for v in table[mode].values())]
-            bins = {LADDER_SIZE_LABELS[b]: {"caught": v[0], "n": v[1], "recall": v[0] / max(v[1], 1)}
-                    for b, v in sorted(table[mode].items())}
-            out[mode][kind] = {"caught": tot[0], "n": tot[1], "recall": tot[0] / max(tot[1], 1), "by_size": bins}
-            print(f"ladder {mode:3s} {kind:5s}: recall within 3 rounds {tot[0] / max(tot[1], 1):.3f} "
-                  f"({tot[0]}/{tot[1]}); by size in noise sigmas: " + "; ".join(
-                      f"{lab}: {c['recall']:.2f} ({c['caught']}/{c['n']})" for lab, c in bins.items()))
+            bins = {
+                LADDER_SIZE_LABELS[b]: {"caught": v[0], "n": v[1], "recall": v[0] / max(v[1], 1)}
+                for b, v in sorted(table[mode].items())
+            }
+            out[mode][kind] = {
+                "caught": tot[0],
+                "n": tot[1],
+                "recall": tot[0] / max(tot[1], 1),
+                "by_size": bins,
+            }
+            print(
+                f"ladder {mode:3s} {kind:5s}: recall within 3 rounds {tot[0] / max(tot[1], 1):.3f} "
+                f"({tot[0]}/{tot[1]}); by size in noise sigmas: "
+                + "; ".join(
+                    f"{lab}: {c['recall']:.2f} ({c['caught']}/{c['n']})" for lab, c in bins.items()
+                )
+            )
     return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("FINELINE_DEV_TRAJECTORIES", str(DEFAULT_DATA)))
-    ap.add_argument("--split", choices=("auto", "heldout", "tune", "all"), default="auto",
-                    help="auto (default): heldout on a table with runs we tuned on (the dev table), else all runs")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--data", default=os.environ.get("FINELINE_DEV_TRAJECTORIES", str(DEFAULT_DATA))
+    )
+    ap.add_argument(
+        "--split",
+        choices=("auto", "heldout", "tune", "all"),
+        default="auto",
+        help="auto (default): heldout on a table with runs we tuned on (the dev table), else all runs",
+    )
     ap.add_argument("--faults-per-kind", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every fault magnitude")
-    ap.add_argument("--sizing", choices=("local", "global"), default="global",
-                    help="fault sigma: the healthy curve's noise around t0 (local) or over the whole curve (global)")
-    ap.add_argument("--replay", choices=("run", "alone"), default="run",
-                    help="replay a faulted curve with its run's other curves truncated at the same step (run, "
-                         "default: what the engine sees live) or alone (how faults were replayed before)")
-    ap.add_argument("--stall-without-past-growth", action="store_true",
-                    help="draw stalls without requiring growth before t0 (the older definition)")
-    ap.add_argument("--reference", choices=("none", "ladder"), default="none",
-                    help="ladder: judge each run with the smaller runs of its family as its reference ladder; "
-                         "prints the prediction error and the recall by fault size with the ladder off and on")
+    ap.add_argument(
+        "--sizing",
+        choices=("local", "global"),
+        default="global",
+        help="fault sigma: the healthy curve's noise around t0 (local) or over the whole curve (global)",
+    )
+    ap.add_argument(
+        "--replay",
+        choices=("run", "alone"),
+        default="run",
+        help="replay a faulted curve with its run's other curves truncated at the same step (run, "
+        "default: what the engine sees live) or alone (how faults were replayed before)",
+    )
+    ap.add_argument(
+        "--stall-without-past-growth",
+        action="store_true",
+        help="draw stalls without requiring growth before t0 (the older definition)",
+    )
+    ap.add_argument(
+        "--reference",
+        choices=("none", "ladder"),
+        default="none",
+        help="ladder: judge each run with the smaller runs of its family as its reference ladder; "
+        "prints the prediction error and the recall by fault size with the ladder off and on",
+    )
     bench_json.add_json_argument(ap, "alert-quality")
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                    help="a detector setting (alerts.detector.NAME) other than its default, for sensitivity runs")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a detector setting (alerts.detector.NAME) other than its default, for sensitivity runs",
+    )
     args = ap.parse_args(argv)
     if not Path(args.data).exists():
-        print(f"SKIP: trajectory data not found at {args.data} (pass --data or set FINELINE_DEV_TRAJECTORIES)")
+        print(
+            f"SKIP: trajectory data not found at {args.data} (pass --data or set FINELINE_DEV_TRAJECTORIES)"
+        )
         return 0
     t0 = time.perf_counter()
     traj = read_trajectory(args.data)
@@ -484,17 +576,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     all_runs = traj.runs()
     split = resolve_split(args.split, all_runs)
     runs = {k: v for k, v in all_runs.items() if split == "all" or split_of(k[1]) == split}
-    print(f"split={split}" + (" (auto)" if args.split == "auto" else "") +
-          f": {len(runs)} of {len(all_runs)} runs: {sorted({model_size(m) or m for _, m in runs})} sizes")
+    print(
+        f"split={split}"
+        + (" (auto)" if args.split == "auto" else "")
+        + f": {len(runs)} of {len(all_runs)} runs: {sorted({model_size(m) or m for _, m in runs})} sizes"
+    )
     if not runs:
-        print(f"error: no run of {args.data} is in split {split!r} (the held-out split is by dev-table model "
-              f"size: {sorted(HELDOUT_SIZES)}); pass --split all", file=sys.stderr)
+        print(
+            f"error: no run of {args.data} is in split {split!r} (the held-out split is by dev-table model "
+            f"size: {sorted(HELDOUT_SIZES)}); pass --split all",
+            file=sys.stderr,
+        )
         return 2
 
     if args.reference == "ladder":
         ladders = build_ladders(runs, all_runs)
-        print(f"ladders: {len(ladders)} of {len(runs)} runs have smaller runs of their family "
-              f"(the others are judged as without a ladder)")
+        print(
+            f"ladders: {len(ladders)} of {len(runs)} runs have smaller runs of their family "
+            f"(the others are judged as without a ladder)"
+        )
         errs = print_prediction_errors(prediction_errors(runs, ladders))
         qual = ladder_quality(runs, ladders, cfg, args.faults_per_kind, args.seed)
         seconds = time.perf_counter() - t0
@@ -502,13 +602,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         out = args.json
         if out == str(bench_json.DATA_DIR / "bench-alert-quality.json"):
             out = str(bench_json.DATA_DIR / "bench-alert-quality-ladder.json")
-        bench_json.write(out, "alert-quality-ladder", {
-            "split": split, "runs": len(runs), "runs_with_ladder": len(ladders),
-            "ladders": {f"{k[0]}/{k[1]}": {"runs": v.names, "align": v.align} for k, v in ladders.items()},
-            "prediction_error": errs, "quality": qual, "faults_per_kind": args.faults_per_kind,
-            "settings": dict(kv.partition("=")[::2] for kv in args.set), "seconds": seconds,
-        }, size=f"{args.faults_per_kind} faults per kind",
-            argv=[__file__, *(sys.argv[1:] if argv is None else argv)])
+        bench_json.write(
+            out,
+            "alert-quality-ladder",
+            {
+                "split": split,
+                "runs": len(runs),
+                "runs_with_ladder": len(ladders),
+                "ladders": {
+                    f"{k[0]}/{k[1]}": {"runs": v.names, "align": v.align}
+                    for k, v in ladders.items()
+                },
+                "prediction_error": errs,
+                "quality": qual,
+                "faults_per_kind": args.faults_per_kind,
+                "settings": dict(kv.partition("=")[::2] for kv in args.set),
+                "seconds": seconds,
+            },
+            size=f"{args.faults_per_kind} faults per kind",
+            argv=[__file__, *(sys.argv[1:] if argv is None else argv)],
+        )
         return 0
 
     # ---- healthy runs ----
@@ -527,13 +640,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                 n_warn += 1
                 warn_by_rule[a.rule] = warn_by_rule.get(a.rule, 0) + 1
     print(f"healthy: {run_rounds} run-rounds, {curve_rounds} curve-rounds")
-    print(f"  criticals on healthy runs: {n_crit}" + (f" e.g. {crit_examples[:3]}" if crit_examples else ""))
-    print(f"  warnings: {n_warn} ({warn_by_rule}); per 50 curve-rounds: {50 * n_warn / max(curve_rounds, 1):.4f}; "
-          f"per 50 run-rounds: {50 * n_warn / max(run_rounds, 1):.3f}")
+    print(
+        f"  criticals on healthy runs: {n_crit}"
+        + (f" e.g. {crit_examples[:3]}" if crit_examples else "")
+    )
+    print(
+        f"  warnings: {n_warn} ({warn_by_rule}); per 50 curve-rounds: {50 * n_warn / max(curve_rounds, 1):.4f}; "
+        f"per 50 run-rounds: {50 * n_warn / max(run_rounds, 1):.3f}"
+    )
 
     # ---- injected faults ----
     rng = random.Random(args.seed)
-    curves = [c for cs in runs.values() for c in cs if metric_kind(c.metric) in (ACC, LOSS) and len(c) >= 12]
+    curves = [
+        c
+        for cs in runs.values()
+        for c in cs
+        if metric_kind(c.metric) in (ACC, LOSS) and len(c) >= 12
+    ]
     curves.sort(key=lambda c: (c.source, c.model, c.task, c.metric))
     t_faults = time.perf_counter()
     results = {}
@@ -546,8 +669,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         for idx in order:
             if n >= args.faults_per_kind:
                 break
-            got = inject(curves[idx], kind, rng, args.scale, args.sizing,
-                         stall_past=not args.stall_without_past_growth)
+            got = inject(
+                curves[idx],
+                kind,
+                rng,
+                args.scale,
+                args.sizing,
+                stall_past=not args.stall_without_past_growth,
+            )
             if got is None:
                 n_inel += 1
                 continue
@@ -558,8 +687,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 alerts, _ = replay_run(with_run(runs[(fc.source, fc.model)], fc), cfg)
             steps = fc.steps.tolist()
-            hit = [steps.index(a.step) - t0i for a in alerts if a.step in steps and steps.index(a.step) >= t0i
-                   and a.task == fc.task and a.metric == fc.metric]
+            hit = [
+                steps.index(a.step) - t0i
+                for a in alerts
+                if a.step in steps
+                and steps.index(a.step) >= t0i
+                and a.task == fc.task
+                and a.metric == fc.metric
+            ]
             got_it = bool(hit and min(hit) <= 2)
             if got_it:
                 caught += 1
@@ -571,34 +706,66 @@ def main(argv: Optional[List[str]] = None) -> int:
         rec = caught / max(n, 1)
         dl = (f"{np.mean(delays):.2f}, median {np.median(delays):.0f}") if delays else "n/a"
         in2 = sum(1 for d in delays if d <= 1)
-        print(f"fault {kind:5s}: recall within 3 rounds {rec:.3f} ({caught}/{n}); within 2 rounds "
-              f"{in2 / max(n, 1):.3f}; delay rounds mean {dl}; curves not eligible: {n_inel}")
-        print("      by size at t0+2 in local noise sigmas: " + "; ".join(
-            f"{SIZE_LABELS[b]}: {by_size[b][0] / by_size[b][1]:.2f} ({by_size[b][0]}/{by_size[b][1]})"
-            for b in sorted(by_size)))
+        print(
+            f"fault {kind:5s}: recall within 3 rounds {rec:.3f} ({caught}/{n}); within 2 rounds "
+            f"{in2 / max(n, 1):.3f}; delay rounds mean {dl}; curves not eligible: {n_inel}"
+        )
+        print(
+            "      by size at t0+2 in local noise sigmas: "
+            + "; ".join(
+                f"{SIZE_LABELS[b]}: {by_size[b][0] / by_size[b][1]:.2f} ({by_size[b][0]}/{by_size[b][1]})"
+                for b in sorted(by_size)
+            )
+        )
         fault_figures[kind] = {
-            "caught": caught, "injected": n, "recall_3_rounds": rec, "recall_2_rounds": in2 / max(n, 1),
-            "not_eligible": n_inel, "median_delay_rounds": float(np.median(delays)) if delays else None,
-            "by_local_size": {SIZE_LABELS[b]: {"caught": by_size[b][0], "injected": by_size[b][1]}
-                              for b in sorted(by_size)},
+            "caught": caught,
+            "injected": n,
+            "recall_3_rounds": rec,
+            "recall_2_rounds": in2 / max(n, 1),
+            "not_eligible": n_inel,
+            "median_delay_rounds": float(np.median(delays)) if delays else None,
+            "by_local_size": {
+                SIZE_LABELS[b]: {"caught": by_size[b][0], "injected": by_size[b][1]}
+                for b in sorted(by_size)
+            },
         }
     tot_c = sum(r[0] for r in results.values())
     tot_n = sum(r[1] for r in results.values())
     tot_2 = sum(sum(1 for d in r[2] if d <= 1) for r in results.values())
-    print(f"all faults: recall within 3 rounds {tot_c / max(tot_n, 1):.3f} ({tot_c}/{tot_n}); within 2 rounds "
-          f"(the stricter reading; the issue's criterion is 3) {tot_2 / max(tot_n, 1):.3f}")
+    print(
+        f"all faults: recall within 3 rounds {tot_c / max(tot_n, 1):.3f} ({tot_c}/{tot_n}); within 2 rounds "
+        f"(the stricter reading; the issue's criterion is 3) {tot_2 / max(tot_n, 1):.3f}"
+    )
     seconds = time.perf_counter() - t0
-    print(f"seconds: {seconds:.1f} (faults {time.perf_counter() - t_faults:.1f}, replay {args.replay})")
-    bench_json.write(args.json, "alert-quality", {
-        "split": split, "runs": len(runs), "run_rounds": run_rounds, "curve_rounds": curve_rounds,
-        "criticals_healthy": n_crit, "warnings_healthy": n_warn, "warnings_by_rule": warn_by_rule,
-        "warnings_per_50_run_rounds": 50 * n_warn / max(run_rounds, 1),
-        "warnings_per_50_curve_rounds": 50 * n_warn / max(curve_rounds, 1),
-        "faults": fault_figures, "recall_3_rounds_all": tot_c / max(tot_n, 1),
-        "recall_2_rounds_all": tot_2 / max(tot_n, 1), "faults_per_kind": args.faults_per_kind,
-        "scale": args.scale, "sizing": args.sizing, "replay": args.replay, "seconds": seconds,
-    }, size=f"{args.faults_per_kind} faults per kind" + (f", faults x{args.scale}" if args.scale != 1 else ""),
-        argv=[__file__, *(sys.argv[1:] if argv is None else argv)])
+    print(
+        f"seconds: {seconds:.1f} (faults {time.perf_counter() - t_faults:.1f}, replay {args.replay})"
+    )
+    bench_json.write(
+        args.json,
+        "alert-quality",
+        {
+            "split": split,
+            "runs": len(runs),
+            "run_rounds": run_rounds,
+            "curve_rounds": curve_rounds,
+            "criticals_healthy": n_crit,
+            "warnings_healthy": n_warn,
+            "warnings_by_rule": warn_by_rule,
+            "warnings_per_50_run_rounds": 50 * n_warn / max(run_rounds, 1),
+            "warnings_per_50_curve_rounds": 50 * n_warn / max(curve_rounds, 1),
+            "faults": fault_figures,
+            "recall_3_rounds_all": tot_c / max(tot_n, 1),
+            "recall_2_rounds_all": tot_2 / max(tot_n, 1),
+            "faults_per_kind": args.faults_per_kind,
+            "scale": args.scale,
+            "sizing": args.sizing,
+            "replay": args.replay,
+            "seconds": seconds,
+        },
+        size=f"{args.faults_per_kind} faults per kind"
+        + (f", faults x{args.scale}" if args.scale != 1 else ""),
+        argv=[__file__, *(sys.argv[1:] if argv is None else argv)],
+    )
     return 0
 
 

@@ -24,8 +24,12 @@ DATA_DIR = REPO / "docs" / "data"
 
 def add_json_argument(parser, name: str) -> None:
     """`--json PATH`: where the figures go (default docs/data/bench-<name>.json); `--json ''` skips."""
-    parser.add_argument("--json", default=str(DATA_DIR / f"bench-{name}.json"), metavar="PATH",
-                        help=f"write the figures as JSON here (default docs/data/bench-{name}.json; '' skips)")
+    parser.add_argument(
+        "--json",
+        default=str(DATA_DIR / f"bench-{name}.json"),
+        metavar="PATH",
+        help=f"write the figures as JSON here (default docs/data/bench-{name}.json; '' skips)",
+    )
 
 
 def machine() -> Dict[str, Any]:
@@ -45,8 +49,14 @@ def machine() -> Dict[str, Any]:
     return info
 
 
-def write(path: Optional[str], name: str, figures: Dict[str, Any], *, size: str = "",
-          argv: Optional[list] = None) -> Optional[Path]:
+def write(
+    path: Optional[str],
+    name: str,
+    figures: Dict[str, Any],
+    *,
+    size: str = "",
+    argv: Optional[list] = None,
+) -> Optional[Path]:
     """Write the figures of one run; `size` says when the run was smaller than the script's default."""
     if not path:
         return None

@@ -36,13 +36,19 @@ BEFORE, AFTER, SUSTAINED = 5, 5, 0.8
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("FINELINE_DEV_TRAJECTORIES", str(DEFAULT_DATA)))
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--data", default=os.environ.get("FINELINE_DEV_TRAJECTORIES", str(DEFAULT_DATA))
+    )
     ap.add_argument("--split", choices=("auto", "heldout", "tune", "all"), default="auto")
     bench_json.add_json_argument(ap, "healthy-warnings")
     args = ap.parse_args(argv)
     if not Path(args.data).exists():
-        print(f"SKIP: trajectory data not found at {args.data} (pass --data or set FINELINE_DEV_TRAJECTORIES)")
+        print(
+            f"SKIP: trajectory data not found at {args.data} (pass --data or set FINELINE_DEV_TRAJECTORIES)"
+        )
         return 0
     runs = read_trajectory(args.data).runs()
     split = resolve_split(args.split, runs)
@@ -62,22 +68,35 @@ def main(argv: Optional[List[str]] = None) -> int:
             # the level before the shift: an alert needs 2 rounds out of band, so round i-1
             # is already part of it
             lo = max(0, i - 1 - BEFORE)
-            level = float(np.median(y[lo:i - 1])) if i - 1 > lo else float("nan")
-            nxt = y[i + 1:i + 1 + AFTER]
+            level = float(np.median(y[lo : i - 1])) if i - 1 > lo else float("nan")
+            nxt = y[i + 1 : i + 1 + AFTER]
             share = float(np.mean(good * (nxt - level) < 0)) if nxt.size else float("nan")
             n += 1
             if share >= SUSTAINED:
                 sustained += 1
                 on_bpb += a.metric == "bpb"
-            print(f"{model[:34]:34s} {a.rule:20s} {a.task[:30]:30s} {a.metric:8s} step {a.step:7d} "
-                  f"round {i:3d}/{len(c)}: level {level:.4g} -> {y[i]:.4g}; next {nxt.size} rounds on the bad side "
-                  f"{share:.2f}")
-    print(f"split={split}: {n} warnings on healthy runs; {sustained} followed by >= {SUSTAINED:.0%} of the next "
-          f"{AFTER} rounds on the bad side of the level before them (sustained shifts), {on_bpb} of those on bpb")
-    bench_json.write(args.json, "healthy-warnings", {
-        "split": split, "warnings": n, "sustained": sustained, "sustained_on_bpb": on_bpb,
-        "after_rounds": AFTER, "sustained_share": SUSTAINED,
-    }, argv=[__file__, *(sys.argv[1:] if argv is None else argv)])
+            print(
+                f"{model[:34]:34s} {a.rule:20s} {a.task[:30]:30s} {a.metric:8s} step {a.step:7d} "
+                f"round {i:3d}/{len(c)}: level {level:.4g} -> {y[i]:.4g}; next {nxt.size} rounds on the bad side "
+                f"{share:.2f}"
+            )
+    print(
+        f"split={split}: {n} warnings on healthy runs; {sustained} followed by >= {SUSTAINED:.0%} of the next "
+        f"{AFTER} rounds on the bad side of the level before them (sustained shifts), {on_bpb} of those on bpb"
+    )
+    bench_json.write(
+        args.json,
+        "healthy-warnings",
+        {
+            "split": split,
+            "warnings": n,
+            "sustained": sustained,
+            "sustained_on_bpb": on_bpb,
+            "after_rounds": AFTER,
+            "sustained_share": SUSTAINED,
+        },
+        argv=[__file__, *(sys.argv[1:] if argv is None else argv)],
+    )
     return 0
 
 

@@ -38,7 +38,11 @@ if ROOT not in sys.path:
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_json  # noqa: E402
 
-TASKS = (("hellaswag", "commonsense", 0.25), ("arc_easy", "knowledge", 0.25), ("gsm8k", "math", 0.0))
+TASKS = (
+    ("hellaswag", "commonsense", 0.25),
+    ("arc_easy", "knowledge", 0.25),
+    ("gsm8k", "math", 0.0),
+)
 
 
 def rss_bytes() -> int:
@@ -61,18 +65,47 @@ class CheapProbes:
         for name, cap, chance in TASKS:
             acc = chance + (0.6 - chance) * (1 - math.exp(-4 * frac)) + self.rng.gauss(0, 0.01)
             bpb = 1.2 * math.exp(-2 * frac) + 0.4 + self.rng.gauss(0, 0.005)
-            tasks[name] = TaskResult(task=name, capability=cap, n_docs=100,
-                                     metrics={"acc": acc, "acc_norm": acc, "bpb": bpb, "gold_logprob": -bpb * 20},
-                                     stderr={"acc": 0.04}, random_baseline=chance)
-            reqs += [RequestScore(task=name, doc_id=d, choice=0, logprob=-bpb * 20 + self.rng.gauss(0, 0.1),
-                                  n_tokens=10, n_bytes=40, is_greedy=False) for d in range(100)]
-        return ProbeRound(step=step, tokens=tokens, tasks=tasks, requests=reqs, seconds=0.5, tokens_scored=4000,
-                          capability_scores={cap: tasks[n].metrics["acc"] - ch for n, cap, ch in TASKS})
+            tasks[name] = TaskResult(
+                task=name,
+                capability=cap,
+                n_docs=100,
+                metrics={"acc": acc, "acc_norm": acc, "bpb": bpb, "gold_logprob": -bpb * 20},
+                stderr={"acc": 0.04},
+                random_baseline=chance,
+            )
+            reqs += [
+                RequestScore(
+                    task=name,
+                    doc_id=d,
+                    choice=0,
+                    logprob=-bpb * 20 + self.rng.gauss(0, 0.1),
+                    n_tokens=10,
+                    n_bytes=40,
+                    is_greedy=False,
+                )
+                for d in range(100)
+            ]
+        return ProbeRound(
+            step=step,
+            tokens=tokens,
+            tasks=tasks,
+            requests=reqs,
+            seconds=0.5,
+            tokens_scored=4000,
+            capability_scores={cap: tasks[n].metrics["acc"] - ch for n, cap, ch in TASKS},
+        )
 
 
-def simulate(steps: int, out_dir: str, checkpoints: List[int], *, probe_every: int = 10_000,
-             use_tracemalloc: bool = True, one_param_model: bool = True,
-             log=None) -> Dict[int, Dict[str, float]]:
+def simulate(
+    steps: int,
+    out_dir: str,
+    checkpoints: List[int],
+    *,
+    probe_every: int = 10_000,
+    use_tracemalloc: bool = True,
+    one_param_model: bool = True,
+    log=None,
+) -> Dict[int, Dict[str, float]]:
     """Run the monitor for `steps` steps; return memory figures at each checkpoint step.
 
     `one_param_model=False` runs without a model (no torch indicators; the loss, LR and
@@ -90,11 +123,19 @@ def simulate(steps: int, out_dir: str, checkpoints: List[int], *, probe_every: i
 
     w = torch.nn.Parameter(torch.ones(1))
     opt = torch.optim.AdamW([w], lr=1e-3)
-    cfg = MonitorConfig(run_name="long", out_dir=out_dir, probe_every=probe_every, probe_at_start=False,
-                        probe_max_overhead=0.0,  # fixed cadence, so the round count is known
-                        indicators={"collect_every": 10}, sinks={"enabled": ["store"]})
+    cfg = MonitorConfig(
+        run_name="long",
+        out_dir=out_dir,
+        probe_every=probe_every,
+        probe_at_start=False,
+        probe_max_overhead=0.0,  # fixed cadence, so the round count is known
+        indicators={"collect_every": 10},
+        sinks={"enabled": ["store"]},
+    )
     model = torch.nn.ParameterList([w]) if one_param_model else None
-    mon = Monitor(model=model, optimizer=opt if one_param_model else None, config=cfg, scorer=object())
+    mon = Monitor(
+        model=model, optimizer=opt if one_param_model else None, config=cfg, scorer=object()
+    )
     rng = random.Random(1)
     marks = sorted(set(checkpoints))
     figures: Dict[int, Dict[str, float]] = {}
@@ -118,49 +159,81 @@ def simulate(steps: int, out_dir: str, checkpoints: List[int], *, probe_every: i
                 fig["py_heap_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
             figures[step] = fig
             if log:
-                log(f"step {step:>9,d}  python heap {fig.get('py_heap_mb', float('nan')):8.2f} MiB  "
-                    f"RSS {fig['rss_mb']:8.1f} MiB  {fig['seconds']:7.1f}s")
+                log(
+                    f"step {step:>9,d}  python heap {fig.get('py_heap_mb', float('nan')):8.2f} MiB  "
+                    f"RSS {fig['rss_mb']:8.1f} MiB  {fig['seconds']:7.1f}s"
+                )
     if use_tracemalloc:
         tracemalloc.stop()
     store = mon.store
     rows = store.row_counts() if store is not None else {}
-    figures[-1] = {"store_metric_rows": rows.get("metrics", 0), "store_probe_rows": rows.get("probe_results", 0),
-                   "disabled": len(mon.disabled_parts)}
+    figures[-1] = {
+        "store_metric_rows": rows.get("metrics", 0),
+        "store_probe_rows": rows.get("probe_results", 0),
+        "disabled": len(mon.disabled_parts),
+    }
     mon.close()
     return figures
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=1_000_000)
     ap.add_argument("--probe-every", type=int, default=10_000)
     ap.add_argument("--no-tracemalloc", action="store_true", help="RSS only (about 2x faster)")
-    ap.add_argument("--no-model", action="store_true", help="model=None: no torch indicators (about 5x faster)")
+    ap.add_argument(
+        "--no-model", action="store_true", help="model=None: no torch indicators (about 5x faster)"
+    )
     bench_json.add_json_argument(ap, "long-run-memory")
     args = ap.parse_args(argv)
     n = args.steps
     marks = sorted({n // 10, n // 4, n // 2, 3 * n // 4, n})
     with tempfile.TemporaryDirectory() as tmp:
-        figs = simulate(n, tmp, marks, probe_every=args.probe_every, use_tracemalloc=not args.no_tracemalloc,
-                        one_param_model=not args.no_model, log=print)
+        figs = simulate(
+            n,
+            tmp,
+            marks,
+            probe_every=args.probe_every,
+            use_tracemalloc=not args.no_tracemalloc,
+            one_param_model=not args.no_model,
+            log=print,
+        )
         db_mb = os.path.getsize(os.path.join(tmp, "run.db")) / 2**20
     a, b = figs[marks[0]], figs[n]
-    print(f"store: {figs[-1]['store_metric_rows']:,} metric rows, {figs[-1]['store_probe_rows']:,} probe rows "
-          f"({db_mb:.1f} MiB on disk); parts disabled: {figs[-1]['disabled']}")
+    print(
+        f"store: {figs[-1]['store_metric_rows']:,} metric rows, {figs[-1]['store_probe_rows']:,} probe rows "
+        f"({db_mb:.1f} MiB on disk); parts disabled: {figs[-1]['disabled']}"
+    )
     if "py_heap_mb" in a:
-        print(f"python heap growth from step {marks[0]:,} to {n:,}: {b['py_heap_mb'] - a['py_heap_mb']:+.3f} MiB")
-    print(f"RSS growth from step {marks[0]:,} to {n:,}: {b['rss_mb'] - a['rss_mb']:+.1f} MiB; "
-          f"{n / b['seconds']:,.0f} steps/s")
-    bench_json.write(args.json, "long-run-memory", {
-        "steps": n, "probe_every": args.probe_every, "tracemalloc": not args.no_tracemalloc,
-        "model": not args.no_model,
-        "checkpoints": [{"step": m, **figs[m]} for m in marks],
-        "heap_growth_mb": (b["py_heap_mb"] - a["py_heap_mb"]) if "py_heap_mb" in a else None,
-        "rss_growth_mb": b["rss_mb"] - a["rss_mb"], "growth_from_step": marks[0],
-        "store_metric_rows": figs[-1]["store_metric_rows"], "store_probe_rows": figs[-1]["store_probe_rows"],
-        "store_mb": db_mb, "steps_per_s": n / b["seconds"],
-    }, size="" if n == 1_000_000 else f"{n:,} steps (the script's default is 1,000,000)",
-        argv=[__file__, *(sys.argv[1:] if argv is None else argv)])
+        print(
+            f"python heap growth from step {marks[0]:,} to {n:,}: {b['py_heap_mb'] - a['py_heap_mb']:+.3f} MiB"
+        )
+    print(
+        f"RSS growth from step {marks[0]:,} to {n:,}: {b['rss_mb'] - a['rss_mb']:+.1f} MiB; "
+        f"{n / b['seconds']:,.0f} steps/s"
+    )
+    bench_json.write(
+        args.json,
+        "long-run-memory",
+        {
+            "steps": n,
+            "probe_every": args.probe_every,
+            "tracemalloc": not args.no_tracemalloc,
+            "model": not args.no_model,
+            "checkpoints": [{"step": m, **figs[m]} for m in marks],
+            "heap_growth_mb": (b["py_heap_mb"] - a["py_heap_mb"]) if "py_heap_mb" in a else None,
+            "rss_growth_mb": b["rss_mb"] - a["rss_mb"],
+            "growth_from_step": marks[0],
+            "store_metric_rows": figs[-1]["store_metric_rows"],
+            "store_probe_rows": figs[-1]["store_probe_rows"],
+            "store_mb": db_mb,
+            "steps_per_s": n / b["seconds"],
+        },
+        size="" if n == 1_000_000 else f"{n:,} steps (the script's default is 1,000,000)",
+        argv=[__file__, *(sys.argv[1:] if argv is None else argv)],
+    )
     return 0
 
 

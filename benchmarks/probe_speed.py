@@ -34,9 +34,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_json  # noqa: E402
 
-TASKS = ["hellaswag:rc_0shot", "piqa:rc_0shot", "winogrande:rc_0shot", "csqa:rc_0shot", "arc_easy:rc_0shot",
-         "openbookqa:rc_0shot", "boolq:rc_0shot", "arc_challenge:rc_5shot", "basic_skills_arithmetic:rc_5shot",
-         "naturalqs_open:bpb_5shot", "gsm8k:gold_bpb_5shot", "codex_mbpp:gold_bpb_0shot"]
+TASKS = [
+    "hellaswag:rc_0shot",
+    "piqa:rc_0shot",
+    "winogrande:rc_0shot",
+    "csqa:rc_0shot",
+    "arc_easy:rc_0shot",
+    "openbookqa:rc_0shot",
+    "boolq:rc_0shot",
+    "arc_challenge:rc_5shot",
+    "basic_skills_arithmetic:rc_5shot",
+    "naturalqs_open:bpb_5shot",
+    "gsm8k:gold_bpb_5shot",
+    "codex_mbpp:gold_bpb_0shot",
+]
 
 
 def main() -> int:
@@ -67,12 +78,21 @@ def main() -> int:
     from fineline_monitor.probes._testing import build_tiny_model
 
     tmp = tempfile.mkdtemp(prefix="probe_speed_")
-    path = build_tiny_model(tmp, vocab_size=args.vocab, n_layer=args.layers, n_embd=args.embd,
-                            n_head=4, n_positions=args.positions, seed=0)
+    path = build_tiny_model(
+        tmp,
+        vocab_size=args.vocab,
+        n_layer=args.layers,
+        n_embd=args.embd,
+        n_head=4,
+        n_positions=args.positions,
+        seed=0,
+    )
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     n_params = sum(p.numel() for p in model.parameters())
-    cfg = ProbeConfig(tasks=args.tasks.split(","), docs_per_task=args.docs, batch_size=args.batch_size, seed=1234)
+    cfg = ProbeConfig(
+        tasks=args.tasks.split(","), docs_per_task=args.docs, batch_size=args.batch_size, seed=1234
+    )
 
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
@@ -86,8 +106,10 @@ def main() -> int:
         return time.perf_counter() - t, runner, rnd
 
     _, runner, rnd = ours_cold()  # warm-up (task cache, self-check)
-    insts = [Instance(request_type="loglikelihood", doc={}, arguments=(q.context, q.continuation), idx=i)
-             for i, q in enumerate(runner.requests)]
+    insts = [
+        Instance(request_type="loglikelihood", doc={}, arguments=(q.context, q.continuation), idx=i)
+        for i, q in enumerate(runner.requests)
+    ]
     lm.loglikelihood(insts[:64], disable_tqdm=True)  # warm-up
 
     t_round, t_cold, t_lm = [], [], []
@@ -107,7 +129,9 @@ def main() -> int:
     cr_round, cr_lm = statistics.median(c_round), statistics.median(c_lm)
 
     diffs = np.array([abs(a[0] - b.logprob) for a, b in zip(res, rnd.requests)])
-    rel = np.array([abs(a[0] - b.logprob) / max(1.0, abs(b.logprob)) for a, b in zip(res, rnd.requests)])
+    rel = np.array(
+        [abs(a[0] - b.logprob) / max(1.0, abs(b.logprob)) for a, b in zip(res, rnd.requests)]
+    )
     greedy_eq = all(a[1] == b.is_greedy for a, b in zip(res, rnd.requests))
     # acc / acc_norm from lm-eval's numbers with lm-eval's formulas, per task
     acc_equal = True
@@ -118,11 +142,16 @@ def main() -> int:
         acc = accn = 0.0
         for d, _ in entries:
             lls = np.array([by_key[(name, d.doc_id, c)] for c in range(d.n_choices)])
-            lens = np.array([float(len(c[1:] if c.startswith(" ") else c)) for c in d.continuations])
+            lens = np.array(
+                [float(len(c[1:] if c.startswith(" ") else c)) for c in d.continuations]
+            )
             acc += float(np.argmax(lls) == d.gold)
             accn += float(np.argmax(lls / lens) == d.gold)
         m = rnd.tasks[name].metrics
-        acc_equal &= abs(acc / len(entries) - m["acc"]) < 1e-12 and abs(accn / len(entries) - m["acc_norm"]) < 1e-12
+        acc_equal &= (
+            abs(acc / len(entries) - m["acc"]) < 1e-12
+            and abs(accn / len(entries) - m["acc_norm"]) < 1e-12
+        )
 
     # training tokens/s of the same model on rows of the probe's typical length
     T = int(np.median([len(r) for r in runner.rows]))
@@ -149,34 +178,71 @@ def main() -> int:
     probe_tps = runner.tokens_per_round / r_round
     request_tokens = sum(len(e.tokens) for e in runner._encoded)
 
-    print(f"model: GPT-2 style, {n_params / 1e6:.2f}M params, {args.layers} layers, d={args.embd}, "
-          f"context {args.positions}, vocab {model.config.vocab_size}; threads {torch.get_num_threads()}")
-    print(f"requests: {len(runner.requests)} from {len(runner.tasks)} tasks x {args.docs} docs; "
-          f"{runner.n_truncated} left-truncated; scorer packing={runner.scorer.supports_packing} "
-          f"fast_head={runner.scorer.fast_head} mask={runner.scorer.mask_dtype}")
-    print(f"agreement with lm-eval HFLM: max |dlogprob| = {diffs.max():.2e} (max relative {rel.max():.2e}), "
-          f"is_greedy equal: {greedy_eq}, acc/acc_norm equal: {acc_equal}")
+    print(
+        f"model: GPT-2 style, {n_params / 1e6:.2f}M params, {args.layers} layers, d={args.embd}, "
+        f"context {args.positions}, vocab {model.config.vocab_size}; threads {torch.get_num_threads()}"
+    )
+    print(
+        f"requests: {len(runner.requests)} from {len(runner.tasks)} tasks x {args.docs} docs; "
+        f"{runner.n_truncated} left-truncated; scorer packing={runner.scorer.supports_packing} "
+        f"fast_head={runner.scorer.fast_head} mask={runner.scorer.mask_dtype}"
+    )
+    print(
+        f"agreement with lm-eval HFLM: max |dlogprob| = {diffs.max():.2e} (max relative {rel.max():.2e}), "
+        f"is_greedy equal: {greedy_eq}, acc/acc_norm equal: {acc_equal}"
+    )
     print(f"lm-eval HFLM.loglikelihood: {r_lm:.2f} s (runs {', '.join(f'{x:.2f}' for x in t_lm)})")
-    print(f"ours, probe round:          {r_round:.2f} s (runs {', '.join(f'{x:.2f}' for x in t_round)})")
-    print(f"ours, cold (tokenize+plan):  {r_cold:.2f} s (runs {', '.join(f'{x:.2f}' for x in t_cold)})")
-    print(f"SPEED RATIO vs lm-eval: {r_lm / r_round:.2f}x (probe round), {r_lm / r_cold:.2f}x (cold), wall time")
-    print(f"CPU-TIME RATIO vs lm-eval: {cr_lm / cr_round:.2f}x (lm-eval {cr_lm:.2f} CPU s, ours {cr_round:.2f} CPU s "
-          f"per round; CPU seconds do not count time lost to other processes on a shared machine)")
-    print(f"tokens through the model per round: {runner.tokens_per_round} (lm-eval-equivalent request tokens "
-          f"{request_tokens}, {request_tokens / runner.tokens_per_round:.2f}x more)")
-    print(f"training: {train_tps:,.0f} tokens/s (fwd+bwd+AdamW, batch {B}x{T}); probe: {probe_tps:,.0f} model tokens/s, "
-          f"{request_tokens / r_round:,.0f} request tokens/s")
-    print(f"PROBE/TRAIN TOKENS/S RATIO: {probe_tps / train_tps:.2f}x (model tokens; forward-only ceiling ~3x), "
-          f"{request_tokens / r_round / train_tps:.2f}x (request tokens)")
-    bench_json.write(args.json, "probe-speed", {
-        "params_m": n_params / 1e6, "requests": len(runner.requests), "tasks": len(runner.tasks),
-        "docs_per_task": args.docs, "repeats": args.repeats,
-        "max_abs_dlogprob": float(diffs.max()), "is_greedy_equal": bool(greedy_eq), "acc_equal": bool(acc_equal),
-        "lm_eval_s": r_lm, "round_s": r_round, "cold_s": r_cold,
-        "speed_ratio_wall": r_lm / r_round, "speed_ratio_cold": r_lm / r_cold, "speed_ratio_cpu": cr_lm / cr_round,
-        "train_tokens_per_s": train_tps, "probe_tokens_per_s": probe_tps,
-        "probe_train_ratio": probe_tps / train_tps,
-    }, size="" if args.docs == 40 and args.repeats == 3 else f"{args.docs} docs per task, {args.repeats} repeats")
+    print(
+        f"ours, probe round:          {r_round:.2f} s (runs {', '.join(f'{x:.2f}' for x in t_round)})"
+    )
+    print(
+        f"ours, cold (tokenize+plan):  {r_cold:.2f} s (runs {', '.join(f'{x:.2f}' for x in t_cold)})"
+    )
+    print(
+        f"SPEED RATIO vs lm-eval: {r_lm / r_round:.2f}x (probe round), {r_lm / r_cold:.2f}x (cold), wall time"
+    )
+    print(
+        f"CPU-TIME RATIO vs lm-eval: {cr_lm / cr_round:.2f}x (lm-eval {cr_lm:.2f} CPU s, ours {cr_round:.2f} CPU s "
+        f"per round; CPU seconds do not count time lost to other processes on a shared machine)"
+    )
+    print(
+        f"tokens through the model per round: {runner.tokens_per_round} (lm-eval-equivalent request tokens "
+        f"{request_tokens}, {request_tokens / runner.tokens_per_round:.2f}x more)"
+    )
+    print(
+        f"training: {train_tps:,.0f} tokens/s (fwd+bwd+AdamW, batch {B}x{T}); probe: {probe_tps:,.0f} model tokens/s, "
+        f"{request_tokens / r_round:,.0f} request tokens/s"
+    )
+    print(
+        f"PROBE/TRAIN TOKENS/S RATIO: {probe_tps / train_tps:.2f}x (model tokens; forward-only ceiling ~3x), "
+        f"{request_tokens / r_round / train_tps:.2f}x (request tokens)"
+    )
+    bench_json.write(
+        args.json,
+        "probe-speed",
+        {
+            "params_m": n_params / 1e6,
+            "requests": len(runner.requests),
+            "tasks": len(runner.tasks),
+            "docs_per_task": args.docs,
+            "repeats": args.repeats,
+            "max_abs_dlogprob": float(diffs.max()),
+            "is_greedy_equal": bool(greedy_eq),
+            "acc_equal": bool(acc_equal),
+            "lm_eval_s": r_lm,
+            "round_s": r_round,
+            "cold_s": r_cold,
+            "speed_ratio_wall": r_lm / r_round,
+            "speed_ratio_cold": r_lm / r_cold,
+            "speed_ratio_cpu": cr_lm / cr_round,
+            "train_tokens_per_s": train_tps,
+            "probe_tokens_per_s": probe_tps,
+            "probe_train_ratio": probe_tps / train_tps,
+        },
+        size=""
+        if args.docs == 40 and args.repeats == 3
+        else f"{args.docs} docs per task, {args.repeats} repeats",
+    )
     return 0
 
 

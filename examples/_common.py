@@ -113,10 +113,12 @@ def token_rows(tok, seq: int, limit: int = 512) -> List[torch.Tensor]:
     """The training text cut into at most `limit` rows of `seq` tokens."""
     ids = token_stream(tok)
     n = (len(ids) - 1) // seq
-    return [torch.tensor(ids[i * seq:(i + 1) * seq]) for i in range(min(n, limit))]
+    return [torch.tensor(ids[i * seq : (i + 1) * seq]) for i in range(min(n, limit))]
 
 
-def batches(ids: List[int], batch: int, seq: int, *, dp_rank: int = 0, dp_size: int = 1) -> Iterator[torch.Tensor]:
+def batches(
+    ids: List[int], batch: int, seq: int, *, dp_rank: int = 0, dp_size: int = 1
+) -> Iterator[torch.Tensor]:
     """Endless [batch, seq + 1] windows, each data-parallel rank its own slice."""
     data = torch.tensor(ids, dtype=torch.long)
     n = (len(data) - 1) // (seq + 1)
@@ -125,7 +127,7 @@ def batches(ids: List[int], batch: int, seq: int, *, dp_rank: int = 0, dp_size: 
         rows = []
         for _ in range(batch):
             j = (i % n) * (seq + 1)
-            rows.append(data[j:j + seq + 1])
+            rows.append(data[j : j + seq + 1])
             i += dp_size
         yield torch.stack(rows)
 
@@ -135,10 +137,22 @@ def monitor_config(out: Path, probe_every: int, docs_per_task: int = 8, **extra)
 
     # probe_max_overhead=0: these examples run a handful of toy steps, each far cheaper than a
     # probe round, and must probe exactly every `probe_every` steps; real runs keep the default whole-run budget.
-    return MonitorConfig(out_dir=str(out), run_name=extra.pop("run_name", "example"), probe_every=probe_every,
-                         probe_at_start=True, probe_max_overhead=0.0, probes={"tasks": PROBE_TASKS, "docs_per_task": docs_per_task,
-                                                      "batch_size": 8, "max_length": extra.pop("max_length", 0)},
-                         indicators={"collect_every": 1}, sinks={"enabled": ["store"]}, **extra)
+    return MonitorConfig(
+        out_dir=str(out),
+        run_name=extra.pop("run_name", "example"),
+        probe_every=probe_every,
+        probe_at_start=True,
+        probe_max_overhead=0.0,
+        probes={
+            "tasks": PROBE_TASKS,
+            "docs_per_task": docs_per_task,
+            "batch_size": 8,
+            "max_length": extra.pop("max_length", 0),
+        },
+        indicators={"collect_every": 1},
+        sinks={"enabled": ["store"]},
+        **extra,
+    )
 
 
 def dump_probe_round(monitor, out: Path, name: str = "probe_round.json") -> None:

@@ -32,7 +32,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--docs-per-task", type=int, default=8)
     ap.add_argument("--save-weights", action="store_true")
-    ap.add_argument("--fail-rank", type=int, default=-1, help="tests: this rank raises inside the 2nd probe batch")
+    ap.add_argument(
+        "--fail-rank",
+        type=int,
+        default=-1,
+        help="tests: this rank raises inside the 2nd probe batch",
+    )
     args = ap.parse_args(argv)
     C.threads()
     out = Path(args.out)
@@ -46,14 +51,23 @@ def main(argv=None) -> int:
     deepspeed.init_distributed(dist_backend="gloo")
     tok = C.tokenizer(out)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=4,
-                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=256,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     ds_config = {
         "train_micro_batch_size_per_gpu": args.micro_batch,
         "gradient_accumulation_steps": args.grad_accum,
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": args.zero_stage},
-        "steps_per_print": 10 ** 9,
+        "steps_per_print": 10**9,
         # Plain torch AdamW as the client optimizer: DeepSpeed's fused Adam needs CUDA.
         "zero_allow_untested_optimizer": True,
     }
@@ -61,13 +75,18 @@ def main(argv=None) -> int:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     from fineline_monitor.integrations.deepspeed import DeepSpeedMonitor  # fineline
-    cfg = C.monitor_config(out, args.probe_every, args.docs_per_task, run_name=f"deepspeed-zero{args.zero_stage}")
+
+    cfg = C.monitor_config(
+        out, args.probe_every, args.docs_per_task, run_name=f"deepspeed-zero{args.zero_stage}"
+    )
     monitor = DeepSpeedMonitor(engine, config=cfg, tokenizer=tok)  # fineline
     if args.fail_rank == C.rank() and monitor.monitor.probes is not None:
         monitor.monitor.probes.scorer.fail_at_batch = 1
 
     dp_rank, dp_size = monitor.dist.dp_rank, monitor.dist.dp_size
-    data = C.batches(C.token_stream(tok), args.micro_batch, args.seq, dp_rank=dp_rank, dp_size=dp_size)
+    data = C.batches(
+        C.token_stream(tok), args.micro_batch, args.seq, dp_rank=dp_rank, dp_size=dp_size
+    )
     tokens_per_step = args.micro_batch * args.seq * args.grad_accum * dp_size
     micro = 0
     while engine.global_steps < args.steps:
@@ -80,8 +99,11 @@ def main(argv=None) -> int:
         monitor.step(loss=out_.loss, tokens=tokens)  # fineline: acts once per optimizer step
     C.dump_probe_round(monitor.monitor, out)
     if C.rank() == 0:
-        print(f"[deepspeed zero{args.zero_stage}] steps={engine.global_steps} "
-              f"disabled={monitor.monitor.disabled_parts}", flush=True)
+        print(
+            f"[deepspeed zero{args.zero_stage}] steps={engine.global_steps} "
+            f"disabled={monitor.monitor.disabled_parts}",
+            flush=True,
+        )
     monitor.close()  # fineline
 
     if args.save_weights:

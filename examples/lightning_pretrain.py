@@ -28,8 +28,9 @@ def main(argv=None) -> int:
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
-            self.model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2,
-                                                    n_head=4))
+            self.model = GPT2LMHeadModel(
+                GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=4)
+            )
             self.tokens_seen = 0  # read by the fineline callback
 
         def forward(self, input_ids, **kw):
@@ -43,17 +44,31 @@ def main(argv=None) -> int:
             return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
     from fineline_monitor.integrations.lightning import FineLineLightningCallback  # fineline
+
     module = LM()
     cfg = C.monitor_config(out, args.probe_every, run_name="lightning", max_length=256)  # fineline
     callback = FineLineLightningCallback(cfg, tokenizer=tok)  # fineline
     loader = torch.utils.data.DataLoader(rows, batch_size=4, shuffle=False)
-    trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=C.world(), max_steps=args.steps,
-                        accumulate_grad_batches=2, callbacks=[callback], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=True)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        strategy="ddp",
+        devices=C.world(),
+        max_steps=args.steps,
+        accumulate_grad_batches=2,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=True,
+    )
     trainer.fit(module, loader)
     C.dump_probe_round(callback.monitor, out)
     if C.rank() == 0:
-        print(f"[lightning] steps={trainer.global_step} disabled={callback.monitor.disabled_parts}", flush=True)
+        print(
+            f"[lightning] steps={trainer.global_step} disabled={callback.monitor.disabled_parts}",
+            flush=True,
+        )
     C.shutdown_distributed()
     return 0
 

@@ -36,12 +36,25 @@ def build_model(vocab_size: int, tp: int, pp: int, seq: int):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
-                            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                            pipeline_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0)
-    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab_size,
-                    max_sequence_length=seq, pre_process=ps.is_pipeline_first_stage(),
-                    post_process=ps.is_pipeline_last_stage())
+    cfg = TransformerConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    return GPTModel(
+        config=cfg,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=vocab_size,
+        max_sequence_length=seq,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    )
 
 
 def padded_vocab(n: int, multiple: int) -> int:
@@ -59,10 +72,19 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--docs-per-task", type=int, default=8)
-    ap.add_argument("--cpu-patches", action="store_true", help="patch megatron-core's two CUDA-only spots")
+    ap.add_argument(
+        "--cpu-patches", action="store_true", help="patch megatron-core's two CUDA-only spots"
+    )
     ap.add_argument("--save-weights", action="store_true")
-    ap.add_argument("--load-weights", default="", help="score these (TP-merged) weights, no training")
-    ap.add_argument("--fail-rank", type=int, default=-1, help="tests: this rank raises before its 2nd probe batch")
+    ap.add_argument(
+        "--load-weights", default="", help="score these (TP-merged) weights, no training"
+    )
+    ap.add_argument(
+        "--fail-rank",
+        type=int,
+        default=-1,
+        help="tests: this rank raises before its 2nd probe batch",
+    )
     args = ap.parse_args(argv)
     C.threads()
     out = Path(args.out)
@@ -85,7 +107,9 @@ def main(argv=None) -> int:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp
+    )
     if not args.cpu_patches:
         model_parallel_cuda_manual_seed(0)
     tok = C.tokenizer(out)
@@ -97,14 +121,24 @@ def main(argv=None) -> int:
     if args.load_weights:
         from fineline_monitor.integrations.megatron import unwrap_megatron
 
-        missing = unwrap_megatron(model).load_state_dict(torch.load(args.load_weights), strict=False)
+        missing = unwrap_megatron(model).load_state_dict(
+            torch.load(args.load_weights), strict=False
+        )
         assert not missing.unexpected_keys, missing
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
 
     from fineline_monitor.integrations.megatron import MegatronMonitor, tp_grad_norm  # fineline
-    cfg = C.monitor_config(out, args.probe_every, args.docs_per_task, run_name=f"megatron-tp{args.tp}-pp{args.pp}")
-    monitor = MegatronMonitor(model, optimizer, config=cfg, tokenizer=tok,  # fineline
-                              micro_batch_size=args.micro_batch)
+
+    cfg = C.monitor_config(
+        out, args.probe_every, args.docs_per_task, run_name=f"megatron-tp{args.tp}-pp{args.pp}"
+    )
+    monitor = MegatronMonitor(
+        model,
+        optimizer,
+        config=cfg,
+        tokenizer=tok,  # fineline
+        micro_batch_size=args.micro_batch,
+    )
     if args.fail_rank == dist.get_rank() and monitor.monitor.probes is not None:
         monitor.monitor.probes.scorer.fail_at_batch = 1
 
@@ -115,7 +149,9 @@ def main(argv=None) -> int:
         return 0
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    data = C.batches(C.token_stream(tok), args.micro_batch, args.seq, dp_rank=dp_rank, dp_size=dp_size)
+    data = C.batches(
+        C.token_stream(tok), args.micro_batch, args.seq, dp_rank=dp_rank, dp_size=dp_size
+    )
     dev = next(model.parameters()).device
     s = args.seq
     mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=dev), 1)[None, None]
@@ -135,14 +171,18 @@ def main(argv=None) -> int:
                     dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
                     p.grad /= dp_size
         grad_norm = tp_grad_norm(model)  # on GPUs: `_, grad_norm, _ = megatron_optimizer.step()`
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)  # (no clipping; norm computed TP-aware above)
+        torch.nn.utils.clip_grad_norm_(
+            model.parameters(), 1e9
+        )  # (no clipping; norm computed TP-aware above)
         optimizer.step()
         tokens = it * args.micro_batch * s * dp_size
         monitor.step(step=it, loss=loss, tokens=tokens, grad_norm=grad_norm)  # fineline
     C.dump_probe_round(monitor.monitor, out)
     if dist.get_rank() == 0:
-        print(f"[megatron tp{args.tp} pp{args.pp}] steps={args.steps} disabled={monitor.monitor.disabled_parts}",
-              flush=True)
+        print(
+            f"[megatron tp{args.tp} pp{args.pp}] steps={args.steps} disabled={monitor.monitor.disabled_parts}",
+            flush=True,
+        )
     monitor.close()  # fineline
     if args.save_weights and args.pp == 1:
         from fineline_monitor.integrations.megatron import gather_tp_state_dict
@@ -174,9 +214,15 @@ def _pipeline_train_step(model, batch, args):
 
         return out, loss_func
 
-    losses = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]),
-                                         model=[model], num_microbatches=1, seq_length=s,
-                                         micro_batch_size=batch.shape[0], forward_only=False)
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([batch]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=s,
+        micro_batch_size=batch.shape[0],
+        forward_only=False,
+    )
     return losses[0]["lm loss"] if losses else None
 
 

@@ -9,5 +9,13 @@ from fineline_monitor.core.types import Alert, ProbeRound, RequestScore, TaskRes
 from fineline_monitor.monitor import FineLineMonitor
 
 __version__ = "0.1.0"
-__all__ = ["FineLineMonitor", "MonitorConfig", "ConfigError", "Alert", "ProbeRound", "RequestScore",
-           "TaskResult", "__version__"]
+__all__ = [
+    "FineLineMonitor",
+    "MonitorConfig",
+    "ConfigError",
+    "Alert",
+    "ProbeRound",
+    "RequestScore",
+    "TaskResult",
+    "__version__",
+]

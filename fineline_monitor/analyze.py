@@ -32,7 +32,13 @@ import numpy as np
 from fineline_monitor import metric_names as names
 from fineline_monitor.core.alerts import AlertEngine, CurveTable
 from fineline_monitor.core.config import AlertConfig, ConfigError, MonitorConfig
-from fineline_monitor.core.expectations import ACC, ReferenceCurves, capability_for, chance_for, metric_kind
+from fineline_monitor.core.expectations import (
+    ACC,
+    ReferenceCurves,
+    capability_for,
+    chance_for,
+    metric_kind,
+)
 from fineline_monitor.core.ladder import Ladder, LadderError, ladder_from_config
 from fineline_monitor.core.trajectory import Curve, TrajectoryError, read_trajectory
 from fineline_monitor.core.types import Alert
@@ -40,8 +46,14 @@ from fineline_monitor.core.types import Alert
 STEP_NAMESPACES = ("train", "optim", "stability")
 
 
-def replay_run(curves: List[Curve], cfg: AlertConfig, *, reference: Optional[ReferenceCurves] = None,
-               ladder: Optional[Ladder] = None, run_name: Optional[str] = None) -> Tuple[List[Alert], Dict[str, Any]]:
+def replay_run(
+    curves: List[Curve],
+    cfg: AlertConfig,
+    *,
+    reference: Optional[ReferenceCurves] = None,
+    ladder: Optional[Ladder] = None,
+    run_name: Optional[str] = None,
+) -> Tuple[List[Alert], Dict[str, Any]]:
     """Replay one run's curves through a fresh AlertEngine; returns (alerts, run summary).
     `ladder`: reference runs judged against (the run's parameter count, for the fit across
     sizes, is `alerts.reference.params` or else the table's `params` column)."""
@@ -49,9 +61,17 @@ def replay_run(curves: List[Curve], cfg: AlertConfig, *, reference: Optional[Ref
         return [], {}
     source, model = curves[0].source, curves[0].model
     run_params = cfg.reference.params or next((c.params for c in curves if c.params), None)
-    eng = AlertEngine(cfg, run=run_name or f"{source}/{model}", source=source, model=model,
-                      reference=reference, params=cfg.detector, emit_expectations=False, ladder=ladder,
-                      run_params=run_params)
+    eng = AlertEngine(
+        cfg,
+        run=run_name or f"{source}/{model}",
+        source=source,
+        model=model,
+        reference=reference,
+        params=cfg.detector,
+        emit_expectations=False,
+        ladder=ladder,
+        run_params=run_params,
+    )
     probe, step_curves = [], []
     too_short, untracked = [], []
     for c in curves:
@@ -70,7 +90,11 @@ def replay_run(curves: List[Curve], cfg: AlertConfig, *, reference: Optional[Ref
     caps = [capability_for(c.task) for c in probe]
     chance = [chance_for(c.task) if metric_kind(c.metric) == ACC else None for c in probe]
     # all points of the run, grouped by step
-    ci = np.concatenate([np.full(len(c), i) for i, c in enumerate(probe)]) if probe else np.zeros(0, int)
+    ci = (
+        np.concatenate([np.full(len(c), i) for i, c in enumerate(probe)])
+        if probe
+        else np.zeros(0, int)
+    )
     st = np.concatenate([c.steps for c in probe]) if probe else np.zeros(0, np.int64)
     tk = np.concatenate([c.tokens for c in probe]) if probe else np.zeros(0)
     va = np.concatenate([c.values for c in probe]) if probe else np.zeros(0)
@@ -105,7 +129,7 @@ def replay_run(curves: List[Curve], cfg: AlertConfig, *, reference: Optional[Ref
         k = pos.get(s)
         if k is None:
             continue
-        t = tk[starts[k]:ends[k]]
+        t = tk[starts[k] : ends[k]]
         t_ok = t[np.isfinite(t)]
         tokens = float(t_ok[0]) if t_ok.size else step_tokens.get(s)
         eng.phases.observe(s, tokens, None)
@@ -115,13 +139,35 @@ def replay_run(curves: List[Curve], cfg: AlertConfig, *, reference: Optional[Ref
     rounds = len(probe_steps)
     # Pass 2: every curve and round at once, through the path live rounds take
     rnd = np.repeat(np.arange(rounds), ends - starts) if rounds else np.zeros(0, np.int64)
-    alerts += eng.observe_table(CurveTable(steps=probe_steps, tokens=r_tokens, phases=r_phase, segments=r_seg,
-                                           keys=keys, tasks=tasks, metrics=metrics, capabilities=caps,
-                                           chance=chance, pt_curve=ci, pt_round=rnd, pt_value=va, pt_var=var))
+    alerts += eng.observe_table(
+        CurveTable(
+            steps=probe_steps,
+            tokens=r_tokens,
+            phases=r_phase,
+            segments=r_seg,
+            keys=keys,
+            tasks=tasks,
+            metrics=metrics,
+            capabilities=caps,
+            chance=chance,
+            pt_curve=ci,
+            pt_round=rnd,
+            pt_value=va,
+            pt_var=var,
+        )
+    )
     alerts.sort(key=lambda a: a.step)
-    summary = {"source": source, "model": model, "rounds": rounds, "curves": len(probe),
-               "points": int(st.size), "too_short": too_short, "untracked_metrics": len(untracked),
-               "phase_changes": eng.phases.history, "alerts": _count(alerts)}
+    summary = {
+        "source": source,
+        "model": model,
+        "rounds": rounds,
+        "curves": len(probe),
+        "points": int(st.size),
+        "too_short": too_short,
+        "untracked_metrics": len(untracked),
+        "phase_changes": eng.phases.history,
+        "alerts": _count(alerts),
+    }
     if ladder is not None:
         summary["notes"] = list(eng.context.notes)
     return alerts, summary
@@ -149,7 +195,9 @@ def _table_params(traj: Any) -> Optional[float]:
 def _replay_job(job: Tuple[List[Curve], AlertConfig, Optional[Ladder]]):
     curves, cfg, ladder = job
     if ladder is not None:
-        ladder = ladder.for_run(f"{curves[0].source}/{curves[0].model}", _run_total_tokens(curves, cfg))
+        ladder = ladder.for_run(
+            f"{curves[0].source}/{curves[0].model}", _run_total_tokens(curves, cfg)
+        )
     return replay_run(curves, cfg, ladder=ladder)
 
 
@@ -162,8 +210,9 @@ def _run_total_tokens(curves: List[Curve], cfg: AlertConfig) -> Optional[float]:
     return max(last) if last else None
 
 
-def _replay_all(runs: Dict[Any, List[Curve]], cfg: AlertConfig, ladder: Optional[Ladder],
-                jobs: int) -> List[Tuple[List[Alert], Dict[str, Any]]]:
+def _replay_all(
+    runs: Dict[Any, List[Curve]], cfg: AlertConfig, ladder: Optional[Ladder], jobs: int
+) -> List[Tuple[List[Alert], Dict[str, Any]]]:
     """Replay every run, in input order. Runs are independent (one engine each), so with
     jobs > 1 they go to worker processes; the result is the same as the serial loop."""
     work = [(curves, cfg, ladder) for curves in runs.values()]
@@ -183,14 +232,23 @@ def _replay_all(runs: Dict[Any, List[Curve]], cfg: AlertConfig, ladder: Optional
                 results[i] = r
             return results
         except (OSError, cf.process.BrokenProcessPool) as e:  # no processes here: do it serially
-            print(f"fineline-monitor analyze: worker processes unavailable ({e}); replaying serially",
-                  file=sys.stderr)
+            print(
+                f"fineline-monitor analyze: worker processes unavailable ({e}); replaying serially",
+                file=sys.stderr,
+            )
     return [_replay_job(w) for w in work]
 
 
-def analyze(path: str, out: str, *, reference: Union[None, str, Sequence[str]] = None, reference_model: str = "",
-            reference_models: Sequence[str] = (), cfg: Optional[AlertConfig] = None,
-            jobs: int = 1) -> Dict[str, Any]:
+def analyze(
+    path: str,
+    out: str,
+    *,
+    reference: Union[None, str, Sequence[str]] = None,
+    reference_model: str = "",
+    reference_models: Sequence[str] = (),
+    cfg: Optional[AlertConfig] = None,
+    jobs: int = 1,
+) -> Dict[str, Any]:
     """Replay a whole table; write DIR/alerts.jsonl and DIR/summary.json; return the summary.
     `reference`: reference files (a ladder; default: the config's `alerts.reference`),
     `reference_models`: which of their runs. A run of the table that is also in the ladder is
@@ -200,9 +258,14 @@ def analyze(path: str, out: str, *, reference: Union[None, str, Sequence[str]] =
     traj = read_trajectory(path)
     files = [reference] if isinstance(reference, str) else list(reference or [])
     models = list(reference_models) or ([reference_model] if reference_model else [])
-    ladder, notes = ladder_from_config(cfg, run_params=cfg.reference.params or _table_params(traj),
-                                       files=files, runs=models, total_tokens_known=True,
-                                       tables={str(path): traj})
+    ladder, notes = ladder_from_config(
+        cfg,
+        run_params=cfg.reference.params or _table_params(traj),
+        files=files,
+        runs=models,
+        total_tokens_known=True,
+        tables={str(path): traj},
+    )
     for n in notes:
         print(f"fineline-monitor analyze: note: {n}", file=sys.stderr)
     out_dir = Path(out)
@@ -226,18 +289,35 @@ def analyze(path: str, out: str, *, reference: Union[None, str, Sequence[str]] =
                 row["metric"] = None
             fh.write(json.dumps(row) + "\n")
     summary = {
-        "input": str(path), "reference": files or None,
+        "input": str(path),
+        "reference": files or None,
         "reference_runs": ladder.names if ladder else None,
         "reference_align": ladder.align if ladder else None,
         "reference_notes": notes,
-        "rows": traj.n_rows, "runs": len(runs), "curves": len(traj.curves),
+        "rows": traj.n_rows,
+        "runs": len(runs),
+        "curves": len(traj.curves),
         "rounds": int(sum(s["rounds"] for s in run_summaries)),
         "alerts": _count(all_alerts),
-        "criticals": [{"source": a.source, "model": a.model, "step": a.step, "rule": a.rule, "task": a.task,
-                       "metric": a.metric} for a in all_alerts if a.severity == "critical"][:100],
-        "settings": {"band_sigma": cfg.band_sigma, "hysteresis": cfg.hysteresis,
-                     "cooldown_rounds": cfg.cooldown_rounds, "phases": list(cfg.phases),
-                     "warmup_steps": cfg.warmup_steps},
+        "criticals": [
+            {
+                "source": a.source,
+                "model": a.model,
+                "step": a.step,
+                "rule": a.rule,
+                "task": a.task,
+                "metric": a.metric,
+            }
+            for a in all_alerts
+            if a.severity == "critical"
+        ][:100],
+        "settings": {
+            "band_sigma": cfg.band_sigma,
+            "hysteresis": cfg.hysteresis,
+            "cooldown_rounds": cfg.cooldown_rounds,
+            "phases": list(cfg.phases),
+            "warmup_steps": cfg.warmup_steps,
+        },
         "per_run": run_summaries,
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -247,31 +327,60 @@ def analyze(path: str, out: str, *, reference: Union[None, str, Sequence[str]] =
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `analyze` on the `fineline-monitor` CLI."""
-    p = subparsers.add_parser("analyze", help="replay a trajectory table through phases, expectations and rules",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "analyze",
+        help="replay a trajectory table through phases, expectations and rules",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_args(p)
     p.set_defaults(func=run_cli)
     return p
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trajectory", help="trajectory CSV (.csv/.csv.gz), or an lm-eval-harness output folder / "
-                                      "results_*.json")
-    p.add_argument("--reference", action="append", default=[], metavar="FILE",
-                   help="reference runs (a ladder of smaller runs of the same recipe, or an earlier run): a "
-                        "trajectory CSV, an lm-eval output folder or a run.db; repeat for several files")
-    p.add_argument("--reference-models", default="", metavar="A,B,C",
-                   help="which runs of the reference files (`model` or `source/model`, comma-separated); "
-                        "default: all of them")
-    p.add_argument("--reference-model", default="", help=argparse.SUPPRESS)  # the older single-run spelling
+    p.add_argument(
+        "trajectory",
+        help="trajectory CSV (.csv/.csv.gz), or an lm-eval-harness output folder / results_*.json",
+    )
+    p.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="reference runs (a ladder of smaller runs of the same recipe, or an earlier run): a "
+        "trajectory CSV, an lm-eval output folder or a run.db; repeat for several files",
+    )
+    p.add_argument(
+        "--reference-models",
+        default="",
+        metavar="A,B,C",
+        help="which runs of the reference files (`model` or `source/model`, comma-separated); "
+        "default: all of them",
+    )
+    p.add_argument(
+        "--reference-model", default="", help=argparse.SUPPRESS
+    )  # the older single-run spelling
     p.add_argument("--out", required=True, help="output folder for alerts.jsonl and summary.json")
-    p.add_argument("--config", default=None, help="MonitorConfig YAML; its `alerts` section is used")
-    p.add_argument("--phases", default="", help="declared phases for every run, e.g. warmup@0,stable@2000")
+    p.add_argument(
+        "--config", default=None, help="MonitorConfig YAML; its `alerts` section is used"
+    )
+    p.add_argument(
+        "--phases", default="", help="declared phases for every run, e.g. warmup@0,stable@2000"
+    )
     p.add_argument("--warmup-steps", type=int, default=None, help="declared warmup length in steps")
-    p.add_argument("--band-sigma", type=float, default=None, help="band width in standard deviations")
-    p.add_argument("--hysteresis", type=int, default=None, help="consecutive out-of-band rounds before firing")
-    p.add_argument("--jobs", type=int, default=0,
-                   help="worker processes for the per-run replays (default 0: one per CPU core; 1: serial)")
+    p.add_argument(
+        "--band-sigma", type=float, default=None, help="band width in standard deviations"
+    )
+    p.add_argument(
+        "--hysteresis", type=int, default=None, help="consecutive out-of-band rounds before firing"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="worker processes for the per-run replays (default 0: one per CPU core; 1: serial)",
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -290,22 +399,37 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.jobs < 0:
             raise ValueError(f"--jobs must be >= 0 (0: one per CPU core), got {args.jobs}")
         jobs = args.jobs or _cpu_count()
-        models = [m.strip() for m in f"{args.reference_models},{args.reference_model}".split(",") if m.strip()]
-        summary = analyze(args.trajectory, args.out, reference=args.reference, reference_models=models,
-                          cfg=cfg, jobs=jobs)
+        models = [
+            m.strip()
+            for m in f"{args.reference_models},{args.reference_model}".split(",")
+            if m.strip()
+        ]
+        summary = analyze(
+            args.trajectory,
+            args.out,
+            reference=args.reference,
+            reference_models=models,
+            cfg=cfg,
+            jobs=jobs,
+        )
     except (TrajectoryError, ConfigError, LadderError, ValueError) as e:
         print(f"fineline-monitor analyze: error: {e}", file=sys.stderr)
         return 2
     a = summary["alerts"]
-    print(f"analyzed {summary['rows']} rows, {summary['runs']} runs, {summary['curves']} curves, "
-          f"{summary['rounds']} rounds in {summary['seconds']:.1f} s: {a['total']} alerts "
-          f"{a['by_severity']} -> {args.out}/alerts.jsonl, {args.out}/summary.json")
+    print(
+        f"analyzed {summary['rows']} rows, {summary['runs']} runs, {summary['curves']} curves, "
+        f"{summary['rounds']} rounds in {summary['seconds']:.1f} s: {a['total']} alerts "
+        f"{a['by_severity']} -> {args.out}/alerts.jsonl, {args.out}/summary.json"
+    )
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="fineline-monitor analyze", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="fineline-monitor analyze",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_args(p)
     return run_cli(p.parse_args(argv))
 

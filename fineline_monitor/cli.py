@@ -26,28 +26,52 @@ def _add_demo(sub) -> None:
     from fineline_monitor.demo import DemoArgs
 
     d = DemoArgs()
-    p = sub.add_parser("demo", help="train a tiny GPT on the CPU with the monitor attached",
-                       description="Pretrain two pilot models and a tiny GPT-2 on the CPU (corpus: the CPython "
-                                   "standard library's docs and sources) with the monitor attached, judge the "
-                                   "target against its own fit and the pilots, inject one fault, and write "
-                                   "OUT/run.db, alerts.jsonl, report.html, metrics.prom, reference/ladder.csv "
-                                   "(docs/demo.md).")
+    p = sub.add_parser(
+        "demo",
+        help="train a tiny GPT on the CPU with the monitor attached",
+        description="Pretrain two pilot models and a tiny GPT-2 on the CPU (corpus: the CPython "
+        "standard library's docs and sources) with the monitor attached, judge the "
+        "target against its own fit and the pilots, inject one fault, and write "
+        "OUT/run.db, alerts.jsonl, report.html, metrics.prom, reference/ladder.csv "
+        "(docs/demo.md).",
+    )
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    p.add_argument("--inject", default=d.inject, metavar="KIND@STEP",
-                   help="fault to inject: data_mixture (English prose leaves the mixture), stall (LR x 1e-3 "
-                        "with no scheduled decay), lr_spike, data_corruption or grad_explosion, as KIND@STEP "
-                        "or KIND (at 60%% of the run); `none` for a healthy run (default: data_mixture at 60%%)")
-    p.add_argument("--probe-every", type=int, default=d.probe_every, help=f"default {d.probe_every}")
-    p.add_argument("--docs-per-task", type=int, default=d.docs_per_task, help=f"default {d.docs_per_task}")
-    p.add_argument("--tasks", default=d.tasks, help="comma-separated probe tasks (default: the default suite)")
+    p.add_argument(
+        "--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})"
+    )
+    p.add_argument(
+        "--inject",
+        default=d.inject,
+        metavar="KIND@STEP",
+        help="fault to inject: data_mixture (English prose leaves the mixture), stall (LR x 1e-3 "
+        "with no scheduled decay), lr_spike, data_corruption or grad_explosion, as KIND@STEP "
+        "or KIND (at 60%% of the run); `none` for a healthy run (default: data_mixture at 60%%)",
+    )
+    p.add_argument(
+        "--probe-every", type=int, default=d.probe_every, help=f"default {d.probe_every}"
+    )
+    p.add_argument(
+        "--docs-per-task", type=int, default=d.docs_per_task, help=f"default {d.docs_per_task}"
+    )
+    p.add_argument(
+        "--tasks", default=d.tasks, help="comma-separated probe tasks (default: the default suite)"
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--pilots", type=int, default=d.pilots, choices=range(0, d.pilots + 1),
-                   help=f"pilot models of the reference ladder (default {d.pilots}; 0: own-run fit only)")
+    p.add_argument(
+        "--pilots",
+        type=int,
+        default=d.pilots,
+        choices=range(0, d.pilots + 1),
+        help=f"pilot models of the reference ladder (default {d.pilots}; 0: own-run fit only)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help=f"torch threads (default {d.threads}; 0: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help=f"torch threads (default {d.threads}; 0: torch's default)",
+    )
     p.set_defaults(func=_run_demo)
 
 
@@ -56,14 +80,27 @@ def _run_demo(args) -> int:
 
     for name in ("steps", "probe_every", "docs_per_task", "batch_size", "seq_len"):
         if getattr(args, name) < (0 if name == "probe_every" else 1):
-            print(f"fineline-monitor demo: --{name.replace('_', '-')} got {getattr(args, name)}; must be positive",
-                  file=sys.stderr)
+            print(
+                f"fineline-monitor demo: --{name.replace('_', '-')} got {getattr(args, name)}; must be positive",
+                file=sys.stderr,
+            )
             return 2
     try:
-        run_demo(DemoArgs(out=args.out, steps=args.steps, inject=args.inject, probe_every=args.probe_every,
-                          docs_per_task=args.docs_per_task, tasks=args.tasks, batch_size=args.batch_size,
-                          seq_len=args.seq_len, seed=args.seed, threads=args.threads,
-                          pilots=args.pilots))
+        run_demo(
+            DemoArgs(
+                out=args.out,
+                steps=args.steps,
+                inject=args.inject,
+                probe_every=args.probe_every,
+                docs_per_task=args.docs_per_task,
+                tasks=args.tasks,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                seed=args.seed,
+                threads=args.threads,
+                pilots=args.pilots,
+            )
+        )
     except (ValueError, FileExistsError) as e:
         print(f"fineline-monitor demo: {e}", file=sys.stderr)
         return 2
@@ -103,8 +140,12 @@ def _run_export(args) -> int:
 
 
 def _add_config_reference(sub) -> None:
-    p = sub.add_parser("config-reference", help="print the MonitorConfig reference table (markdown)")
-    p.add_argument("--check", metavar="CONFIG.yaml", help="instead, validate a YAML config and print it")
+    p = sub.add_parser(
+        "config-reference", help="print the MonitorConfig reference table (markdown)"
+    )
+    p.add_argument(
+        "--check", metavar="CONFIG.yaml", help="instead, validate a YAML config and print it"
+    )
     p.set_defaults(func=_run_config_reference)
 
 
@@ -124,8 +165,9 @@ def _run_config_reference(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fineline-monitor",
-                                     description="Live training monitor for LLM pretraining.")
+    parser = argparse.ArgumentParser(
+        prog="fineline-monitor", description="Live training monitor for LLM pretraining."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(sub)
     for module, attr in _PARTS:

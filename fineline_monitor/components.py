@@ -26,8 +26,11 @@ class ErrorGuard:
     be agreed on by every rank before the part is disabled (probe rounds, budgets).
     """
 
-    def __init__(self, strict: bool = False,
-                 on_first_error: Optional[Callable[[str, BaseException], None]] = None):
+    def __init__(
+        self,
+        strict: bool = False,
+        on_first_error: Optional[Callable[[str, BaseException], None]] = None,
+    ):
         self.strict = strict
         self.disabled: Dict[str, str] = {}  # part -> why
         self.error_counts: Dict[str, int] = {}
@@ -36,8 +39,9 @@ class ErrorGuard:
     def running(self, part: str) -> bool:
         return part not in self.disabled
 
-    def run(self, part: str, fn: Callable[[], Any], default: Any = None,
-            fatal: Tuple[type, ...] = ()) -> Any:
+    def run(
+        self, part: str, fn: Callable[[], Any], default: Any = None, fatal: Tuple[type, ...] = ()
+    ) -> Any:
         """`fn()`, or `default` when `part` is disabled or `fn` raised. Exceptions of a
         `fatal` type (the user's setting or file to fix) propagate."""
         if part in self.disabled:
@@ -59,8 +63,11 @@ class ErrorGuard:
         self.error_counts[part] = self.error_counts.get(part, 0) + 1
         if self.error_counts[part] > 1:
             return
-        log.error("fineline_monitor: %s failed and is disabled; training continues.\n%s", part,
-                  "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip())
+        log.error(
+            "fineline_monitor: %s failed and is disabled; training continues.\n%s",
+            part,
+            "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip(),
+        )
         if self._on_first_error is not None:
             try:
                 self._on_first_error(part, e)
@@ -96,6 +103,7 @@ class Component:
         running, lacks the method, or raised (then it is disabled)."""
         if not self.has(method):
             return default  # not built here, or a hook this part does not take
+
         # the guard answers `default` for a disabled part; the method is looked up at call
         # time: a part's methods may be replaced (tests inject faults so)
         def hook() -> Any:

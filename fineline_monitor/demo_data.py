@@ -19,8 +19,10 @@ import sysconfig
 from pathlib import Path
 from typing import List, Tuple
 
-CORPUS_SOURCE = ("CPython standard library of this interpreter: pydoc_data.topics (language reference "
-                 "prose), stdlib docstrings (prose) and stdlib module sources (code)")
+CORPUS_SOURCE = (
+    "CPython standard library of this interpreter: pydoc_data.topics (language reference "
+    "prose), stdlib docstrings (prose) and stdlib module sources (code)"
+)
 
 
 def load_corpus(max_code_files: int = 120, seed: int = 0) -> List[str]:
@@ -73,10 +75,19 @@ def train_tokenizer(docs: List[str], vocab_size: int, out_dir: Path):
     if (out_dir / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(out_dir))
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(docs, vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
-                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        docs,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out_dir))
     return tok

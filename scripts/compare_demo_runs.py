@@ -45,8 +45,12 @@ TIMING_FAMILIES = {
     "fineline_train_tokens_per_second",
 }
 # Monitor metric names (run.db `metrics.name`) whose values are timings.
-TIMING_METRICS = {"monitor/probe_seconds", "monitor/probe_tokens_per_s", "monitor/overhead",
-                  "train/tokens_per_s"}
+TIMING_METRICS = {
+    "monitor/probe_seconds",
+    "monitor/probe_tokens_per_s",
+    "monitor/overhead",
+    "train/tokens_per_s",
+}
 # (table, column) pairs holding timings.
 TIMING_COLUMNS = {("runs", "created"), ("probe_rounds", "seconds")}
 
@@ -68,7 +72,10 @@ def exposition_lines(path: Path) -> List[str]:
 def store_lines(path: Path, out_dir: Path) -> List[str]:
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        tables = [
+            r[0]
+            for r in con.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")
+        ]
         lines: List[str] = []
         for table in tables:
             cols = [r[1] for r in con.execute(f"PRAGMA table_info({table})")]
@@ -80,7 +87,11 @@ def store_lines(path: Path, out_dir: Path) -> List[str]:
                 for col, v in zip(cols, row):
                     if (table, col) in TIMING_COLUMNS:
                         v = "<timing>"
-                    elif table == "metrics" and col == "value" and row[cols.index("name")] in TIMING_METRICS:
+                    elif (
+                        table == "metrics"
+                        and col == "value"
+                        and row[cols.index("name")] in TIMING_METRICS
+                    ):
                         v = "<timing>"
                     elif table == "runs" and col == "meta" and isinstance(v, str):
                         meta = json.loads(v)
@@ -88,7 +99,9 @@ def store_lines(path: Path, out_dir: Path) -> List[str]:
                         v = json.dumps(meta, sort_keys=True)
                     elif table == "runs" and col == "config" and isinstance(v, str):
                         config = json.loads(v)
-                        config["out_dir"] = "<OUT>"  # where the run wrote, even if the folder moved since
+                        config["out_dir"] = (
+                            "<OUT>"  # where the run wrote, even if the folder moved since
+                        )
                         v = json.dumps(config, sort_keys=True)
                     cells.append(repr(v).replace(str(out_dir), "<OUT>"))
                 rows.append(" | ".join(cells))
@@ -105,15 +118,23 @@ def alert_lines(path: Path) -> List[str]:
 def compare(before: Path, after: Path, context: int = 2) -> int:
     failed = 0
     for what, a, b in (
-            ("metrics.prom", exposition_lines(before / "metrics.prom"), exposition_lines(after / "metrics.prom")),
-            ("run.db", store_lines(before / "run.db", before), store_lines(after / "run.db", after)),
-            ("alerts.jsonl", alert_lines(before / "alerts.jsonl"), alert_lines(after / "alerts.jsonl"))):
+        (
+            "metrics.prom",
+            exposition_lines(before / "metrics.prom"),
+            exposition_lines(after / "metrics.prom"),
+        ),
+        ("run.db", store_lines(before / "run.db", before), store_lines(after / "run.db", after)),
+        ("alerts.jsonl", alert_lines(before / "alerts.jsonl"), alert_lines(after / "alerts.jsonl")),
+    ):
         if a == b:
             print(f"{what}: identical apart from timings ({len(a)} lines compared)")
             continue
         failed = 1
-        diff = list(difflib.unified_diff(a, b, f"{before.name}/{what}", f"{after.name}/{what}", n=context,
-                                         lineterm=""))
+        diff = list(
+            difflib.unified_diff(
+                a, b, f"{before.name}/{what}", f"{after.name}/{what}", n=context, lineterm=""
+            )
+        )
         print(f"{what}: DIFFERENT ({sum(1 for d in diff if d[:1] in '+-') - 2} changed lines)")
         print("\n".join(diff[:200]))
         if len(diff) > 200:

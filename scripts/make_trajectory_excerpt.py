@@ -28,18 +28,37 @@ SIZE_LIMIT = 300_000
 PYTHIA_SOURCE = "pythia-v1/0shot"
 # one Pythia family at four sizes (standard, not deduped)
 PYTHIA_MODELS = ("pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b-bf16")
-PYTHIA_TASKS = ("arc_challenge", "arc_easy", "lambada_openai", "logiqa", "piqa", "sciq", "winogrande", "wsc")
+PYTHIA_TASKS = (
+    "arc_challenge",
+    "arc_easy",
+    "lambada_openai",
+    "logiqa",
+    "piqa",
+    "sciq",
+    "winogrande",
+    "wsc",
+)
 
 OLMO_SOURCE = "allenai/OLMo@ladder-1xC:peteish-final-new"
 # the whole 1x-Chinchilla ladder (one schedule, five sizes), and one long 10xC run whose
 # curves have hundreds of points (the one-step-ahead and false-alarm tests need long curves)
-OLMO_MODELS = tuple(f"olmo-ladder-final-{s}-1xC" for s in ("190M", "370M", "600M", "760M", "1B")) + (
-    "olmo-ladder-final-190M-10xC",)
+OLMO_MODELS = tuple(
+    f"olmo-ladder-final-{s}-1xC" for s in ("190M", "370M", "600M", "760M", "1B")
+) + ("olmo-ladder-final-190M-10xC",)
 # bpb curves on which benchmarks/alert_quality.py can inject a stall (the fit-floor test needs
 # ten), and one evaluation reported under two names (commonsense_qa, csqa_rc_0shot)
-OLMO_TASKS = ("arc_challenge_rc_0shot", "commonsense_qa", "csqa_rc_0shot", "hellaswag_rc_0shot",
-              "hellaswag_rc_5shot", "mmlu_other_var", "mmlu_stem_var", "piqa_rc_0shot", "piqa_rc_5shot",
-              "socialiqa_rc_5shot")
+OLMO_TASKS = (
+    "arc_challenge_rc_0shot",
+    "commonsense_qa",
+    "csqa_rc_0shot",
+    "hellaswag_rc_0shot",
+    "hellaswag_rc_5shot",
+    "mmlu_other_var",
+    "mmlu_stem_var",
+    "piqa_rc_0shot",
+    "piqa_rc_5shot",
+    "socialiqa_rc_5shot",
+)
 
 
 def keep(row: dict) -> bool:

@@ -34,28 +34,49 @@ import numpy as np
 
 from fineline_monitor import metric_names as names
 from fineline_monitor.core.config import DetectorParams
-from fineline_monitor.core.expectations import (ACC, LOSS, NEG, ReferenceCurves, base_task, capability_for,
-                                                 chance_for, majority_for, metric_kind)
+from fineline_monitor.core.expectations import (
+    ACC,
+    LOSS,
+    NEG,
+    ReferenceCurves,
+    base_task,
+    capability_for,
+    chance_for,
+    majority_for,
+    metric_kind,
+)
 from fineline_monitor.core.history import TrailingPoints
-from fineline_monitor.core.phases import PhaseTracker
-from fineline_monitor.core.rules import (Finding, RuleBook, StepRules, classify, probe_extra_rules,
-                                         single_point_hysteresis)
 from fineline_monitor.core.ladder import ladder_from_config
-from fineline_monitor.core.sources import (GOLD_LOGPROB, ExpectationSource, PointBlock, SourceContext, Verdict,
-                                           build_sources)
+from fineline_monitor.core.phases import PhaseTracker
+from fineline_monitor.core.rules import (
+    Finding,
+    RuleBook,
+    StepRules,
+    classify,
+    probe_extra_rules,
+    single_point_hysteresis,
+)
+from fineline_monitor.core.sources import (
+    GOLD_LOGPROB,
+    ExpectationSource,
+    PointBlock,
+    SourceContext,
+    Verdict,
+    build_sources,
+)
 from fineline_monitor.core.types import Alert, ProbeRound
 
 STATE_VERSION = 3
 DEFAULT_PARAMS = DetectorParams()
 LOOK_FIRST = {
     "capability_regression": "the data mixture and loader around this step (a shard or source change), "
-                             "the LR schedule, and loss/grad spikes in the last rounds; the capability's "
-                             "other tasks dropped too",
+    "the LR schedule, and loss/grad spikes in the last rounds; the capability's "
+    "other tasks dropped too",
     "sibling_divergence": "this task's probe/eval itself (prompt format, tokenizer, truncation) and data "
-                          "specific to its domain (removed, deduplicated or contaminated); the other "
-                          "{n_sib} tasks of {cap} are mostly on track",
+    "specific to its domain (removed, deduplicated or contaminated); the other "
+    "{n_sib} tasks of {cap} are mostly on track",
     "capability_stall": "the LR (decayed too early or too low?), data repetition or an exhausted domain, "
-                        "and the update/param ratio",
+    "and the update/param ratio",
 }
 
 
@@ -108,11 +129,16 @@ def _capability_kind(key: str) -> Optional[int]:
 
 
 def _noise_floor(kind: np.ndarray, y: np.ndarray, p: DetectorParams) -> np.ndarray:
-    return np.where(kind == ACC, p.accuracy_noise_floor,
-                    p.relative_noise_floor * np.maximum(np.abs(np.nan_to_num(y)), 1e-3))
+    return np.where(
+        kind == ACC,
+        p.accuracy_noise_floor,
+        p.relative_noise_floor * np.maximum(np.abs(np.nan_to_num(y)), 1e-3),
+    )
 
 
-def _takeoff_margin(base: np.ndarray, var: np.ndarray, p: DetectorParams = DEFAULT_PARAMS) -> np.ndarray:
+def _takeoff_margin(
+    base: np.ndarray, var: np.ndarray, p: DetectorParams = DEFAULT_PARAMS
+) -> np.ndarray:
     """How far above its base an accuracy must be to count as taken off: `takeoff_sigma`
     sampling sigmas (binomial on `assumed_docs` documents when the variance is unknown)."""
     q = np.clip(np.nan_to_num(base), 0.02, 0.98)
@@ -121,8 +147,12 @@ def _takeoff_margin(base: np.ndarray, var: np.ndarray, p: DetectorParams = DEFAU
     return np.maximum(p.takeoff_sigma * sd, p.takeoff_min_margin)
 
 
-def takeoff_index(values: np.ndarray, var: np.ndarray, chance: Optional[float],
-                  params: DetectorParams = DEFAULT_PARAMS) -> Optional[int]:
+def takeoff_index(
+    values: np.ndarray,
+    var: np.ndarray,
+    chance: Optional[float],
+    params: DetectorParams = DEFAULT_PARAMS,
+) -> Optional[int]:
     """First index at which the engine starts judging an accuracy curve (2 consecutive
     points above max(chance, first value) by the take-off margin); None if it never does.
     Used by the alert-quality benchmark so faults are only injected where the engine judges."""
@@ -186,20 +216,34 @@ class _Block:
             self._pos = np.arange(self.row.size) + ci * (W - 1)
         if name not in self._padded:
             a = getattr(self, name)
-            n_curves = int(self._pos[-1] - self.row.size + 1) // (W - 1) if self.row.size and W > 1 else 0
+            n_curves = (
+                int(self._pos[-1] - self.row.size + 1) // (W - 1) if self.row.size and W > 1 else 0
+            )
             out = np.full(a.size + n_curves * (W - 1), fill, dtype=a.dtype)
             out[self._pos] = a
             self._padded[name] = out
-        return np.lib.stride_tricks.sliding_window_view(self._padded[name], W)[self._pos[idx] - (W - 1)]
+        return np.lib.stride_tricks.sliding_window_view(self._padded[name], W)[
+            self._pos[idx] - (W - 1)
+        ]
 
 
 class AlertEngine:
     """Phase-aware expectations and alert rules for one run."""
 
-    def __init__(self, cfg: Any, run: str, *, source: Optional[str] = None, model: Optional[str] = None,
-                 reference: Optional[ReferenceCurves] = None, references: Sequence[ReferenceCurves] = (),
-                 params: Optional[DetectorParams] = None, emit_expectations: bool = True,
-                 ladder: Any = None, run_params: Optional[float] = None):
+    def __init__(
+        self,
+        cfg: Any,
+        run: str,
+        *,
+        source: Optional[str] = None,
+        model: Optional[str] = None,
+        reference: Optional[ReferenceCurves] = None,
+        references: Sequence[ReferenceCurves] = (),
+        params: Optional[DetectorParams] = None,
+        emit_expectations: bool = True,
+        ladder: Any = None,
+        run_params: Optional[float] = None,
+    ):
         self.cfg = cfg
         self.run = run
         self.source, self.model = source, model
@@ -225,7 +269,9 @@ class AlertEngine:
             # a ladder that cannot be used as configured leaves a note and no ladder
             ladder, notes = ladder_from_config(cfg, run_params=run_params)
         self.ladder = ladder
-        self.context = SourceContext(cfg, self.params, refs, ladder=ladder, run_params=run_params, notes=notes)
+        self.context = SourceContext(
+            cfg, self.params, refs, ladder=ladder, run_params=run_params, notes=notes
+        )
         self._notes_said = 0
         self.sources: List[ExpectationSource] = build_sources(self.context)
         self.alert_counts: Dict[str, int] = {}
@@ -235,8 +281,9 @@ class AlertEngine:
     def phase(self) -> str:
         return self.phases.phase
 
-    def observe_metrics(self, step: int, tokens: Optional[int], lr: Optional[float],
-                        metrics: Dict[str, float]) -> List[Alert]:
+    def observe_metrics(
+        self, step: int, tokens: Optional[int], lr: Optional[float], metrics: Dict[str, float]
+    ) -> List[Alert]:
         if lr is None:
             lr = metrics.get(names.LR)
         self.phases.observe(step, tokens, lr)
@@ -247,10 +294,14 @@ class AlertEngine:
             self.step_rules.last_expectation = None
         return self._findings_to_alerts(findings, step, tokens, self.n_collect, scope="step")
 
-    def observe_probe(self, round: ProbeRound, extra: Optional[Dict[str, float]] = None) -> List[Alert]:
+    def observe_probe(
+        self, round: ProbeRound, extra: Optional[Dict[str, float]] = None
+    ) -> List[Alert]:
         step, tokens = int(round.step), round.tokens
         self.phases.observe(step, tokens, None)
-        cols: Dict[str, list] = {k: [] for k in ("keys", "tasks", "metrics", "caps", "vals", "var", "chance")}
+        cols: Dict[str, list] = {
+            k: [] for k in ("keys", "tasks", "metrics", "caps", "vals", "var", "chance")
+        }
         for name, r in round.tasks.items():
             mets = dict(r.metrics)
             gl = round.gold_logprobs.get(name) if round.gold_logprobs else None
@@ -258,8 +309,16 @@ class AlertEngine:
                 mets[GOLD_LOGPROB] = float(np.mean(list(gl.values())))
             for metric, v in mets.items():
                 if metric_kind(metric) is not None:
-                    _add(cols, names.probe_key(name, metric), name, metric, r.capability or capability_for(name),
-                         float(v), _probe_variance(r, metric, float(v)), _probe_chance(r, name, metric))
+                    _add(
+                        cols,
+                        names.probe_key(name, metric),
+                        name,
+                        metric,
+                        r.capability or capability_for(name),
+                        float(v),
+                        _probe_variance(r, metric, float(v)),
+                        _probe_chance(r, name, metric),
+                    )
         for series_key, v in round.capability_scores.items():
             key = names.capability_key(series_key)
             judged = names.capability_judged_as(key)
@@ -268,17 +327,28 @@ class AlertEngine:
             se = (getattr(round, "capability_stderr", None) or {}).get(series_key)
             var = float(se) ** 2 if se is not None and math.isfinite(se) and se > 0 else math.nan
             _add(cols, key, None, judged[1], judged[0], float(v), var, judged[3])
-        alerts = self.observe_curves(step, tokens, cols["keys"], cols["tasks"], cols["metrics"], cols["caps"],
-                                     cols["vals"], cols["var"], cols["chance"], paired=round.gold_logprobs or None)
+        alerts = self.observe_curves(
+            step,
+            tokens,
+            cols["keys"],
+            cols["tasks"],
+            cols["metrics"],
+            cols["caps"],
+            cols["vals"],
+            cols["var"],
+            cols["chance"],
+            paired=round.gold_logprobs or None,
+        )
         if extra:
-            alerts += self._findings_to_alerts(probe_extra_rules(self.cfg, extra), step, tokens, self.n_probe,
-                                               scope="probe")
+            alerts += self._findings_to_alerts(
+                probe_extra_rules(self.cfg, extra), step, tokens, self.n_probe, scope="probe"
+            )
         return alerts
 
     def pop_notes(self) -> List[str]:
         """What the engine's sources found wrong with their input since the last call (each
         said once: a reference ladder that shares no curve with the run, ...)."""
-        new = self.context.notes[self._notes_said:]
+        new = self.context.notes[self._notes_said :]
         self._notes_said = len(self.context.notes)
         return list(new)
 
@@ -289,21 +359,41 @@ class AlertEngine:
         out, self._exp_rows = self._exp_rows, []
         return out
 
-    def observe_curves(self, step: int, tokens: Optional[float], keys: Sequence[str],
-                       tasks: Sequence[Optional[str]], metrics: Sequence[Optional[str]],
-                       caps: Sequence[Optional[str]], values: Sequence[float], var: Sequence[float],
-                       chance: Sequence[Optional[float]], *, paired: Optional[Dict[str, Dict[Any, float]]] = None,
-                       ) -> List[Alert]:
+    def observe_curves(
+        self,
+        step: int,
+        tokens: Optional[float],
+        keys: Sequence[str],
+        tasks: Sequence[Optional[str]],
+        metrics: Sequence[Optional[str]],
+        caps: Sequence[Optional[str]],
+        values: Sequence[float],
+        var: Sequence[float],
+        chance: Sequence[Optional[float]],
+        *,
+        paired: Optional[Dict[str, Dict[Any, float]]] = None,
+    ) -> List[Alert]:
         """One live evaluation round of many curves: a table of one round, in the phase
         the tracker is in now. `var` is the known sampling variance of each value
         (stderr^2, binomial, or nan when unknown); `chance` the chance accuracy (None when
         unknown)."""
         n = len(keys)
-        table = CurveTable(steps=[step], tokens=[tokens], phases=[self.phases.phase],
-                           segments=[self.phases.segment], keys=keys, tasks=tasks, metrics=metrics,
-                           capabilities=caps, chance=chance, pt_curve=np.arange(n), pt_round=np.zeros(n, np.int64),
-                           pt_value=np.asarray(values, dtype=np.float64), pt_var=np.asarray(var, dtype=np.float64),
-                           paired=[paired])
+        table = CurveTable(
+            steps=[step],
+            tokens=[tokens],
+            phases=[self.phases.phase],
+            segments=[self.phases.segment],
+            keys=keys,
+            tasks=tasks,
+            metrics=metrics,
+            capabilities=caps,
+            chance=chance,
+            pt_curve=np.arange(n),
+            pt_round=np.zeros(n, np.int64),
+            pt_value=np.asarray(values, dtype=np.float64),
+            pt_var=np.asarray(var, dtype=np.float64),
+            paired=[paired],
+        )
         return self.observe_table(table)
 
     # ---- the one path: a block of rounds -------------------------------------------------
@@ -337,11 +427,20 @@ class AlertEngine:
         task, metric = table.tasks[j], table.metrics[j]
         cap_key = names.split_capability_key(key) is not None
         kind = _capability_kind(key) if cap_key else metric_kind(metric or "capability")
-        return CurveState(key=key, task=task, metric=metric, capability=table.capabilities[j],
-                          base_task=base_task(task) if task else key, kind=-1 if kind is None else kind,
-                          chance=table.chance[j], taken_off=kind != ACC)
+        return CurveState(
+            key=key,
+            task=task,
+            metric=metric,
+            capability=table.capabilities[j],
+            base_task=base_task(task) if task else key,
+            kind=-1 if kind is None else kind,
+            chance=table.chance[j],
+            taken_off=kind != ACC,
+        )
 
-    def _merge(self, table: CurveTable, rows_c: np.ndarray) -> Tuple[_Block, np.ndarray, np.ndarray]:
+    def _merge(
+        self, table: CurveTable, rows_c: np.ndarray
+    ) -> Tuple[_Block, np.ndarray, np.ndarray]:
         """The table's points (sorted by curve, then round) after each curve's trailing
         points from earlier blocks. Returns the block and the new points' values and
         variances (sorted)."""
@@ -364,9 +463,15 @@ class AlertEngine:
         seq = np.concatenate([hs - T.width, pr])
         m = np.lexsort((seq, curve_all))
         hist = (hist_rows[hr], hs + 1)
-        new_vals = {"x": x_r[pr], "y": y, "var": v, "usable": np.isfinite(y) & fitx_r[pr], "segment": seg_r[pr],
-                    "anchor": np.full(pc.size, -1, dtype=np.int64),
-                    "ref": self._reference_series(rows_c, pc, steps[pr], tok[pr])}
+        new_vals = {
+            "x": x_r[pr],
+            "y": y,
+            "var": v,
+            "usable": np.isfinite(y) & fitx_r[pr],
+            "segment": seg_r[pr],
+            "anchor": np.full(pc.size, -1, dtype=np.int64),
+            "ref": self._reference_series(rows_c, pc, steps[pr], tok[pr]),
+        }
         arrays = {f: np.concatenate([getattr(T, f)[hist], new_vals[f]])[m] for f in new_vals}
         row = np.concatenate([hist_rows[hr], rows_c[pc]])[m]
         at = np.empty(pc.size, dtype=np.int64)
@@ -378,8 +483,9 @@ class AlertEngine:
         self._mark_anchors(table, blk)
         return blk, y, v
 
-    def _reference_series(self, rows_c: np.ndarray, pc: np.ndarray, steps: np.ndarray,
-                          tokens: np.ndarray) -> np.ndarray:
+    def _reference_series(
+        self, rows_c: np.ndarray, pc: np.ndarray, steps: np.ndarray, tokens: np.ndarray
+    ) -> np.ndarray:
         """A reference's value at every new point (kept with the point, so a later round's
         window has it), from the first source that gives one; nan elsewhere."""
         for s in self.sources:
@@ -392,7 +498,9 @@ class AlertEngine:
         points before it anchor the new segment's level."""
         decay_r = np.array([p in ("decay", "anneal") for p in table.phases])
         idx = blk.at
-        prev_seg = np.where(idx > blk.starts[idx], blk.segment[np.maximum(idx - 1, 0)], blk.segment[idx])
+        prev_seg = np.where(
+            idx > blk.starts[idx], blk.segment[np.maximum(idx - 1, 0)], blk.segment[idx]
+        )
         n_anchor = self.params.decay_anchors
         if n_anchor == 0:
             return
@@ -401,8 +509,9 @@ class AlertEngine:
             cand = np.flatnonzero(blk.usable[c0:p])[-n_anchor:] + c0
             blk.anchor[cand] = blk.segment[p]
 
-    def _takeoff(self, table: CurveTable, rows_c: np.ndarray, blk: _Block, y: np.ndarray,
-                 v: np.ndarray) -> np.ndarray:
+    def _takeoff(
+        self, table: CurveTable, rows_c: np.ndarray, blk: _Block, y: np.ndarray, v: np.ndarray
+    ) -> np.ndarray:
         """Whether each new point's curve has taken off by then (non-accuracy curves always
         have); updates the curves' take-off state."""
         pc = blk.curve
@@ -434,8 +543,15 @@ class AlertEngine:
             curves[c].taken_off = True
         return ~waiting[pc] | (np.arange(P) >= tk_first[pc])
 
-    def _judge_block(self, table: CurveTable, rows_c: np.ndarray, blk: _Block, y: np.ndarray, v: np.ndarray,
-                     taken: np.ndarray) -> PointBlock:
+    def _judge_block(
+        self,
+        table: CurveTable,
+        rows_c: np.ndarray,
+        blk: _Block,
+        y: np.ndarray,
+        v: np.ndarray,
+        taken: np.ndarray,
+    ) -> PointBlock:
         """The new points as one `PointBlock`: which are judged (taken off, a known
         direction, finite, outside warmup) and the windows of those."""
         kind = np.array([self.curves[r].kind for r in rows_c], dtype=np.int64)[blk.curve]
@@ -443,15 +559,27 @@ class AlertEngine:
         judged = taken & (kind >= 0) & np.isfinite(y) & ~warm
         jm = blk.at[judged]
         seg = blk.segment[jm][:, None]
-        U = blk.window("usable", jm, False) & ((blk.window("segment", jm, -2) == seg) |
-                                               (blk.window("anchor", jm, -1) == seg))
+        U = blk.window("usable", jm, False) & (
+            (blk.window("segment", jm, -2) == seg) | (blk.window("anchor", jm, -1) == seg)
+        )
         sgn = np.where(kind[judged] == LOSS, -1.0, 1.0)
-        windows = {"X": blk.window("x", jm, np.nan), "G": sgn[:, None] * blk.window("y", jm, np.nan),
-                   "V": blk.window("var", jm, np.nan), "U": U, "floor": _noise_floor(kind[judged], y[judged],
-                                                                                       self.params),
-                   "R": sgn[:, None] * blk.window("ref", jm, np.nan)}
-        return PointBlock(curves=[self.curves[r] for r in rows_c[blk.curve]], y=y, var=v, kind=kind, taken=taken,
-                          eligible=judged, windows=windows)
+        windows = {
+            "X": blk.window("x", jm, np.nan),
+            "G": sgn[:, None] * blk.window("y", jm, np.nan),
+            "V": blk.window("var", jm, np.nan),
+            "U": U,
+            "floor": _noise_floor(kind[judged], y[judged], self.params),
+            "R": sgn[:, None] * blk.window("ref", jm, np.nan),
+        }
+        return PointBlock(
+            curves=[self.curves[r] for r in rows_c[blk.curve]],
+            y=y,
+            var=v,
+            kind=kind,
+            taken=taken,
+            eligible=judged,
+            windows=windows,
+        )
 
     def _rounds(self, table: CurveTable, n0: int, blk: _Block, points: PointBlock) -> List[Alert]:
         """Combine the sources' verdicts and fire, round by round, only where something
@@ -468,7 +596,7 @@ class AlertEngine:
         per_round = [s for s in self.sources if s.per_round]
         alerts: List[Alert] = []
         for r in range(R):
-            sel = by_round[bounds[r]:bounds[r + 1]]
+            sel = by_round[bounds[r] : bounds[r + 1]]
             if sel.size == 0:
                 continue
             header = _round_header(table, r)
@@ -487,19 +615,42 @@ class AlertEngine:
         for s in self.sources:
             if s.per_round:
                 continue
-            out[s.name] = s.evaluate(points, base if base is not None else Verdict.empty(len(points)),
-                                     np.ones(len(points), dtype=bool))
+            out[s.name] = s.evaluate(
+                points,
+                base if base is not None else Verdict.empty(len(points)),
+                np.ones(len(points), dtype=bool),
+            )
             base = base if base is not None else out[s.name]
         return out
 
-    def _round(self, header: PointBlock, round_no: int, sel: np.ndarray, blk: _Block, points: PointBlock,
-               whole: Dict[str, Verdict], active: List[ExpectationSource]) -> List[Alert]:
+    def _round(
+        self,
+        header: PointBlock,
+        round_no: int,
+        sel: np.ndarray,
+        blk: _Block,
+        points: PointBlock,
+        whole: Dict[str, Verdict],
+        active: List[ExpectationSource],
+    ) -> List[Alert]:
         """One round: combine the verdicts, single-point hysteresis, learn, fire."""
-        rb = replace(header, curves=[points.curves[i] for i in sel], y=points.y[sel], var=points.var[sel],
-                     kind=points.kind[sel], taken=points.taken[sel], eligible=points.eligible[sel])
+        rb = replace(
+            header,
+            curves=[points.curves[i] for i in sel],
+            y=points.y[sel],
+            var=points.var[sel],
+            kind=points.kind[sel],
+            taken=points.taken[sel],
+            eligible=points.eligible[sel],
+        )
         combined, shown_by, point_judged, point_bad = self._combine(rb, sel, whole, active)
-        runs, sp_bad = single_point_hysteresis(np.array([c.single_point_run for c in rb.curves], dtype=np.int64),
-                                               point_judged, point_bad, rb.eligible, self.hysteresis)
+        runs, sp_bad = single_point_hysteresis(
+            np.array([c.single_point_run for c in rb.curves], dtype=np.int64),
+            point_judged,
+            point_bad,
+            rb.eligible,
+            self.hysteresis,
+        )
         for c, n in zip(rb.curves, runs.tolist()):
             c.single_point_run = int(n)
         bad = combined.bad | sp_bad
@@ -507,13 +658,25 @@ class AlertEngine:
             s.commit(rb, bad)
         if self.emit_expectations:
             for i in np.flatnonzero(np.isfinite(combined.expected)):
-                self._exp_rows.append({"name": rb.curves[i].key, "expected": float(combined.expected[i]),
-                                       "low": float(combined.low[i]), "high": float(combined.high[i])})
+                self._exp_rows.append(
+                    {
+                        "name": rb.curves[i].key,
+                        "expected": float(combined.expected[i]),
+                        "low": float(combined.low[i]),
+                        "high": float(combined.high[i]),
+                    }
+                )
         have = rb.eligible & np.isfinite(combined.expected)
         windows = blk.window("y", blk.at[sel], np.nan) if bad.any() else None
         return self._fire_round(round_no, rb, bad, have, combined, shown_by, windows)
 
-    def _combine(self, rb: PointBlock, sel: np.ndarray, whole: Dict[str, Verdict], active: List[ExpectationSource]):
+    def _combine(
+        self,
+        rb: PointBlock,
+        sel: np.ndarray,
+        whole: Dict[str, Verdict],
+        active: List[ExpectationSource],
+    ):
         """Ask the sources in order. The first (sustained) source's verdict is the base; a
         later source's expected value and band replace it where it takes over, and the point
         is then closed to the sources after it; single-point verdicts are collected for the
@@ -537,8 +700,10 @@ class AlertEngine:
             else:
                 judged |= vd.has
                 bad |= vd.bad & vd.has
-            shown = vd.has & ((s.takes_over == "always") |
-                              ((s.takes_over == "where_missing") & ~np.isfinite(combined.expected)))
+            shown = vd.has & (
+                (s.takes_over == "always")
+                | ((s.takes_over == "where_missing") & ~np.isfinite(combined.expected))
+            )
             if s.sustained:
                 # a point an earlier source found bad keeps that source's expectation unless
                 # this one finds it bad too (an alert shows the band the value left)
@@ -559,13 +724,28 @@ class AlertEngine:
         last = np.append(np.flatnonzero(np.diff(blk.row)) + 1, blk.row.size) - 1
         rows = blk.row[last]
         for f in T.FIELDS:
-            fill = {"x": np.nan, "y": np.nan, "var": np.nan, "usable": False, "segment": -2, "anchor": -1,
-                    "ref": np.nan}[f]
+            fill = {
+                "x": np.nan,
+                "y": np.nan,
+                "var": np.nan,
+                "usable": False,
+                "segment": -2,
+                "anchor": -1,
+                "ref": np.nan,
+            }[f]
             getattr(T, f)[rows] = blk.window(f, last, fill)
 
     # ---- firing ----------------------------------------------------------------------------
-    def _fire_round(self, round_no: int, rb: PointBlock, bad: np.ndarray, have: np.ndarray, verdict: Verdict,
-                    shown_by: np.ndarray, windows: Optional[np.ndarray]) -> List[Alert]:
+    def _fire_round(
+        self,
+        round_no: int,
+        rb: PointBlock,
+        bad: np.ndarray,
+        have: np.ndarray,
+        verdict: Verdict,
+        shown_by: np.ndarray,
+        windows: Optional[np.ndarray],
+    ) -> List[Alert]:
         """De-duplication, cooldown, sibling context and severity for one round's points.
         Aliases (identical value windows, `alias_groups`) alert once, naming both, and
         count as one sibling; conditions of points not bad this round are cleared."""
@@ -578,22 +758,32 @@ class AlertEngine:
                 if curves[i].capability and curves[i].task is not None:
                     groups.setdefault((curves[i].capability, curves[i].metric), []).append(i)
             for i in np.flatnonzero(group_bad & (canon == np.arange(len(rb)))):
-                alert = self._fire_group(round_no, rb, int(i), canon, bad, group_bad, groups, verdict, shown_by)
+                alert = self._fire_group(
+                    round_no, rb, int(i), canon, bad, group_bad, groups, verdict, shown_by
+                )
                 if alert is not None:
                     alerts.append(alert)
         if self._dirty:
             for i in np.flatnonzero(~group_bad):
                 key = _condition(curves[i])
                 if key in self._dirty:
-                    self.book.update(key, False, round_no, hysteresis=1, cooldown=self.cooldown, severity="warning")
+                    self.book.update(
+                        key,
+                        False,
+                        round_no,
+                        hysteresis=1,
+                        cooldown=self.cooldown,
+                        severity="warning",
+                    )
                     if self.book.settled(key):
                         self._dirty.discard(key)
         for i in np.flatnonzero(group_bad):
             self._dirty.add(_condition(curves[canon[i]]))
         return alerts
 
-    def _aliases(self, rb: PointBlock, bad: np.ndarray, have: np.ndarray,
-                 windows: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    def _aliases(
+        self, rb: PointBlock, bad: np.ndarray, have: np.ndarray, windows: Optional[np.ndarray]
+    ) -> Tuple[np.ndarray, np.ndarray]:
         """Each point's alias group representative (the curve with the lowest engine row:
         a stable condition key round after round) and whether its group is bad (any
         name's verdict: their sources can differ, a reference known under one name only)."""
@@ -603,15 +793,27 @@ class AlertEngine:
             order = np.array([self.points.index[c.key] for c in rb.curves])
             cand = np.flatnonzero(have | bad)
             cand = cand[np.argsort(order[cand], kind="stable")]
-            canon[cand] = cand[alias_groups(windows[cand], [rb.curves[i].metric for i in cand],
-                                            self.params.alias_min_points)]
+            canon[cand] = cand[
+                alias_groups(
+                    windows[cand], [rb.curves[i].metric for i in cand], self.params.alias_min_points
+                )
+            ]
         group_bad = np.zeros(n, dtype=bool)
         group_bad[canon[bad]] = True
         return canon, group_bad[canon]
 
-    def _fire_group(self, round_no: int, rb: PointBlock, i: int, canon: np.ndarray, bad: np.ndarray,
-                    group_bad: np.ndarray, groups: Dict[Tuple[Any, Any], List[int]], verdict: Verdict,
-                    shown_by: np.ndarray) -> Optional[Alert]:
+    def _fire_group(
+        self,
+        round_no: int,
+        rb: PointBlock,
+        i: int,
+        canon: np.ndarray,
+        bad: np.ndarray,
+        group_bad: np.ndarray,
+        groups: Dict[Tuple[Any, Any], List[int]],
+        verdict: Verdict,
+        shown_by: np.ndarray,
+    ) -> Optional[Alert]:
         curves, c = rb.curves, rb.curves[i]
         members = np.flatnonzero(canon == i)
         src = i if bad[i] else int(members[bad[members]][0])  # the name whose verdict is bad
@@ -620,93 +822,179 @@ class AlertEngine:
         sib_bases = {curves[j].base_task for j in sib} - {c.base_task}
         bad_bases = {curves[j].base_task for j in sib if group_bad[j]} - {c.base_task}
         sgn = -1.0 if c.kind == LOSS else 1.0
-        judgement = classify(observed_good=sgn * rb.y[src], noise=verdict.noise[src], gain=verdict.gain[src],
-                             level_last=verdict.level_last[src], z=verdict.z[src], band_sigma=self.band_sigma,
-                             n_siblings=len(sib_bases), n_siblings_bad=len(bad_bases),
-                             capability_wide=names.split_capability_key(c.key) is not None)
+        judgement = classify(
+            observed_good=sgn * rb.y[src],
+            noise=verdict.noise[src],
+            gain=verdict.gain[src],
+            level_last=verdict.level_last[src],
+            z=verdict.z[src],
+            band_sigma=self.band_sigma,
+            n_siblings=len(sib_bases),
+            n_siblings_bad=len(bad_bases),
+            capability_wide=names.split_capability_key(c.key) is not None,
+        )
         key = _condition(c)
-        if not self.book.update(key, True, round_no, hysteresis=1, cooldown=self.cooldown,
-                                severity=judgement.severity):
+        if not self.book.update(
+            key, True, round_no, hysteresis=1, cooldown=self.cooldown, severity=judgement.severity
+        ):
             return None
         self._dirty.add(key)
         self.alert_counts[judgement.rule] = self.alert_counts.get(judgement.rule, 0) + 1
         source = self._source(shown_by[src])
-        return self._curve_alert(judgement.rule, judgement.severity, rb, c, src, verdict,
-                                 source.describe(verdict, src), len(sib_bases), len(bad_bases), aka)
+        return self._curve_alert(
+            judgement.rule,
+            judgement.severity,
+            rb,
+            c,
+            src,
+            verdict,
+            source.describe(verdict, src),
+            len(sib_bases),
+            len(bad_bases),
+            aka,
+        )
 
     def _source(self, name: str) -> ExpectationSource:
         return next(s for s in self.sources if s.name == name)
 
-    def _curve_alert(self, rule: str, severity: str, rb: PointBlock, c: CurveState, i: int, verdict: Verdict,
-                     source_text: str, n_sib: int, n_sib_bad: int, aka: Sequence[str]) -> Alert:
+    def _curve_alert(
+        self,
+        rule: str,
+        severity: str,
+        rb: PointBlock,
+        c: CurveState,
+        i: int,
+        verdict: Verdict,
+        source_text: str,
+        n_sib: int,
+        n_sib_bad: int,
+        aka: Sequence[str],
+    ) -> Alert:
         name = c.task or c.key
         what = f"{name} {c.metric}" if c.metric else name
         cap = c.capability or "unknown capability"
-        obs, exp, low, high, z = rb.y[i], verdict.expected[i], verdict.low[i], verdict.high[i], verdict.z[i]
+        obs, exp, low, high, z = (
+            rb.y[i],
+            verdict.expected[i],
+            verdict.low[i],
+            verdict.high[i],
+            verdict.z[i],
+        )
         lag = int(verdict.lag[i]) if verdict.lag is not None else 1
         look = LOOK_FIRST[rule].format(n_sib=n_sib, cap=cap)
         sib_txt = f"; {n_sib_bad}/{n_sib} sibling tasks also out of band" if n_sib else ""
         if source_text.startswith("ladder"):
-            lead = (f"{what} ({cap}): expected from {source_text}: {exp:.4g}, observed {obs:.4g} (band "
-                    f"[{low:.4g}, {high:.4g}], {self.params.ladder_band_sigma:g} sigma of the residual from the "
-                    f"ladder; the last {lag} rounds average z={z:.1f})")
+            lead = (
+                f"{what} ({cap}): expected from {source_text}: {exp:.4g}, observed {obs:.4g} (band "
+                f"[{low:.4g}, {high:.4g}], {self.params.ladder_band_sigma:g} sigma of the residual from the "
+                f"ladder; the last {lag} rounds average z={z:.1f})"
+            )
         else:
-            lead = (f"{what} ({cap}) is {obs:.4g}, expected {exp:.4g} from the {source_text} (band [{low:.4g}, "
-                    f"{high:.4g}], {self.band_sigma:g} sigma; the last {lag} rounds average z={z:.1f})")
-        msg = (f"{lead} in phase {rb.phase}{sib_txt}" + (f"; the same values are reported as {', '.join(aka)}"
-                                                           if aka else "") + f". Look first at: {look}.")
+            lead = (
+                f"{what} ({cap}) is {obs:.4g}, expected {exp:.4g} from the {source_text} (band [{low:.4g}, "
+                f"{high:.4g}], {self.band_sigma:g} sigma; the last {lag} rounds average z={z:.1f})"
+            )
+        msg = (
+            f"{lead} in phase {rb.phase}{sib_txt}"
+            + (f"; the same values are reported as {', '.join(aka)}" if aka else "")
+            + f". Look first at: {look}."
+        )
         tokens = rb.tokens
-        return Alert(rule=rule, severity=severity, step=int(rb.step), tokens=None if tokens is None else int(tokens),
-                     run=self.run, source=self.source, model=self.model, capability=c.capability, task=c.task,
-                     metric=c.metric or c.key, observed=float(obs), expected=float(exp),
-                     band=[float(low), float(high)], phase=rb.phase, message=msg)
+        return Alert(
+            rule=rule,
+            severity=severity,
+            step=int(rb.step),
+            tokens=None if tokens is None else int(tokens),
+            run=self.run,
+            source=self.source,
+            model=self.model,
+            capability=c.capability,
+            task=c.task,
+            metric=c.metric or c.key,
+            observed=float(obs),
+            expected=float(exp),
+            band=[float(low), float(high)],
+            phase=rb.phase,
+            message=msg,
+        )
 
     # ---- per-step and stability findings -> alerts ---------------------------------------
-    def _findings_to_alerts(self, findings: List[Finding], step: int, tokens: Optional[int], round_no: int,
-                            scope: str) -> List[Alert]:
+    def _findings_to_alerts(
+        self, findings: List[Finding], step: int, tokens: Optional[int], round_no: int, scope: str
+    ) -> List[Alert]:
         out: List[Alert] = []
         fired_keys = set()
         for f in findings:
             key = f"{scope}|{f.rule}|{f.key}"
             fired_keys.add(key)
-            if not self.book.update(key, True, round_no, hysteresis=1, cooldown=self.cooldown, severity=f.severity):
+            if not self.book.update(
+                key, True, round_no, hysteresis=1, cooldown=self.cooldown, severity=f.severity
+            ):
                 continue
             band_txt = f", band [{f.band[0]:.4g}, {f.band[1]:.4g}]" if f.band else ""
             exp_txt = f", expected {f.expected:.4g}" if f.expected is not None else ""
             obs_txt = "nan" if f.observed is None else f"{f.observed:.4g}"
             msg = f"{f.metric} = {obs_txt}{exp_txt}{band_txt} in phase {self.phase}: {f.detail}"
-            out.append(Alert(rule=f.rule, severity=f.severity, step=int(step),
-                             tokens=None if tokens is None else int(tokens), run=self.run, source=self.source,
-                             model=self.model, capability=None, task=None, metric=f.metric, observed=f.observed,
-                             expected=f.expected, band=None if f.band is None else [float(b) for b in f.band],
-                             phase=self.phase, message=msg))
+            out.append(
+                Alert(
+                    rule=f.rule,
+                    severity=f.severity,
+                    step=int(step),
+                    tokens=None if tokens is None else int(tokens),
+                    run=self.run,
+                    source=self.source,
+                    model=self.model,
+                    capability=None,
+                    task=None,
+                    metric=f.metric,
+                    observed=f.observed,
+                    expected=f.expected,
+                    band=None if f.band is None else [float(b) for b in f.band],
+                    phase=self.phase,
+                    message=msg,
+                )
+            )
         # conditions of this scope that were not raised this time are cleared
         for key in [k for k in self.book.keys_with_prefix(scope + "|") if k not in fired_keys]:
-            self.book.update(key, False, round_no, hysteresis=1, cooldown=self.cooldown, severity="warning")
+            self.book.update(
+                key, False, round_no, hysteresis=1, cooldown=self.cooldown, severity="warning"
+            )
         for a in out:
             self.alert_counts[a.rule] = self.alert_counts.get(a.rule, 0) + 1
         return out
 
     # ---- state ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        return {"version": STATE_VERSION, "run": self.run, "phases": self.phases.state_dict(),
-                "step_rules": self.step_rules.state_dict(), "rules": self.book.state_dict(),
-                "points": self.points.state_dict(), "curves": [asdict(c) for c in self.curves],
-                "sources": {s.name: s.state_dict() for s in self.sources},
-                "n_probe": self.n_probe, "n_collect": self.n_collect, "alert_counts": dict(self.alert_counts)}
+        return {
+            "version": STATE_VERSION,
+            "run": self.run,
+            "phases": self.phases.state_dict(),
+            "step_rules": self.step_rules.state_dict(),
+            "rules": self.book.state_dict(),
+            "points": self.points.state_dict(),
+            "curves": [asdict(c) for c in self.curves],
+            "sources": {s.name: s.state_dict() for s in self.sources},
+            "n_probe": self.n_probe,
+            "n_collect": self.n_collect,
+            "alert_counts": dict(self.alert_counts),
+        }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         """Loads state version 3 and version 2 (`_upgrade_v2`)."""
         if sd.get("version") == 2:
             sd = _upgrade_v2(sd)
         if sd.get("version") != STATE_VERSION:
-            raise ValueError(f"alert engine state version {sd.get('version')!r} is not {STATE_VERSION} (or 2)")
+            raise ValueError(
+                f"alert engine state version {sd.get('version')!r} is not {STATE_VERSION} (or 2)"
+            )
         self.phases.load_state_dict(sd["phases"])
         self.step_rules.load_state_dict(sd["step_rules"])
         self.book.load_state_dict(sd["rules"])
         self.curves = [CurveState(**c) for c in sd["curves"]]
         self.points = TrailingPoints.from_state(sd["points"])
-        self.points.widen(self.params.window)  # a state saved with a narrower window keeps its points
+        self.points.widen(
+            self.params.window
+        )  # a state saved with a narrower window keeps its points
         self._dirty = set(self.book.keys_with_prefix("curve|"))
         for s in self.sources:
             s.load_state_dict(sd.get("sources", {}).get(s.name, {}))
@@ -720,37 +1008,87 @@ def _upgrade_v2(sd: Dict[str, Any]) -> Dict[str, Any]:
     calibrations and paired anchors move to their sources, windows gain segments."""
     curves, calibration = [], {}
     for m in sd["meta"]:
-        curves.append(asdict(CurveState(
-            key=m["key"], task=m["task"], metric=m["metric"], capability=m["cap"], base_task=m["base_task"],
-            kind=int(m["kind"]), chance=m["lo"], takeoff_base=m["base"], above_takeoff=int(m["above"]) >= 1,
-            taken_off=bool(m["taken"]), single_point_run=int(m.get("pb", 0)))))
+        curves.append(
+            asdict(
+                CurveState(
+                    key=m["key"],
+                    task=m["task"],
+                    metric=m["metric"],
+                    capability=m["cap"],
+                    base_task=m["base_task"],
+                    kind=int(m["kind"]),
+                    chance=m["lo"],
+                    takeoff_base=m["base"],
+                    above_takeoff=int(m["above"]) >= 1,
+                    taken_off=bool(m["taken"]),
+                    single_point_run=int(m.get("pb", 0)),
+                )
+            )
+        )
         if m.get("calib") or m.get("offset") is not None:
-            calibration[m["key"]] = {"residuals": list(m.get("calib") or []), "offset": m.get("offset"),
-                                     "scatter": m.get("s_cal"), "reference_at_calibration": m.get("ref_cal_value")}
+            calibration[m["key"]] = {
+                "residuals": list(m.get("calib") or []),
+                "offset": m.get("offset"),
+                "scatter": m.get("s_cal"),
+                "reference_at_calibration": m.get("ref_cal_value"),
+            }
     segments = [-1 if m["seg"] is None else int(m["seg"]) for m in sd["meta"]]
-    points = TrailingPoints.from_state(sd["windows"], segments=segments[:len(sd["windows"]["keys"])]).state_dict()
-    return {"version": 3, "run": sd.get("run"), "phases": sd["phases"], "step_rules": sd["step_rules"],
-            "rules": sd["book"], "points": points, "curves": curves,
-            "sources": {"reference": {"calibration": calibration},
-                        "paired": {"anchors": sd.get("paired_anchor", {})}},
-            "n_probe": sd["n_probe"], "n_collect": sd["n_collect"], "alert_counts": sd.get("alert_counts", {})}
+    points = TrailingPoints.from_state(
+        sd["windows"], segments=segments[: len(sd["windows"]["keys"])]
+    ).state_dict()
+    return {
+        "version": 3,
+        "run": sd.get("run"),
+        "phases": sd["phases"],
+        "step_rules": sd["step_rules"],
+        "rules": sd["book"],
+        "points": points,
+        "curves": curves,
+        "sources": {
+            "reference": {"calibration": calibration},
+            "paired": {"anchors": sd.get("paired_anchor", {})},
+        },
+        "n_probe": sd["n_probe"],
+        "n_collect": sd["n_collect"],
+        "alert_counts": sd.get("alert_counts", {}),
+    }
 
 
 def _round_header(table: CurveTable, r: int) -> PointBlock:
     """Round r of a table as a `PointBlock` without points (what `active` reads)."""
     e = np.zeros(0)
-    return PointBlock(curves=[], y=e, var=e, kind=e, taken=e, eligible=e, step=int(table.steps[r]),
-                      tokens=table.tokens[r], phase=table.phases[r], paired=table.paired[r] if table.paired else None)
+    return PointBlock(
+        curves=[],
+        y=e,
+        var=e,
+        kind=e,
+        taken=e,
+        eligible=e,
+        step=int(table.steps[r]),
+        tokens=table.tokens[r],
+        phase=table.phases[r],
+        paired=table.paired[r] if table.paired else None,
+    )
 
 
 def _condition(c: CurveState) -> str:
     return f"curve|{c.key}"
 
 
-def _add(cols: Dict[str, list], key: str, task: Optional[str], metric: Optional[str], cap: Optional[str],
-         value: float, var: float, chance: Optional[float]) -> None:
-    for name, v in zip(("keys", "tasks", "metrics", "caps", "vals", "var", "chance"),
-                       (key, task, metric, cap, value, var, chance)):
+def _add(
+    cols: Dict[str, list],
+    key: str,
+    task: Optional[str],
+    metric: Optional[str],
+    cap: Optional[str],
+    value: float,
+    var: float,
+    chance: Optional[float],
+) -> None:
+    for name, v in zip(
+        ("keys", "tasks", "metrics", "caps", "vals", "var", "chance"),
+        (key, task, metric, cap, value, var, chance),
+    ):
         cols[name].append(v)
 
 
@@ -778,5 +1116,14 @@ def _probe_chance(r: Any, name: str, metric: str) -> Optional[float]:
     return chance_for(name)
 
 
-__all__ = ["AlertEngine", "CurveState", "CurveTable", "RuleBook", "takeoff_index", "alias_groups", "ACC", "LOSS",
-           "NEG"]
+__all__ = [
+    "AlertEngine",
+    "CurveState",
+    "CurveTable",
+    "RuleBook",
+    "takeoff_index",
+    "alias_groups",
+    "ACC",
+    "LOSS",
+    "NEG",
+]

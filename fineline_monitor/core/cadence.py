@@ -16,9 +16,17 @@ def should_collect(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def should_probe(step: int, *, every: int, tokens: Optional[int] = None, every_tokens: int = 0,
-                 last_probe_tokens: Optional[int] = None, at_start: bool = True,
-                 first_step: Optional[int] = None, not_before: Optional[int] = None) -> bool:
+def should_probe(
+    step: int,
+    *,
+    every: int,
+    tokens: Optional[int] = None,
+    every_tokens: int = 0,
+    last_probe_tokens: Optional[int] = None,
+    at_start: bool = True,
+    first_step: Optional[int] = None,
+    not_before: Optional[int] = None,
+) -> bool:
     """Run a probe round on this step?
 
     - `every` > 0: every `every` optimizer steps (step % every == 0).
@@ -42,9 +50,17 @@ def should_probe(step: int, *, every: int, tokens: Optional[int] = None, every_t
     return False
 
 
-def probe_budget_next_step(step: int, *, every: int, max_overhead: float, monitor_seconds: float,
-                           train_seconds: float, round_seconds: float, step_seconds: float,
-                           monitor_step_seconds: float = 0.0) -> Optional[int]:
+def probe_budget_next_step(
+    step: int,
+    *,
+    every: int,
+    max_overhead: float,
+    monitor_seconds: float,
+    train_seconds: float,
+    round_seconds: float,
+    step_seconds: float,
+    monitor_step_seconds: float = 0.0,
+) -> Optional[int]:
     """Whole-run budget for the monitor: None when a probe round may run at `step`, else
     the first step at which it may.
 
@@ -71,7 +87,9 @@ def probe_budget_next_step(step: int, *, every: int, max_overhead: float, monito
         return step + max(every, 1)  # no step timing yet: look again one interval later
     # Per-step indicator time eats into what each training step earns; if it alone used
     # most of the budget, rounds would never run, so at least half a step's share counts.
-    earned = max(max_overhead * step_seconds - monitor_step_seconds, 0.5 * max_overhead * step_seconds)
+    earned = max(
+        max_overhead * step_seconds - monitor_step_seconds, 0.5 * max_overhead * step_seconds
+    )
     n = max(1, math.ceil(deficit / earned))
     if every > 0:
         return -(-(step + n) // every) * every  # the first multiple of `every` at or after step + n

@@ -30,8 +30,12 @@ DEFAULT_PARAMS = DetectorParams()
 # kind codes
 ACC, LOSS, NEG = 0, 1, 2
 
-_LOWER_BETTER = re.compile(r"(^|[/_])(bpb|bits_per_byte|ppl|perplexity|loss|ce|nll|word_perplexity|byte_perplexity)$")
-_ACC_LIKE = re.compile(r"(^|[/_])(acc|acc_norm|len_norm|accuracy|exact_match|em|f1|pass@1|pass_at_1|score|mc1|mc2)$")
+_LOWER_BETTER = re.compile(
+    r"(^|[/_])(bpb|bits_per_byte|ppl|perplexity|loss|ce|nll|word_perplexity|byte_perplexity)$"
+)
+_ACC_LIKE = re.compile(
+    r"(^|[/_])(acc|acc_norm|len_norm|accuracy|exact_match|em|f1|pass@1|pass_at_1|score|mc1|mc2)$"
+)
 _NEG_LIKE = re.compile(r"(^|[/_])(gold_logprob|logprob|loglik|loglikelihood)$")
 
 
@@ -97,7 +101,10 @@ _CAPS = [
     ("code", r"humaneval|mbpp|code"),
     ("reading", r"boolq|squad|coqa|drop|lambada|race|quac"),
     ("knowledge", r"triviaqa|naturalq|nq_open|sciq|openbook|arc_easy|arc_e\b"),
-    ("commonsense", r"hellaswag|piqa|winogrande|social_?iqa|csqa|commonsense_?qa|copa|wsc|storycloze"),
+    (
+        "commonsense",
+        r"hellaswag|piqa|winogrande|social_?iqa|csqa|commonsense_?qa|copa|wsc|storycloze",
+    ),
 ]
 
 
@@ -112,7 +119,9 @@ def base_task(task: str) -> str:
     while prev != t:
         prev = t
         t = _VARIANT.sub("", t)
-    return {"openbook_qa": "openbookqa", "social_iqa": "socialiqa", "commonsense_qa": "csqa"}.get(t, t)
+    return {"openbook_qa": "openbookqa", "social_iqa": "socialiqa", "commonsense_qa": "csqa"}.get(
+        t, t
+    )
 
 
 def capability_for(task: str) -> Optional[str]:
@@ -121,7 +130,6 @@ def capability_for(task: str) -> Optional[str]:
         if re.search(pat, t):
             return cap
     return None
-
 
 
 # ---- reference runs ----------------------------------------------------------------------
@@ -144,8 +152,10 @@ class ReferenceCurves:
         self.ref_total = ref_total
         self.own_total = float(total_tokens)
         if align == "fraction" and self.own_total <= 0:
-            raise ConfigError("reference alignment `fraction` needs `alerts.reference_total_tokens` "
-                             "(this run's planned training tokens)")
+            raise ConfigError(
+                "reference alignment `fraction` needs `alerts.reference_total_tokens` "
+                "(this run's planned training tokens)"
+            )
         for c in curves:
             ok = np.isfinite(c.tokens) & (c.tokens > 0) & np.isfinite(c.values)
             if ok.sum() < 2:
@@ -171,21 +181,36 @@ class ReferenceCurves:
         return float(np.interp(xq, x, v))
 
     @classmethod
-    def from_csv(cls, path: str, model: str = "", align: str = "tokens", total_tokens: float = 0.0) -> "ReferenceCurves":
+    def from_csv(
+        cls, path: str, model: str = "", align: str = "tokens", total_tokens: float = 0.0
+    ) -> "ReferenceCurves":
         from fineline_monitor.core.trajectory import TrajectoryError, read_trajectory
 
         traj = read_trajectory(path)
         if not model:
             runs = sorted({f"{c.source}/{c.model}" for c in traj.curves})
             if len(runs) != 1:
-                raise TrajectoryError(f"{path}: holds {len(runs)} runs; set `alerts.reference_model` to one of "
-                                      f"{', '.join(runs[:20])}")
+                raise TrajectoryError(
+                    f"{path}: holds {len(runs)} runs; set `alerts.reference_model` to one of "
+                    f"{', '.join(runs[:20])}"
+                )
             model = runs[0]
         return cls(traj.select(model), align=align, total_tokens=total_tokens)
 
 
-__all__ = ["ACC", "LOSS", "NEG", "metric_kind", "chance_for", "majority_for", "capability_for", "base_task",
-           "ReferenceCurves", "LagDetection", "lagged_detect"]
+__all__ = [
+    "ACC",
+    "LOSS",
+    "NEG",
+    "metric_kind",
+    "chance_for",
+    "majority_for",
+    "capability_for",
+    "base_task",
+    "ReferenceCurves",
+    "LagDetection",
+    "lagged_detect",
+]
 
 
 # ---- the frozen-fit detector ---------------------------------------------------------------
@@ -206,7 +231,9 @@ class LagDetection:
     zpt: np.ndarray
     expected: np.ndarray
     sigma: np.ndarray
-    pred_k: np.ndarray  # (N, K) prediction of the newest point by the lag-k fit (good-direction units)
+    pred_k: (
+        np.ndarray
+    )  # (N, K) prediction of the newest point by the lag-k fit (good-direction units)
     sig_k: np.ndarray  # (N, K) its one-sigma error
     level_last: np.ndarray
     noise: np.ndarray
@@ -238,8 +265,9 @@ def _winsor_k(c: float) -> float:
     return (1 - 2 * tail) - 2 * c * phi + 2 * c * c * tail
 
 
-def _local_noise(X: np.ndarray, G: np.ndarray, m: np.ndarray,
-                 clip_sigma: float = DEFAULT_PARAMS.noise_clip_sigma) -> Tuple[np.ndarray, np.ndarray]:
+def _local_noise(
+    X: np.ndarray, G: np.ndarray, m: np.ndarray, clip_sigma: float = DEFAULT_PARAMS.noise_clip_sigma
+) -> Tuple[np.ndarray, np.ndarray]:
     """Round-to-round noise sigma from local-line residuals in log tokens.
 
     For every three consecutive usable points the middle one is compared with the straight
@@ -279,8 +307,14 @@ def _local_noise(X: np.ndarray, G: np.ndarray, m: np.ndarray,
     return np.where(c > 0, s1, np.nan), c
 
 
-def lagged_detect(X: np.ndarray, G: np.ndarray, V: np.ndarray, U: np.ndarray, floor: np.ndarray,
-                  params: DetectorParams = DEFAULT_PARAMS) -> LagDetection:
+def lagged_detect(
+    X: np.ndarray,
+    G: np.ndarray,
+    V: np.ndarray,
+    U: np.ndarray,
+    floor: np.ndarray,
+    params: DetectorParams = DEFAULT_PARAMS,
+) -> LagDetection:
     """Forward prediction from fits frozen before the newest points, for many curves.
 
     X (log tokens), G (values signed so that higher is better), V (known sampling variance,
@@ -302,8 +336,14 @@ def lagged_detect(X: np.ndarray, G: np.ndarray, V: np.ndarray, U: np.ndarray, fl
     return _profile_detect(X, G, ok_pt, noise, params)
 
 
-def _detector_noise(X: np.ndarray, G: np.ndarray, V: np.ndarray, ok_pt: np.ndarray, floor: np.ndarray,
-                    params: DetectorParams) -> np.ndarray:
+def _detector_noise(
+    X: np.ndarray,
+    G: np.ndarray,
+    V: np.ndarray,
+    ok_pt: np.ndarray,
+    floor: np.ndarray,
+    params: DetectorParams,
+) -> np.ndarray:
     """Each row's noise sigma: local-line residuals of the points before the K newest (the
     known sampling sigma where there are few), at least `floor`, then scaled up by the
     back-test's RMS ratio (at most `params.max_calibration`). Half-normal: a calibrated
@@ -311,14 +351,16 @@ def _detector_noise(X: np.ndarray, G: np.ndarray, V: np.ndarray, ok_pt: np.ndarr
     W = X.shape[1]
     K = params.lags
     pre = ok_pt.copy()
-    pre[:, max(W - K, 0):] = False
+    pre[:, max(W - K, 0) :] = False
     noise, nd = _local_noise(X, G, pre, params.noise_clip_sigma)
     v_med, _ = _masked_median(np.nan_to_num(V), np.isfinite(V) & pre)
     v_med = np.sqrt(v_med)
     noise = np.where(nd >= MIN_NOISE_RESIDUALS, noise, np.fmax(noise, v_med))
     noise = np.fmax(np.nan_to_num(noise, nan=0.0), floor)
     if params.max_calibration > 0:
-        zs = _backtest_z(X, G, ok_pt, noise, F=params.fit_points, K=K, min_fit=params.min_fit_points)
+        zs = _backtest_z(
+            X, G, ok_pt, noise, F=params.fit_points, K=K, min_fit=params.min_fit_points
+        )
         fin = np.isfinite(zs)
         ms = np.sqrt(np.where(fin, zs * zs, 0.0).sum(1) / np.maximum(fin.sum(1), 1))
         scale = np.where(fin.sum(1) >= 6, np.sqrt(2.0) * ms, 1.0)
@@ -326,8 +368,16 @@ def _detector_noise(X: np.ndarray, G: np.ndarray, V: np.ndarray, ok_pt: np.ndarr
     return noise
 
 
-def _backtest_z(X: np.ndarray, G: np.ndarray, ok_pt: np.ndarray, noise: np.ndarray, *, F: int, K: int,
-                min_fit: int) -> np.ndarray:
+def _backtest_z(
+    X: np.ndarray,
+    G: np.ndarray,
+    ok_pt: np.ndarray,
+    noise: np.ndarray,
+    *,
+    F: int,
+    K: int,
+    min_fit: int,
+) -> np.ndarray:
     """The back-test: at every usable column j in [F, W-K), the bad-side residual of
     G[:, j] from the straight line fitted to the last F usable points before it,
     standardised by noise x sqrt(1 + leverage); nan elsewhere (or with fewer than
@@ -407,8 +457,9 @@ class _LagFits:
     sse: np.ndarray  # (N, S) residual sum of squares over the fit points
 
 
-def _profile_detect(X: np.ndarray, G: np.ndarray, ok_pt: np.ndarray, noise: np.ndarray,
-                    params: DetectorParams) -> LagDetection:
+def _profile_detect(
+    X: np.ndarray, G: np.ndarray, ok_pt: np.ndarray, noise: np.ndarray, params: DetectorParams
+) -> LagDetection:
     """Frozen fits over a family of curvatures instead of one straight line: for each lag
     k and each shape a, `G ~ c + b f_a(u)` by least squares on the F points before the k
     newest; the shapes whose residual sum of squares is within `shape_chi2` noise variances
@@ -431,11 +482,21 @@ def _profile_detect(X: np.ndarray, G: np.ndarray, ok_pt: np.ndarray, noise: np.n
         out["pred_k"][:, k - 1] = np.where(fits.full, pred, np.nan)
         out["sig_k"][:, k - 1] = np.where(fits.full, sig, np.nan)
         level_last = np.where(fits.full, level, np.nan)
-    return LagDetection(z=out["z"], zpt=out["zpt"], expected=out["pred_k"][:, K - 1], sigma=out["sig_k"][:, K - 1],
-                        pred_k=out["pred_k"], sig_k=out["sig_k"], level_last=level_last, noise=noise)
+    return LagDetection(
+        z=out["z"],
+        zpt=out["zpt"],
+        expected=out["pred_k"][:, K - 1],
+        sigma=out["sig_k"][:, K - 1],
+        pred_k=out["pred_k"],
+        sig_k=out["sig_k"],
+        level_last=level_last,
+        noise=noise,
+    )
 
 
-def _fit_shapes(X: np.ndarray, G: np.ndarray, ok_pt: np.ndarray, k: int, params: DetectorParams) -> _LagFits:
+def _fit_shapes(
+    X: np.ndarray, G: np.ndarray, ok_pt: np.ndarray, k: int, params: DetectorParams
+) -> _LagFits:
     """Fit every shape to the `fit_points` usable points before the k newest columns."""
     N, W = X.shape
     fm, n = _fit_mask(ok_pt, W - k, params.fit_points)
@@ -448,29 +509,53 @@ def _fit_shapes(X: np.ndarray, G: np.ndarray, ok_pt: np.ndarray, k: int, params:
     xl = np.where(np.isfinite(x_last), x_last, 0.0)
     with np.errstate(all="ignore"):
         Uf = np.where(fm, (X - xl[:, None]) / span[:, None], 0.0)
-        Ut = (X[:, W - k:] - xl[:, None]) / span[:, None]
-    Gt = G[:, W - k:]
-    full = ok_pt[:, W - k:].all(1) & (n >= params.min_fit_points) & good
+        Ut = (X[:, W - k :] - xl[:, None]) / span[:, None]
+    Gt = G[:, W - k :]
+    full = ok_pt[:, W - k :].all(1) & (n >= params.min_fit_points) & good
     Ut = np.where(full[:, None], Ut, 0.0)
     # compact the (at most F) fit points of each row to the left: the shape loop then runs
     # on (N, F) instead of (N, W) arrays
-    order = _usable_first(fm)[:, :params.fit_points]
+    order = _usable_first(fm)[:, : params.fit_points]
     ri = np.arange(N)[:, None]
     fm, Uf, G_c = fm[ri, order], Uf[ri, order], G[ri, order]
     yb = np.where(fm, G_c, 0.0).sum(1) / nn
     dy = np.where(fm, G_c - yb[:, None], 0.0)
     syy = (dy * dy).sum(1)
     S = len(params.shapes)
-    fits = _LagFits(full=full, n=n, err=np.zeros((N, S, k)), lev=np.zeros((N, S, k)),
-                    gain_unc=np.zeros((N, S, k)), lev_mean=np.ones((N, S)), pred=np.full((N, S), np.nan),
-                    lev_pred=np.full((N, S), np.nan), level=np.full((N, S), np.nan), sse=np.full((N, S), np.inf))
+    fits = _LagFits(
+        full=full,
+        n=n,
+        err=np.zeros((N, S, k)),
+        lev=np.zeros((N, S, k)),
+        gain_unc=np.zeros((N, S, k)),
+        lev_mean=np.ones((N, S)),
+        pred=np.full((N, S), np.nan),
+        lev_pred=np.full((N, S), np.nan),
+        level=np.full((N, S), np.nan),
+        sse=np.full((N, S), np.inf),
+    )
     for j, a in enumerate(params.shapes):
-        _fit_one_shape(fits, j, float(a), fm, Uf, Ut, Gt, nn, yb, dy, syy, k, params.shape_gain_uncertainty)
+        _fit_one_shape(
+            fits, j, float(a), fm, Uf, Ut, Gt, nn, yb, dy, syy, k, params.shape_gain_uncertainty
+        )
     return fits
 
 
-def _fit_one_shape(fits: _LagFits, j: int, a: float, fm, Uf, Ut, Gt, nn, yb, dy, syy, k: int,
-                   gain_uncertainty: float) -> None:
+def _fit_one_shape(
+    fits: _LagFits,
+    j: int,
+    a: float,
+    fm,
+    Uf,
+    Ut,
+    Gt,
+    nn,
+    yb,
+    dy,
+    syy,
+    k: int,
+    gain_uncertainty: float,
+) -> None:
     """Least squares `G ~ c + b f_a(u)` of one shape; fills column j of `fits`."""
     f = np.where(fm, _shape(a, Uf), 0.0)
     fb = f.sum(1) / nn
@@ -506,10 +591,14 @@ def _judge_lag(fits: _LagFits, noise: np.ndarray, k: int, params: DetectorParams
     with np.errstate(all="ignore"):
         gm = fits.gain_unc.mean(2)
         zm_s = fits.err.mean(2) / np.sqrt(s2 * fits.lev_mean + gm * gm)
-        zp_s = (fits.err / np.sqrt(s2[:, :, None] * (1.0 + fits.lev) + fits.gain_unc * fits.gain_unc)).max(2)
+        zp_s = (
+            fits.err / np.sqrt(s2[:, :, None] * (1.0 + fits.lev) + fits.gain_unc * fits.gain_unc)
+        ).max(2)
     plaus = fits.sse <= best[:, None] + params.shape_chi2 * sig[:, None] ** 2
     pick = np.argmax(np.where(plaus, zm_s, -np.inf), axis=1)
     r = np.arange(fits.sse.shape[0])
     with np.errstate(all="ignore"):
-        sig_pred = np.sqrt(sig * sig * (1.0 + fits.lev_pred[r, pick]) + fits.gain_unc[r, pick, -1] ** 2)
+        sig_pred = np.sqrt(
+            sig * sig * (1.0 + fits.lev_pred[r, pick]) + fits.gain_unc[r, pick, -1] ** 2
+        )
     return zm_s[r, pick], zp_s[r, pick], fits.pred[r, pick], sig_pred, fits.level[r, pick]

@@ -54,7 +54,11 @@ class ScalarWindow:
         return 1.4826 * mad / math.sqrt(2.0)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"size": self.size, "steps": list(self.steps), "values": [_jsonable(v) for v in self.values]}
+        return {
+            "size": self.size,
+            "steps": list(self.steps),
+            "values": [_jsonable(v) for v in self.values],
+        }
 
     @classmethod
     def from_state(cls, sd: Dict[str, Any]) -> "ScalarWindow":
@@ -87,17 +91,24 @@ class TrailingPoints:
         self.usable = np.zeros((0, self.width), dtype=bool)
         self.segment = np.full((0, self.width), -2, dtype=np.int64)
         self.anchor = np.full((0, self.width), -1, dtype=np.int64)
-        self.ref = np.full((0, self.width), np.nan)  # a reference ladder's value at the point (nan: none)
+        self.ref = np.full(
+            (0, self.width), np.nan
+        )  # a reference ladder's value at the point (nan: none)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     @staticmethod
     def _empty(n: int, width: int) -> Dict[str, np.ndarray]:
-        return {"x": np.full((n, width), np.nan), "y": np.full((n, width), np.nan),
-                "var": np.full((n, width), np.nan), "usable": np.zeros((n, width), dtype=bool),
-                "segment": np.full((n, width), -2, dtype=np.int64), "anchor": np.full((n, width), -1, dtype=np.int64),
-                "ref": np.full((n, width), np.nan)}
+        return {
+            "x": np.full((n, width), np.nan),
+            "y": np.full((n, width), np.nan),
+            "var": np.full((n, width), np.nan),
+            "usable": np.zeros((n, width), dtype=bool),
+            "segment": np.full((n, width), -2, dtype=np.int64),
+            "anchor": np.full((n, width), -1, dtype=np.int64),
+            "ref": np.full((n, width), np.nan),
+        }
 
     def rows(self, keys: Sequence[str]) -> np.ndarray:
         """Row index of each key, adding new curves as needed."""
@@ -126,12 +137,22 @@ class TrailingPoints:
         def enc(a: np.ndarray) -> List[List[Optional[float]]]:
             return [[None if not math.isfinite(v) else float(v) for v in row] for row in a.tolist()]
 
-        return {"width": self.width, "keys": list(self.keys), "x": enc(self.x), "y": enc(self.y),
-                "var": enc(self.var), "usable": self.usable.astype(int).tolist(),
-                "segment": self.segment.tolist(), "anchor": self.anchor.tolist(), "ref": enc(self.ref)}
+        return {
+            "width": self.width,
+            "keys": list(self.keys),
+            "x": enc(self.x),
+            "y": enc(self.y),
+            "var": enc(self.var),
+            "usable": self.usable.astype(int).tolist(),
+            "segment": self.segment.tolist(),
+            "anchor": self.anchor.tolist(),
+            "ref": enc(self.ref),
+        }
 
     @classmethod
-    def from_state(cls, sd: Dict[str, Any], segments: Optional[Sequence[int]] = None) -> "TrailingPoints":
+    def from_state(
+        cls, sd: Dict[str, Any], segments: Optional[Sequence[int]] = None
+    ) -> "TrailingPoints":
         """Loads both formats. State version 2 kept a `use` mask already restricted to the
         curve's segment and no segments per point: its points get the curve's segment
         (`segments`, one per key), usable where `use` was."""
@@ -141,7 +162,9 @@ class TrailingPoints:
         n = len(w.keys)
 
         def dec(rows: Iterable) -> np.ndarray:
-            a = np.array([[math.nan if v is None else v for v in r] for r in rows], dtype=np.float64)
+            a = np.array(
+                [[math.nan if v is None else v for v in r] for r in rows], dtype=np.float64
+            )
             return a.reshape(n, w.width)
 
         w.x, w.y, w.var = dec(sd["x"]), dec(sd["y"]), dec(sd["var"])

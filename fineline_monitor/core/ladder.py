@@ -32,7 +32,6 @@ import copy
 import math
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -44,7 +43,9 @@ from fineline_monitor.core.trajectory import Curve, TrajectoryError, read_trajec
 ALIGNMENTS = ("tokens", "steps", "fraction", "compute")
 ALIGN_CHOICES = ("auto",) + ALIGNMENTS
 
-SMOOTH_BANDWIDTH = 0.15  # half-width of the smoothing window, in natural-log units of the coordinate
+SMOOTH_BANDWIDTH = (
+    0.15  # half-width of the smoothing window, in natural-log units of the coordinate
+)
 SMOOTH_MIN_NEIGHBOURS = 5
 SMOOTH_GRID = 200  # a smoothed curve is kept on at most this many coordinates
 AUTO_MAX_CURVES = 24  # curves used to choose the alignment (enough to rank; keeps it ~seconds)
@@ -70,7 +71,11 @@ class ReferenceRun:
     def total_tokens(self) -> Optional[float]:
         """The run's last tokens (its length); computed once, the curves do not change."""
         if "_total" not in self.__dict__:
-            last = [float(np.nanmax(c.tokens)) for c in self.curves.values() if np.isfinite(c.tokens).any()]
+            last = [
+                float(np.nanmax(c.tokens))
+                for c in self.curves.values()
+                if np.isfinite(c.tokens).any()
+            ]
             self.__dict__["_total"] = max(last) if last else None
         return self.__dict__["_total"]
 
@@ -111,8 +116,9 @@ def _read_table(path: str):
     return read_trajectory(p)
 
 
-def read_reference_runs(paths: Sequence[str], select: Sequence[str] = (),
-                        tables: Optional[Dict[str, Any]] = None) -> List[ReferenceRun]:
+def read_reference_runs(
+    paths: Sequence[str], select: Sequence[str] = (), tables: Optional[Dict[str, Any]] = None
+) -> List[ReferenceRun]:
     """The reference runs in `paths`; `select` keeps runs named `model` or `source/model`;
     `tables`: tables already read, by path (`analyze` of a table against runs of itself).
 
@@ -126,16 +132,24 @@ def read_reference_runs(paths: Sequence[str], select: Sequence[str] = (),
         except TrajectoryError as e:
             raise LadderError(f"reference {path}: {e}") from None
         except Exception as e:  # an unreadable run.db, a folder without results
-            raise LadderError(f"reference {path}: cannot read it ({type(e).__name__}: {e})") from None
+            raise LadderError(
+                f"reference {path}: cannot read it ({type(e).__name__}: {e})"
+            ) from None
         runs.extend(runs_from_curves(table.curves))
     if select:
         wanted = [s.strip() for s in select if s.strip()]
         chosen = []
         for s in wanted:
-            hits = [r for r in runs if r.name == s or r.name.split("/", 1)[-1] == s or r.name.endswith("/" + s)]
+            hits = [
+                r
+                for r in runs
+                if r.name == s or r.name.split("/", 1)[-1] == s or r.name.endswith("/" + s)
+            ]
             if not hits:
                 have = ", ".join(r.name for r in runs[:20])
-                raise LadderError(f"reference run `{s}` is not in {', '.join(map(str, paths))}; runs there: {have}")
+                raise LadderError(
+                    f"reference run `{s}` is not in {', '.join(map(str, paths))}; runs there: {have}"
+                )
             chosen.extend(h for h in hits if h not in chosen)
         runs = chosen
     if not runs:
@@ -143,7 +157,9 @@ def read_reference_runs(paths: Sequence[str], select: Sequence[str] = (),
     return runs
 
 
-def coordinate(align: str, steps, tokens, params: Optional[float], total_tokens: Optional[float]) -> np.ndarray:
+def coordinate(
+    align: str, steps, tokens, params: Optional[float], total_tokens: Optional[float]
+) -> np.ndarray:
     """Where points lie on the shared coordinate (natural log); NaN where it is undefined."""
     steps = np.asarray(steps, dtype=float)
     tokens = np.asarray(tokens, dtype=float)
@@ -204,12 +220,19 @@ class Ladder:
     `fraction` alignment needs. Construction raises LadderError for a ladder it cannot align.
     """
 
-    def __init__(self, runs: Sequence[ReferenceRun], *, align: str = "auto",
-                 target_total_tokens: Optional[float] = None):
+    def __init__(
+        self,
+        runs: Sequence[ReferenceRun],
+        *,
+        align: str = "auto",
+        target_total_tokens: Optional[float] = None,
+    ):
         if not runs:
             raise LadderError("the reference ladder holds no run")
         if align not in ALIGN_CHOICES:
-            raise LadderError(f"reference alignment {align!r} must be one of {', '.join(ALIGN_CHOICES)}")
+            raise LadderError(
+                f"reference alignment {align!r} must be one of {', '.join(ALIGN_CHOICES)}"
+            )
         self.runs = list(runs)
         self.target_total_tokens = float(target_total_tokens) if target_total_tokens else None
         feasible = self.feasible_alignments()
@@ -226,8 +249,11 @@ class Ladder:
         """This ladder for judging run `name` of planned length `total_tokens`: without that
         run itself (a table judged against a ladder cut from it), alignment kept."""
         if name in self.names and len(self.runs) > 1:
-            out = Ladder([r for r in self.runs if r.name != name], align=self.align,
-                         target_total_tokens=total_tokens or self.target_total_tokens)
+            out = Ladder(
+                [r for r in self.runs if r.name != name],
+                align=self.align,
+                target_total_tokens=total_tokens or self.target_total_tokens,
+            )
             return out
         out = copy.copy(self)  # shares the smoothed references: they do not depend on the target
         out.target_total_tokens = float(total_tokens) if total_tokens else self.target_total_tokens
@@ -263,13 +289,18 @@ class Ladder:
     def _unalignable(self, what: str) -> str:
         missing = []
         if not all(r.has_tokens for r in self.runs):
-            missing.append("tokens in every reference run (runs without: "
-                           + ", ".join(r.name for r in self.runs if not r.has_tokens) + ")")
+            missing.append(
+                "tokens in every reference run (runs without: "
+                + ", ".join(r.name for r in self.runs if not r.has_tokens)
+                + ")"
+            )
         if not self.target_total_tokens:
             missing.append("this run's planned training tokens (alerts.reference.total_tokens)")
         if not all(r.params for r in self.runs):
             missing.append("the parameter count of every reference run (its `params` column)")
-        return f"cannot align the reference runs with {what}: needs " + "; ".join(missing or ["steps"])
+        return f"cannot align the reference runs with {what}: needs " + "; ".join(
+            missing or ["steps"]
+        )
 
     # -- prediction -------------------------------------------------------------------------
     def _x(self, align: str, run_params, steps, tokens, total_tokens) -> np.ndarray:
@@ -296,8 +327,16 @@ class Ladder:
     def covers(self, task: str, metric: str) -> bool:
         return bool(self._smoothed((task, metric)))
 
-    def predict(self, task: str, metric: str, *, steps, tokens, params: Optional[float] = None,
-                total_tokens: Optional[float] = None) -> np.ndarray:
+    def predict(
+        self,
+        task: str,
+        metric: str,
+        *,
+        steps,
+        tokens,
+        params: Optional[float] = None,
+        total_tokens: Optional[float] = None,
+    ) -> np.ndarray:
         """The ladder's value of (task, metric) at the target's points; NaN where not covered."""
         total = total_tokens if total_tokens else self.target_total_tokens
         x = self._x(self.align, params, steps, tokens, total)
@@ -334,7 +373,9 @@ class Ladder:
                 pred = _across_sizes(sm, x, held.params)
                 e = _level_calibrated_errors(c.values.astype(float), pred)
                 if e is not None:
-                    span = float(np.nanpercentile(c.values, 95) - np.nanpercentile(c.values, 5)) or 1.0
+                    span = (
+                        float(np.nanpercentile(c.values, 95) - np.nanpercentile(c.values, 5)) or 1.0
+                    )
                     errs.append(float(np.median(e)) / span)
         return float(np.mean(errs)) if errs else math.inf
 
@@ -371,8 +412,6 @@ def _across_sizes(smoothed: List[_Smoothed], x: np.ndarray, params: Optional[flo
     return mean + slope * (math.log(params) - mx)
 
 
-
-
 def configured_reference(alerts_cfg: Any) -> Tuple[List[str], List[str], str, float]:
     """(files, runs, align, total_tokens) from `alerts.reference`, or from the older single-run
     fields (`reference_csv`, `reference_model`, `reference_align`, `reference_total_tokens`)."""
@@ -386,9 +425,15 @@ def configured_reference(alerts_cfg: Any) -> Tuple[List[str], List[str], str, fl
     return [], [], ref.align, float(ref.total_tokens)
 
 
-def ladder_from_config(alerts_cfg: Any, *, run_params: Optional[float] = None, files: Sequence[str] = (),
-                       runs: Sequence[str] = (), total_tokens_known: bool = False,
-                       tables: Optional[Dict[str, Any]] = None) -> Tuple[Optional[Ladder], List[str]]:
+def ladder_from_config(
+    alerts_cfg: Any,
+    *,
+    run_params: Optional[float] = None,
+    files: Sequence[str] = (),
+    runs: Sequence[str] = (),
+    total_tokens_known: bool = False,
+    tables: Optional[Dict[str, Any]] = None,
+) -> Tuple[Optional[Ladder], List[str]]:
     """The reference ladder the config (or `files`/`runs`, given on the command line) names.
 
     Returns (ladder or None, notes). A file that cannot be read or a run that is not in it
@@ -407,17 +452,23 @@ def ladder_from_config(alerts_cfg: Any, *, run_params: Optional[float] = None, f
     sizes = sorted({r.params for r in members if r.params})
     if len(members) >= 2 and len(sizes) < 2:
         have = ", ".join(f"{r.name.rsplit('/', 1)[-1]} ({_params_text(r.params)})" for r in members)
-        return None, [f"the reference ladder needs runs of at least two sizes for its fit across sizes; it has "
-                      f"{len(sizes)} ({have}): give each run's parameter count (the `params` column) or keep one "
-                      f"reference run" + fallback]
+        return None, [
+            f"the reference ladder needs runs of at least two sizes for its fit across sizes; it has "
+            f"{len(sizes)} ({have}): give each run's parameter count (the `params` column) or keep one "
+            f"reference run" + fallback
+        ]
     try:
-        ladder = Ladder(members, align=align, target_total_tokens=total or (1.0 if total_tokens_known else None))
+        ladder = Ladder(
+            members, align=align, target_total_tokens=total or (1.0 if total_tokens_known else None)
+        )
     except LadderError as e:
         return None, [f"{e}" + fallback]
     notes = []
     if len(sizes) >= 2 and not run_params:
-        notes.append(f"this run's parameter count is unknown (set alerts.reference.params): {ladder.describe()} "
-                     f"gives the mean of its runs, not a fit across sizes")
+        notes.append(
+            f"this run's parameter count is unknown (set alerts.reference.params): {ladder.describe()} "
+            f"gives the mean of its runs, not a fit across sizes"
+        )
     return ladder, notes
 
 
@@ -425,5 +476,16 @@ def _params_text(p: Optional[float]) -> str:
     return "size unknown" if not p else f"{p / 1e6:.0f}M parameters"
 
 
-__all__ = ["ALIGNMENTS", "ALIGN_CHOICES", "Ladder", "LadderError", "ReferenceRun", "coordinate", "configured_reference",
-           "ladder_from_config", "read_reference_runs", "runs_from_curves", "smooth_on_grid"]
+__all__ = [
+    "ALIGNMENTS",
+    "ALIGN_CHOICES",
+    "Ladder",
+    "LadderError",
+    "ReferenceRun",
+    "coordinate",
+    "configured_reference",
+    "ladder_from_config",
+    "read_reference_runs",
+    "runs_from_curves",
+    "smooth_on_grid",
+]

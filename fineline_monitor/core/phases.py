@@ -35,7 +35,9 @@ def parse_declared(specs: List[str]) -> List[Tuple[int, str]]:
         name, _, step = s.partition("@")
         name = name.strip()
         if name not in PHASES or not step.strip().isdigit():
-            raise ValueError(f"phase {s!r} must be `PHASE@STEP` with PHASE one of {', '.join(PHASES)}")
+            raise ValueError(
+                f"phase {s!r} must be `PHASE@STEP` with PHASE one of {', '.join(PHASES)}"
+            )
         out.append((int(step), name))
     return sorted(out)
 
@@ -43,13 +45,29 @@ def parse_declared(specs: List[str]) -> List[Tuple[int, str]]:
 class PhaseTracker:
     """Tracks the current phase; records transitions as {step, tokens, phase, previous}."""
 
-    def __init__(self, declared: Optional[List[str]] = None, warmup_steps: int = 0, *,
-                 decay_frac: float = 0.9, anneal_frac: float = 0.1, rel_tol: float = 0.01, settle: int = 2):
+    def __init__(
+        self,
+        declared: Optional[List[str]] = None,
+        warmup_steps: int = 0,
+        *,
+        decay_frac: float = 0.9,
+        anneal_frac: float = 0.1,
+        rel_tol: float = 0.01,
+        settle: int = 2,
+    ):
         self.declared = parse_declared(declared or [])
         self.warmup_steps = int(warmup_steps)
-        self.decay_frac, self.anneal_frac, self.rel_tol, self.settle = decay_frac, anneal_frac, rel_tol, settle
-        self.phase: str = "warmup" if (self.warmup_steps > 0 or (self.declared and self.declared[0][1] == "warmup")) \
+        self.decay_frac, self.anneal_frac, self.rel_tol, self.settle = (
+            decay_frac,
+            anneal_frac,
+            rel_tol,
+            settle,
+        )
+        self.phase: str = (
+            "warmup"
+            if (self.warmup_steps > 0 or (self.declared and self.declared[0][1] == "warmup"))
             else "stable"
+        )
         self.segment = 0  # increments on every transition: expectations are per segment
         self.peak_lr = 0.0
         self.last_lr: Optional[float] = None
@@ -58,7 +76,9 @@ class PhaseTracker:
         self.seen_plateau = False
         self.n_lr = 0
         self.changes: List[Dict[str, Any]] = []
-        self.history: List[Dict[str, Any]] = []  # every transition ever, for reports (bounded below)
+        self.history: List[
+            Dict[str, Any]
+        ] = []  # every transition ever, for reports (bounded below)
         self._started = False
         self._pending: Optional[Tuple[int, Optional[float]]] = None
 
@@ -91,12 +111,16 @@ class PhaseTracker:
         if previous is not None:
             self.segment += 1
         self.phase = new
-        ev = {"step": int(step), "tokens": None if tokens is None else int(tokens), "phase": new,
-              "previous": previous}
+        ev = {
+            "step": int(step),
+            "tokens": None if tokens is None else int(tokens),
+            "phase": new,
+            "previous": previous,
+        }
         self.changes.append(ev)
         self.history.append(ev)
         if len(self.history) > 200:  # bounded state: keep the first and the latest transitions
-            del self.history[1:len(self.history) - 150]
+            del self.history[1 : len(self.history) - 150]
 
     def pop_changes(self) -> List[Dict[str, Any]]:
         out, self.changes = self.changes, []
@@ -144,9 +168,16 @@ class PhaseTracker:
         cur = self.phase
         peak = self.peak_lr
         if self._rising:
-            was_low = peak > 0 and self.min_since_peak is not None and self.min_since_peak < self.decay_frac * peak
-            if cur in ("decay", "anneal") or (cur == "stable" and self.seen_plateau and
-                                              (was_low or lr > peak * (1 + 10 * self.rel_tol))):
+            was_low = (
+                peak > 0
+                and self.min_since_peak is not None
+                and self.min_since_peak < self.decay_frac * peak
+            )
+            if cur in ("decay", "anneal") or (
+                cur == "stable"
+                and self.seen_plateau
+                and (was_low or lr > peak * (1 + 10 * self.rel_tol))
+            ):
                 new = "rewarm"
             elif cur == "rewarm":
                 new = "rewarm"
@@ -179,10 +210,19 @@ class PhaseTracker:
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        return {"phase": self.phase, "segment": self.segment, "peak_lr": self.peak_lr, "last_lr": self.last_lr,
-                "min_since_peak": self.min_since_peak, "flat_count": self.flat_count,
-                "seen_plateau": self.seen_plateau, "n_lr": self.n_lr, "history": list(self.history),
-                "started": self._started, "pending": list(self._pending) if self._pending else None}
+        return {
+            "phase": self.phase,
+            "segment": self.segment,
+            "peak_lr": self.peak_lr,
+            "last_lr": self.last_lr,
+            "min_since_peak": self.min_since_peak,
+            "flat_count": self.flat_count,
+            "seen_plateau": self.seen_plateau,
+            "n_lr": self.n_lr,
+            "history": list(self.history),
+            "started": self._started,
+            "pending": list(self._pending) if self._pending else None,
+        }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         self.phase = sd["phase"]

@@ -59,7 +59,7 @@ class Finding:
 
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
-NEVER = -10 ** 9  # the round a condition that never fired last fired
+NEVER = -(10**9)  # the round a condition that never fired last fired
 
 
 @dataclass
@@ -78,8 +78,9 @@ class RuleBook:
     def __init__(self) -> None:
         self.states: Dict[str, RuleState] = {}
 
-    def update(self, key: str, true: bool, round_no: int, *, hysteresis: int, cooldown: int,
-               severity: str) -> bool:
+    def update(
+        self, key: str, true: bool, round_no: int, *, hysteresis: int, cooldown: int, severity: str
+    ) -> bool:
         """Record this round's truth of a condition; True when it fires now."""
         st = self.states.get(key)
         if st is None:
@@ -115,18 +116,30 @@ class RuleBook:
 
     def state_dict(self) -> Dict[str, Any]:
         # bounded: only conditions that are active, counting, or inside their cooldown matter
-        return {k: asdict(v) for k, v in self.states.items()
-                if v.consecutive or v.active or v.last_fired_round > NEVER}
+        return {
+            k: asdict(v)
+            for k, v in self.states.items()
+            if v.consecutive or v.active or v.last_fired_round > NEVER
+        }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         """Loads both formats: named fields, or the list [consecutive, last_fired_round,
         active, severity] of state version 2."""
-        self.states = {k: RuleState(**v) if isinstance(v, dict) else
-                       RuleState(int(v[0]), int(v[1]), bool(v[2]), str(v[3])) for k, v in sd.items()}
+        self.states = {
+            k: RuleState(**v)
+            if isinstance(v, dict)
+            else RuleState(int(v[0]), int(v[1]), bool(v[2]), str(v[3]))
+            for k, v in sd.items()
+        }
 
 
-def single_point_hysteresis(runs: np.ndarray, judged: np.ndarray, point_bad: np.ndarray, eligible: np.ndarray,
-                            hysteresis: int) -> Tuple[np.ndarray, np.ndarray]:
+def single_point_hysteresis(
+    runs: np.ndarray,
+    judged: np.ndarray,
+    point_bad: np.ndarray,
+    eligible: np.ndarray,
+    hysteresis: int,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Consecutive bad single-point verdicts per curve. `runs` is each curve's count so
     far, `judged` where a single-point source gave a verdict this round, `point_bad` where
     it was bad. A curve without a verdict this round starts counting again. Returns the
@@ -148,8 +161,18 @@ class Judgement:
     severity: str
 
 
-def classify(*, observed_good: float, noise: float, gain: float, level_last: float, z: float, band_sigma: float,
-             n_siblings: int, n_siblings_bad: int, capability_wide: bool) -> Judgement:
+def classify(
+    *,
+    observed_good: float,
+    noise: float,
+    gain: float,
+    level_last: float,
+    z: float,
+    band_sigma: float,
+    n_siblings: int,
+    n_siblings_bad: int,
+    capability_wide: bool,
+) -> Judgement:
     """Name a bad verdict on one curve. `observed_good`, `gain` and `level_last` are in
     good-direction units (higher is better): a stall is a curve holding the level its
     frozen fit had at its last point while the fit expected a clear gain (a drop would be
@@ -157,13 +180,19 @@ def classify(*, observed_good: float, noise: float, gain: float, level_last: flo
     other distinct tasks of its capability are not; otherwise a regression, critical when
     deep (z below 2 x band_sigma) and capability-wide (at least two other distinct tasks
     out of band too and they are half or more, or a capability score itself)."""
-    if math.isfinite(gain) and math.isfinite(level_last) and gain > 2.0 * noise and \
-            observed_good > level_last - noise:
+    if (
+        math.isfinite(gain)
+        and math.isfinite(level_last)
+        and gain > 2.0 * noise
+        and observed_good > level_last - noise
+    ):
         return Judgement("capability_stall", "warning")
     if n_siblings >= 2 and n_siblings_bad * 2 < n_siblings:
         return Judgement("sibling_divergence", "warning")
     deep = math.isfinite(z) and z < -2 * band_sigma
-    wide = (n_siblings >= 2 and n_siblings_bad >= 2 and n_siblings_bad * 2 >= n_siblings) or capability_wide
+    wide = (
+        n_siblings >= 2 and n_siblings_bad >= 2 and n_siblings_bad * 2 >= n_siblings
+    ) or capability_wide
     return Judgement("capability_regression", "critical" if (deep and wide) else "warning")
 
 
@@ -176,7 +205,9 @@ def _f(x: Any) -> Optional[float]:
 
 
 SKIP_HORIZON = 200  # steps over which loss-scaler skips are counted
-SKIP_WARN = 10  # skips within SKIP_HORIZON steps that warn (5%, ~50-100x a healthy dynamic scaler's rate)
+SKIP_WARN = (
+    10  # skips within SKIP_HORIZON steps that warn (5%, ~50-100x a healthy dynamic scaler's rate)
+)
 
 
 class StepRules:
@@ -190,8 +221,12 @@ class StepRules:
         self.ratio: Dict[str, ScalarWindow] = {}
         self.loss_high = 0  # consecutive collections with the loss far above its level
         self.nonfinite_seen = 0
-        self.skips: Deque[Tuple[int, float]] = deque()  # (collect step, steps skipped in its window)
-        self.first_step: Optional[int] = None  # first step seen since attach (or in the saved state)
+        self.skips: Deque[Tuple[int, float]] = (
+            deque()
+        )  # (collect step, steps skipped in its window)
+        self.first_step: Optional[int] = (
+            None  # first step seen since attach (or in the saved state)
+        )
         self.last_expectation: Optional[Dict[str, Any]] = None
 
     def observe(self, step: int, metrics: Dict[str, float], phase: str) -> List[Finding]:
@@ -210,10 +245,20 @@ class StepRules:
         nf_grad = _f(m.get(names.NONFINITE_GRAD)) or 0.0
         gn = _f(m.get(names.GRAD_NORM))
         if (loss is not None and not math.isfinite(loss)) or nf_loss > 0:
-            out.append(Finding("nonfinite", "critical", names.LOSS, loss, None, None,
-                               "the training loss is NaN/inf. Look first at: the batch of this step (data "
-                               "corruption), the LR at this step, and the last grad_norm / attention-logit "
-                               "values; restore from the last good checkpoint.", key="loss"))
+            out.append(
+                Finding(
+                    "nonfinite",
+                    "critical",
+                    names.LOSS,
+                    loss,
+                    None,
+                    None,
+                    "the training loss is NaN/inf. Look first at: the batch of this step (data "
+                    "corruption), the LR at this step, and the last grad_norm / attention-logit "
+                    "values; restore from the last good checkpoint.",
+                    key="loss",
+                )
+            )
         # optim/nonfinite_grad counts NaN/inf gradient norms on steps not flagged as skipped;
         # steps a dynamic loss scaler skipped for overflow are counted apart, in
         # optim/skipped_steps (steps skipped since the last collection), by the indicators.
@@ -227,11 +272,20 @@ class StepRules:
             # (A scale of exactly 1 is what bf16/fp32 optimizers report: no scaler, no skip.)
             skipped += max(nf_grad, 1.0)
         elif grad_bad:
-            out.append(Finding("nonfinite", "critical", names.NONFINITE_GRAD, nf_grad if gn is None else gn,
-                               0.0, None,
-                               "gradients are NaN/inf and no loss scaler is there to skip the step, so the update "
-                               "was applied. Look first at: the batch of this step, the LR, the grad_norm history, "
-                               "attention logits.", key="grad"))
+            out.append(
+                Finding(
+                    "nonfinite",
+                    "critical",
+                    names.NONFINITE_GRAD,
+                    nf_grad if gn is None else gn,
+                    0.0,
+                    None,
+                    "gradients are NaN/inf and no loss scaler is there to skip the step, so the update "
+                    "was applied. Look first at: the batch of this step, the LR, the grad_norm history, "
+                    "attention logits.",
+                    key="grad",
+                )
+            )
         # Skips are judged as a rate over the last SKIP_HORIZON steps, outside warmup: a
         # dynamic scaler in steady state skips about one step per growth interval (1000-2000
         # steps), and backs off from its initial scale with a burst of skips at start-up.
@@ -242,15 +296,30 @@ class StepRules:
             self.first_step = int(step)
         while self.skips and self.skips[0][0] <= step - SKIP_HORIZON:
             self.skips.popleft()
-        if skipped > 0 and phase not in ("warmup", "rewarm") and step - self.first_step >= SKIP_HORIZON:
+        if (
+            skipped > 0
+            and phase not in ("warmup", "rewarm")
+            and step - self.first_step >= SKIP_HORIZON
+        ):
             self.skips.append((int(step), float(skipped)))
         recent = sum(n for _, n in self.skips)
         if recent >= SKIP_WARN:
-            out.append(Finding("nonfinite", "warning", names.SKIPPED_STEPS, recent, 0.0, None,
-                               f"{recent:.0f} of the last {SKIP_HORIZON} steps were skipped for overflowing "
-                               f"gradients" + (f" (loss scale now {scale:g})" if scale is not None else "")
-                               + ": the loss scaler keeps overflowing. Look first at: the loss scale trend, "
-                               "grad_norm, attention logits.", key="grad-scaler"))
+            out.append(
+                Finding(
+                    "nonfinite",
+                    "warning",
+                    names.SKIPPED_STEPS,
+                    recent,
+                    0.0,
+                    None,
+                    f"{recent:.0f} of the last {SKIP_HORIZON} steps were skipped for overflowing "
+                    f"gradients"
+                    + (f" (loss scale now {scale:g})" if scale is not None else "")
+                    + ": the loss scaler keeps overflowing. Look first at: the loss scale trend, "
+                    "grad_norm, attention logits.",
+                    key="grad-scaler",
+                )
+            )
         return out
 
     # ---- loss spike (robust z) and divergence ------------------------------------------
@@ -267,22 +336,43 @@ class StepRules:
             # relative floor: a loss that moves by 0.2% is not a spike whatever the noise says
             noise = max(noise if math.isfinite(noise) else 0.0, 2e-3 * abs(level), 1e-6)
             z = (loss - level) / noise
-            self.last_expectation = {"name": names.LOSS, "expected": level, "low": level - thr * noise,
-                                     "high": level + thr * noise}
+            self.last_expectation = {
+                "name": names.LOSS,
+                "expected": level,
+                "low": level - thr * noise,
+                "high": level + thr * noise,
+            }
             if z > thr:
                 self.loss_high += 1
-                out.append(Finding("loss_spike", "warning", names.LOSS, loss, level,
-                                   [level - thr * noise, level + thr * noise],
-                                   f"robust z = {z:.1f} (threshold {thr:g}). Look first at: the LR at this step, "
-                                   "the data batch (corruption, a repeated or out-of-domain shard), grad_norm.",
-                                   key="loss"))
+                out.append(
+                    Finding(
+                        "loss_spike",
+                        "warning",
+                        names.LOSS,
+                        loss,
+                        level,
+                        [level - thr * noise, level + thr * noise],
+                        f"robust z = {z:.1f} (threshold {thr:g}). Look first at: the LR at this step, "
+                        "the data batch (corruption, a repeated or out-of-domain shard), grad_norm.",
+                        key="loss",
+                    )
+                )
                 if self.loss_high >= 5:
-                    out.append(Finding("loss_divergence", "critical", names.LOSS, loss, level,
-                                       [level - thr * noise, level + thr * noise],
-                                       f"the loss has stayed {z:.1f} sigma above its recent level for "
-                                       f"{self.loss_high} collections: training is diverging. Look first at: the LR "
-                                       "schedule, attention logits (stability/attn_logit_max), grad_norm; consider "
-                                       "restoring the last good checkpoint with a lower LR.", key="loss"))
+                    out.append(
+                        Finding(
+                            "loss_divergence",
+                            "critical",
+                            names.LOSS,
+                            loss,
+                            level,
+                            [level - thr * noise, level + thr * noise],
+                            f"the loss has stayed {z:.1f} sigma above its recent level for "
+                            f"{self.loss_high} collections: training is diverging. Look first at: the LR "
+                            "schedule, attention logits (stability/attn_logit_max), grad_norm; consider "
+                            "restoring the last good checkpoint with a lower LR.",
+                            key="loss",
+                        )
+                    )
                 # a spike is not learnt into the level (the median would adapt anyway)
                 w.append(step, loss)
                 return out
@@ -301,11 +391,20 @@ class StepRules:
         if len(w) >= self.min_points:
             med = w.median(last=32)
             if med > 0 and g > factor * med:
-                out.append(Finding("grad_norm_spike", "warning", names.GRAD_NORM, g, med, [0.0, factor * med],
-                                   f"grad norm {g:.3g} is {g / med:.1f}x its rolling median {med:.3g} (threshold "
-                                   f"{factor:g}x). Look first at: the loss at the same step, the LR, the batch; "
-                                   "with gradient clipping the update is bounded but the batch may be bad.",
-                                   key="grad_norm"))
+                out.append(
+                    Finding(
+                        "grad_norm_spike",
+                        "warning",
+                        names.GRAD_NORM,
+                        g,
+                        med,
+                        [0.0, factor * med],
+                        f"grad norm {g:.3g} is {g / med:.1f}x its rolling median {med:.3g} (threshold "
+                        f"{factor:g}x). Look first at: the loss at the same step, the LR, the batch; "
+                        "with gradient clipping the update is bounded but the batch may be bad.",
+                        key="grad_norm",
+                    )
+                )
         w.append(step, g)
         return out
 
@@ -324,30 +423,65 @@ class StepRules:
             w = self.ratio.setdefault(name, ScalarWindow(64))
             group = item or "all"
             if r > hi:
-                out.append(Finding("update_ratio", "warning", name, r, None, [lo, hi],
-                                   f"update/param ratio {r:.3g} of group `{group}` is above {hi:g}: each step "
-                                   "rewrites too much of the weights. Look first at: the LR (a spike?), the "
-                                   "optimizer state after a restart, weight decay.", key=name))
+                out.append(
+                    Finding(
+                        "update_ratio",
+                        "warning",
+                        name,
+                        r,
+                        None,
+                        [lo, hi],
+                        f"update/param ratio {r:.3g} of group `{group}` is above {hi:g}: each step "
+                        "rewrites too much of the weights. Look first at: the LR (a spike?), the "
+                        "optimizer state after a restart, weight decay.",
+                        key=name,
+                    )
+                )
             elif r < lo and phase not in ("warmup",) and (lr is None or lr > 0):
-                out.append(Finding("update_ratio", "warning", name, r, None, [lo, hi],
-                                   f"update/param ratio {r:.3g} of group `{group}` is below {lo:g}: this group "
-                                   "has stopped learning. Look first at: frozen parameters, LR of the group, "
-                                   "grad RMS vs Adam eps.", key=name))
+                out.append(
+                    Finding(
+                        "update_ratio",
+                        "warning",
+                        name,
+                        r,
+                        None,
+                        [lo, hi],
+                        f"update/param ratio {r:.3g} of group `{group}` is below {lo:g}: this group "
+                        "has stopped learning. Look first at: frozen parameters, LR of the group, "
+                        "grad RMS vs Adam eps.",
+                        key=name,
+                    )
+                )
             elif len(w) >= self.min_points:
                 med = w.median(last=32)
                 jump = self.cfg.grad_spike_factor * (2.0 if phase in ("warmup", "rewarm") else 1.0)
                 if med > 0 and r > jump * med:
-                    out.append(Finding("update_ratio", "warning", name, r, med, [lo, jump * med],
-                                       f"update/param ratio of group `{group}` jumped to {r:.3g}, {r / med:.1f}x its "
-                                       f"rolling median. Look first at: the LR at this step (a spike?), "
-                                       "the loss and grad norm.", key=name))
+                    out.append(
+                        Finding(
+                            "update_ratio",
+                            "warning",
+                            name,
+                            r,
+                            med,
+                            [lo, jump * med],
+                            f"update/param ratio of group `{group}` jumped to {r:.3g}, {r / med:.1f}x its "
+                            f"rolling median. Look first at: the LR at this step (a spike?), "
+                            "the loss and grad norm.",
+                            key=name,
+                        )
+                    )
             w.append(step, r)
         return out
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"loss": self.loss.state_dict(), "grad": self.grad.state_dict(),
-                "ratio": {k: v.state_dict() for k, v in self.ratio.items()}, "loss_high": self.loss_high,
-                "skips": [list(x) for x in self.skips], "first_step": self.first_step}
+        return {
+            "loss": self.loss.state_dict(),
+            "grad": self.grad.state_dict(),
+            "ratio": {k: v.state_dict() for k, v in self.ratio.items()},
+            "loss_high": self.loss_high,
+            "skips": [list(x) for x in self.skips],
+            "first_step": self.first_step,
+        }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         self.loss = ScalarWindow.from_state(sd["loss"])
@@ -364,36 +498,84 @@ def probe_extra_rules(cfg: Any, extra: Dict[str, float]) -> List[Finding]:
     attn = _f(extra.get(names.ATTN_LOGIT_MAX))
     if attn is not None:
         layers = names.items_of(names.ATTN_LOGIT_MAX, extra)
-        worst = max(((v, k) for k, v in layers.items() if v is not None and math.isfinite(v)), default=None)
+        worst = max(
+            ((v, k) for k, v in layers.items() if v is not None and math.isfinite(v)), default=None
+        )
         where = f" (worst layer {worst[1]}: {worst[0]:.3g})" if worst else ""
         if not math.isfinite(attn) or attn > cfg.attn_logit_critical:
-            out.append(Finding("attention_logit_growth", "critical", names.ATTN_LOGIT_MAX, attn, None,
-                               [0.0, cfg.attn_logit_warning],
-                               f"max attention logit {attn:.3g} above {cfg.attn_logit_critical:g}{where}: attention "
-                               "entropy collapse, loss divergence follows. Look first at: QK-layernorm / "
-                               "qk-clip, the LR, that layer's query/key weight norms.", key="attn"))
+            out.append(
+                Finding(
+                    "attention_logit_growth",
+                    "critical",
+                    names.ATTN_LOGIT_MAX,
+                    attn,
+                    None,
+                    [0.0, cfg.attn_logit_warning],
+                    f"max attention logit {attn:.3g} above {cfg.attn_logit_critical:g}{where}: attention "
+                    "entropy collapse, loss divergence follows. Look first at: QK-layernorm / "
+                    "qk-clip, the LR, that layer's query/key weight norms.",
+                    key="attn",
+                )
+            )
         elif attn > cfg.attn_logit_warning:
-            out.append(Finding("attention_logit_growth", "warning", names.ATTN_LOGIT_MAX, attn, None,
-                               [0.0, cfg.attn_logit_warning],
-                               f"max attention logit {attn:.3g} above {cfg.attn_logit_warning:g}{where}. Look first "
-                               "at: its growth over the last rounds, QK-layernorm, the LR.", key="attn"))
+            out.append(
+                Finding(
+                    "attention_logit_growth",
+                    "warning",
+                    names.ATTN_LOGIT_MAX,
+                    attn,
+                    None,
+                    [0.0, cfg.attn_logit_warning],
+                    f"max attention logit {attn:.3g} above {cfg.attn_logit_warning:g}{where}. Look first "
+                    "at: its growth over the last rounds, QK-layernorm, the LR.",
+                    key="attn",
+                )
+            )
     lse = _f(extra.get(names.OUTPUT_LOGSUMEXP_MEAN))
     if lse is not None and (not math.isfinite(lse) or abs(lse) > cfg.output_logit_warning):
-        sev = "critical" if (not math.isfinite(lse) or abs(lse) > 10 * cfg.output_logit_warning) else "warning"
-        out.append(Finding("output_logit_divergence", sev, names.OUTPUT_LOGSUMEXP_MEAN, lse, 0.0,
-                           [-cfg.output_logit_warning, cfg.output_logit_warning],
-                           f"mean output log-partition {lse:.3g} (|.| above {cfg.output_logit_warning:g}): output "
-                           "logits are drifting. Look first at: stability/output_logit_max, adding z-loss, "
-                           "the LR and weight decay of the output layer.", key="lse"))
+        sev = (
+            "critical"
+            if (not math.isfinite(lse) or abs(lse) > 10 * cfg.output_logit_warning)
+            else "warning"
+        )
+        out.append(
+            Finding(
+                "output_logit_divergence",
+                sev,
+                names.OUTPUT_LOGSUMEXP_MEAN,
+                lse,
+                0.0,
+                [-cfg.output_logit_warning, cfg.output_logit_warning],
+                f"mean output log-partition {lse:.3g} (|.| above {cfg.output_logit_warning:g}): output "
+                "logits are drifting. Look first at: stability/output_logit_max, adding z-loss, "
+                "the LR and weight decay of the output layer.",
+                key="lse",
+            )
+        )
     ratio = _f(extra.get(names.GRAD_RMS_OVER_EPS_MIN))
     if ratio is not None and math.isfinite(ratio) and ratio < cfg.grad_rms_eps_factor:
         groups = names.items_of(names.GRAD_RMS, extra)
-        worst = min(((v, k) for k, v in groups.items() if v is not None and math.isfinite(v)), default=None)
+        worst = min(
+            ((v, k) for k, v in groups.items() if v is not None and math.isfinite(v)), default=None
+        )
         eps = _f(extra.get(names.ADAM_EPS))
-        where = f" (smallest: group {worst[1]}, grad RMS {worst[0]:.3g}, eps {eps:g})" if worst and eps else ""
-        out.append(Finding("grad_rms_near_eps", "warning", names.GRAD_RMS_OVER_EPS_MIN, ratio,
-                           None, [cfg.grad_rms_eps_factor, math.inf],
-                           f"gradient RMS is only {ratio:.3g}x Adam eps{where}: updates of that group shrink "
-                           "and stop being scale-free (Wortsman et al.). Look first at: lowering Adam eps "
-                           "(e.g. 1e-15), the group's LR.", key="eps"))
+        where = (
+            f" (smallest: group {worst[1]}, grad RMS {worst[0]:.3g}, eps {eps:g})"
+            if worst and eps
+            else ""
+        )
+        out.append(
+            Finding(
+                "grad_rms_near_eps",
+                "warning",
+                names.GRAD_RMS_OVER_EPS_MIN,
+                ratio,
+                None,
+                [cfg.grad_rms_eps_factor, math.inf],
+                f"gradient RMS is only {ratio:.3g}x Adam eps{where}: updates of that group shrink "
+                "and stop being scale-free (Wortsman et al.). Look first at: lowering Adam eps "
+                "(e.g. 1e-15), the group's LR.",
+                key="eps",
+            )
+        )
     return out

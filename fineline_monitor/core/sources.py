@@ -49,7 +49,9 @@ class SourceContext:
 
     cfg: Any  # the AlertConfig
     params: DetectorParams
-    references: List[ReferenceCurves] = field(default_factory=list)  # a single reference run's curves
+    references: List[ReferenceCurves] = field(
+        default_factory=list
+    )  # a single reference run's curves
     ladder: Any = None  # a `core.ladder.Ladder` of reference runs (the `ladder` source)
     run_params: Optional[float] = None  # this run's parameter count, for the fit across sizes
     notes: List[str] = field(default_factory=list)  # what a source says once (the engine logs it)
@@ -108,8 +110,14 @@ class Verdict:
     @classmethod
     def empty(cls, n: int) -> "Verdict":
         nan = np.full(n, np.nan)
-        return cls(expected=nan.copy(), low=nan.copy(), high=nan.copy(), z=nan.copy(),
-                   bad=np.zeros(n, dtype=bool), has=np.zeros(n, dtype=bool))
+        return cls(
+            expected=nan.copy(),
+            low=nan.copy(),
+            high=nan.copy(),
+            z=nan.copy(),
+            bad=np.zeros(n, dtype=bool),
+            has=np.zeros(n, dtype=bool),
+        )
 
     def subset(self, idx: np.ndarray) -> "Verdict":
         return Verdict(**{k: (None if v is None else v[idx]) for k, v in self.__dict__.items()})
@@ -208,7 +216,7 @@ class OwnRunSource(ExpectationSource):
         kmin = min(max(self.ctx.hysteresis, 1), K)
         with np.errstate(invalid="ignore"):
             cond = (z < -band_sigma) & (zpt < -self.ctx.params.point_z)
-        cond[:, :kmin - 1] = False
+        cond[:, : kmin - 1] = False
         kbest = np.argmin(np.where(cond, z, np.inf), axis=1)
         bad = cond.any(1)
         kuse = np.where(bad, kbest, K - 1)  # when nothing fired, the most frozen fit's view
@@ -217,9 +225,18 @@ class OwnRunSource(ExpectationSource):
         pg, sg = det["pred_k"][r, kuse], det["sig_k"][r, kuse]
         lo, hi = sgn * (pg - band_sigma * sg), sgn * (pg + band_sigma * sg)
         expected = sgn * pg
-        return Verdict(expected=expected, low=np.fmin(lo, hi), high=np.fmax(lo, hi), z=z[r, kuse], bad=bad,
-                       has=np.isfinite(expected), lag=kuse + 1, noise=det["noise"],
-                       gain=det["expected"] - det["level_last"], level_last=det["level_last"])
+        return Verdict(
+            expected=expected,
+            low=np.fmin(lo, hi),
+            high=np.fmax(lo, hi),
+            z=z[r, kuse],
+            bad=bad,
+            has=np.isfinite(expected),
+            lag=kuse + 1,
+            noise=det["noise"],
+            gain=det["expected"] - det["level_last"],
+            level_last=det["level_last"],
+        )
 
     def describe(self, verdict: Verdict, i: int) -> str:
         return f"own-run trend frozen {int(verdict.lag[i])} rounds ago"
@@ -265,8 +282,14 @@ class PairedDocumentsSource(ExpectationSource):
                 continue
             dif = np.array([cur[d] - anc[str(d)] for d in common])
             se = float(dif.std(ddof=1) / math.sqrt(len(dif)))
-            change = float(np.mean([cur[d] for d in common])) - float(np.mean([anc[str(d)] for d in common]))
-            noise = so_far.noise[i] if so_far.noise is not None and math.isfinite(so_far.noise[i]) else 0.0
+            change = float(np.mean([cur[d] for d in common])) - float(
+                np.mean([anc[str(d)] for d in common])
+            )
+            noise = (
+                so_far.noise[i]
+                if so_far.noise is not None and math.isfinite(so_far.noise[i])
+                else 0.0
+            )
             sp = math.sqrt(se * se + (0.25 * noise) ** 2) or 1e-9
             e = block.y[i] - change
             zz = (block.y[i] - e) / sp
@@ -296,7 +319,9 @@ class PairedDocumentsSource(ExpectationSource):
 class ReferenceCalibration:
     """A reference run's fit to one curve of this run."""
 
-    residuals: List[float] = field(default_factory=list)  # this run minus the reference, while calibrating
+    residuals: List[float] = field(
+        default_factory=list
+    )  # this run minus the reference, while calibrating
     offset: Optional[float] = None  # median residual, once calibrated
     scatter: Optional[float] = None  # robust scatter of the residuals (at least the sampling sigma)
     reference_at_calibration: Optional[float] = None  # the reference value when calibration ended
@@ -354,13 +379,22 @@ class ReferenceRunSource(ExpectationSource):
             cal.scatter = max(mad, noise, 1e-3 * max(abs(rv), 1e-3))
             cal.reference_at_calibration = rv
 
-    def _judge(self, out: Verdict, i: int, rv: float, cal: ReferenceCalibration, block: PointBlock,
-               so_far: Verdict) -> None:
+    def _judge(
+        self,
+        out: Verdict,
+        i: int,
+        rv: float,
+        cal: ReferenceCalibration,
+        block: PointBlock,
+        so_far: Verdict,
+    ) -> None:
         k, n = self.ctx.band_sigma, self.ctx.params.reference_calibration_points
         ref_cal = rv if cal.reference_at_calibration is None else cal.reference_at_calibration
         drift = 0.1 * abs(rv - ref_cal)
         var = block.var[i]
-        s = math.sqrt(cal.scatter ** 2 * (1 + 1 / n) + drift ** 2 + (var if math.isfinite(var) else 0.0))
+        s = math.sqrt(
+            cal.scatter**2 * (1 + 1 / n) + drift**2 + (var if math.isfinite(var) else 0.0)
+        )
         e = rv + cal.offset
         sg = 1.0 if block.kind[i] != LOSS else -1.0
         zz = sg * (block.y[i] - e) / s
@@ -377,9 +411,9 @@ class ReferenceRunSource(ExpectationSource):
         return {"calibration": {k: c.__dict__ for k, c in self.calibration.items()}}
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        self.calibration = {k: ReferenceCalibration(**c) for k, c in sd.get("calibration", {}).items()}
-
-
+        self.calibration = {
+            k: ReferenceCalibration(**c) for k, c in sd.get("calibration", {}).items()
+        }
 
 
 # ---- a ladder of reference runs ------------------------------------------------------------
@@ -410,7 +444,9 @@ class LadderSource(ExpectationSource):
     def build(cls, ctx: SourceContext) -> Optional["LadderSource"]:
         return cls(ctx) if ctx.ladder is not None else None
 
-    def series(self, curves: Sequence[Any], pc: np.ndarray, steps: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    def series(
+        self, curves: Sequence[Any], pc: np.ndarray, steps: np.ndarray, tokens: np.ndarray
+    ) -> np.ndarray:
         out = np.full(len(curves), np.nan)
         keys = self.ladder.keys()
         for c in np.unique(pc):
@@ -418,16 +454,19 @@ class LadderSource(ExpectationSource):
             cs = curves[sel[0]]
             if cs.task is None or (cs.task, cs.metric) not in keys:
                 continue
-            out[sel] = self.ladder.predict(cs.task, cs.metric, steps=steps[sel], tokens=tokens[sel],
-                                           params=self.ctx.run_params)
+            out[sel] = self.ladder.predict(
+                cs.task, cs.metric, steps=steps[sel], tokens=tokens[sel], params=self.ctx.run_params
+            )
         if self.covered is None and len(curves):
             self.covered = bool(np.isfinite(out).any())
             if not self.covered:
                 shared = sorted({f"{c.task}/{c.metric}" for c in curves if c.task})[:5]
-                self.ctx.note(f"the reference {self.ladder.describe()} shares no task and metric with this run "
-                              f"(this run has {', '.join(shared)}...; the ladder has "
-                              f"{', '.join(sorted(f'{t}/{m}' for t, m in keys)[:5])}...): judging with the "
-                              f"own-run detector only")
+                self.ctx.note(
+                    f"the reference {self.ladder.describe()} shares no task and metric with this run "
+                    f"(this run has {', '.join(shared)}...; the ladder has "
+                    f"{', '.join(sorted(f'{t}/{m}' for t, m in keys)[:5])}...): judging with the "
+                    f"own-run detector only"
+                )
         return out
 
     def evaluate(self, block: PointBlock, so_far: Verdict, open_: np.ndarray) -> Verdict:
@@ -445,7 +484,7 @@ class LadderSource(ExpectationSource):
         band, K = p.ladder_band_sigma, p.lags
         with np.errstate(invalid="ignore"):
             cond = (d.z < -band) & (d.zpt < -p.point_z)
-        cond[:, :min(max(self.ctx.hysteresis, 1), K) - 1] = False
+        cond[:, : min(max(self.ctx.hysteresis, 1), K) - 1] = False
         kbest = np.argmin(np.where(cond, d.z, np.inf), axis=1)
         bad = cond.any(1)
         kuse = np.where(bad, kbest, K - 1)
@@ -465,7 +504,11 @@ class LadderSource(ExpectationSource):
         # what `rules.classify` reads (good-direction units): the level when the fit was
         # frozen and the growth expected since, the ladder's included
         ref_then = ref[r, ref.shape[1] - 2 - kuse]
-        out.level_last, out.gain, out.noise = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+        out.level_last, out.gain, out.noise = (
+            np.full(n, np.nan),
+            np.full(n, np.nan),
+            np.full(n, np.nan),
+        )
         out.level_last[jr] = d.level_last + ref_then
         out.gain[jr] = (d.expected - d.level_last) + (ref[:, -1] - ref_then)
         out.noise[jr] = d.noise
@@ -474,5 +517,17 @@ class LadderSource(ExpectationSource):
     def describe(self, verdict: Verdict, i: int) -> str:
         return self.ladder.describe()
 
-__all__ = ["ExpectationSource", "SourceContext", "PointBlock", "Verdict", "register_source", "SOURCES",
-           "build_sources", "OwnRunSource", "PairedDocumentsSource", "ReferenceRunSource", "LadderSource"]
+
+__all__ = [
+    "ExpectationSource",
+    "SourceContext",
+    "PointBlock",
+    "Verdict",
+    "register_source",
+    "SOURCES",
+    "build_sources",
+    "OwnRunSource",
+    "PairedDocumentsSource",
+    "ReferenceRunSource",
+    "LadderSource",
+]

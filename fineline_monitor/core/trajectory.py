@@ -99,12 +99,16 @@ class Trajectory:
 
             close = difflib.get_close_matches(spec, models + [c.model for c in self.curves], n=1)
             hint = f" (did you mean `{close[0]}`?)" if close else ""
-            raise TrajectoryError(f"{self.path}: no run `{spec}`{hint}; runs: {', '.join(models[:20])}"
-                                  f"{' ...' if len(models) > 20 else ''}")
+            raise TrajectoryError(
+                f"{self.path}: no run `{spec}`{hint}; runs: {', '.join(models[:20])}"
+                f"{' ...' if len(models) > 20 else ''}"
+            )
         runs = {c.run for c in hits}
         if len(runs) > 1:
-            raise TrajectoryError(f"{self.path}: `{spec}` names {len(runs)} runs "
-                                  f"({', '.join('/'.join(r) for r in sorted(runs))}); give `source/model`")
+            raise TrajectoryError(
+                f"{self.path}: `{spec}` names {len(runs)} runs "
+                f"({', '.join('/'.join(r) for r in sorted(runs))}); give `source/model`"
+            )
         return hits
 
 
@@ -123,7 +127,9 @@ def read_trajectory(path: str | os.PathLike) -> Trajectory:
             try:
                 header = next(reader)
             except StopIteration:
-                raise TrajectoryError(f"{p}:1: empty file; expected the header {','.join(COLUMNS)}") from None
+                raise TrajectoryError(
+                    f"{p}:1: empty file; expected the header {','.join(COLUMNS)}"
+                ) from None
             except csv.Error as e:
                 raise TrajectoryError(f"{p}:1: not valid CSV: {e}") from None
             header = [h.strip() for h in header]
@@ -132,7 +138,8 @@ def read_trajectory(path: str | os.PathLike) -> Trajectory:
             if missing or extra:
                 raise TrajectoryError(
                     f"{p}:1: bad header: missing columns {missing or 'none'}, unexpected columns "
-                    f"{extra or 'none'}; expected exactly {','.join(COLUMNS)}")
+                    f"{extra or 'none'}; expected exactly {','.join(COLUMNS)}"
+                )
             if len(set(header)) != len(header):
                 raise TrajectoryError(f"{p}:1: repeated column names in header {header}")
             try:
@@ -155,15 +162,27 @@ def read_trajectory(path: str | os.PathLike) -> Trajectory:
     return _from_rows(str(p), rows, header_line=1)
 
 
-def _numeric_column(path: str, rows: List[List[str]], j: int, name: str, *, optional: bool,
-                    line_of, nonneg: bool = False, integer: bool = False, nonfinite: bool = False) -> np.ndarray:
+def _numeric_column(
+    path: str,
+    rows: List[List[str]],
+    j: int,
+    name: str,
+    *,
+    optional: bool,
+    line_of,
+    nonneg: bool = False,
+    integer: bool = False,
+    nonfinite: bool = False,
+) -> np.ndarray:
     """`nonfinite`: `nan`, `inf` and `-inf` written out are values (a diverged run's loss),
     an empty cell is still an error."""
     raw = [r[j] for r in rows]
     if optional:
         raw = [s if s.strip() else "nan" for s in raw]
     try:
-        arr = np.array([s if s.strip() else "x" for s in raw] if nonfinite else raw, dtype=np.float64)
+        arr = np.array(
+            [s if s.strip() else "x" for s in raw] if nonfinite else raw, dtype=np.float64
+        )
     except ValueError:
         arr = None
     if arr is not None:
@@ -180,10 +199,16 @@ def _numeric_column(path: str, rows: List[List[str]], j: int, name: str, *, opti
     else:
         i = next(k for k, s in enumerate(raw) if not _is_float(s))
     what = "a non-negative " if nonneg else "a "
-    what += "integer" if integer else ("number (nan/inf written out are allowed)" if nonfinite else "finite number")
+    what += (
+        "integer"
+        if integer
+        else ("number (nan/inf written out are allowed)" if nonfinite else "finite number")
+    )
     if optional:
         what += " or empty"
-    raise TrajectoryError(f"{path}:{line_of(i)}: column `{name}` must be {what}, got {rows[i][j]!r}")
+    raise TrajectoryError(
+        f"{path}:{line_of(i)}: column `{name}` must be {what}, got {rows[i][j]!r}"
+    )
 
 
 def _is_float(s: str) -> bool:
@@ -199,9 +224,11 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
     if not rows:
         raise TrajectoryError(f"{path}: no data rows")
     if header_line is None:  # lm-eval rows carry their file in a 10th field
+
         def line_of(i: int) -> str:
             return rows[i][9]
     else:
+
         def line_of(i: int) -> str:
             return str(i + 1 + header_line)
 
@@ -210,12 +237,24 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
     mod, mod_names = _codes(rows, 1)
     tsk, tsk_names = _codes(rows, 5)
     met, met_names = _codes(rows, 6)
-    _check_no_blank_names(path, ((src, src_names, "source"), (mod, mod_names, "model"), (tsk, tsk_names, "task"),
-                                 (met, met_names, "metric")), line_of)
+    _check_no_blank_names(
+        path,
+        (
+            (src, src_names, "source"),
+            (mod, mod_names, "model"),
+            (tsk, tsk_names, "task"),
+            (met, met_names, "metric"),
+        ),
+        line_of,
+    )
     params = _numeric_column(path, rows, 2, "params", optional=True, line_of=line_of, nonneg=True)
-    steps = _numeric_column(path, rows, 3, "step", optional=False, line_of=line_of, nonneg=True, integer=True)
+    steps = _numeric_column(
+        path, rows, 3, "step", optional=False, line_of=line_of, nonneg=True, integer=True
+    )
     tokens = _numeric_column(path, rows, 4, "tokens", optional=True, line_of=line_of, nonneg=True)
-    values = _numeric_column(path, rows, 7, "value", optional=False, line_of=line_of, nonfinite=True)
+    values = _numeric_column(
+        path, rows, 7, "value", optional=False, line_of=line_of, nonfinite=True
+    )
     stderr = _numeric_column(path, rows, 8, "stderr", optional=True, line_of=line_of, nonneg=True)
     istep = steps.astype(np.int64)
     order = np.lexsort((istep, met, tsk, mod, src))
@@ -235,9 +274,19 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
         idx = order[a:b]
         k = key[a]
         pv = params[idx[0]]
-        curves.append(Curve(source=src_names[k[0]], model=mod_names[k[1]], task=tsk_names[k[2]],
-                            metric=met_names[k[3]], steps=istep[idx], tokens=tokens[idx], values=values[idx],
-                            stderr=stderr[idx], params=None if math.isnan(pv) else float(pv)))
+        curves.append(
+            Curve(
+                source=src_names[k[0]],
+                model=mod_names[k[1]],
+                task=tsk_names[k[2]],
+                metric=met_names[k[3]],
+                steps=istep[idx],
+                tokens=tokens[idx],
+                values=values[idx],
+                stderr=stderr[idx],
+                params=None if math.isnan(pv) else float(pv),
+            )
+        )
     _check_tokens_monotone(path, curves, rows, order, line_of)
     return Trajectory(path=path, curves=curves)
 
@@ -245,7 +294,9 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
 def _codes(rows: List[List[str]], j: int) -> Tuple[np.ndarray, List[str]]:
     """Integer codes of column j and the distinct values they stand for."""
     table: Dict[str, int] = {}
-    out = np.fromiter((table.setdefault(r[j], len(table)) for r in rows), dtype=np.int64, count=len(rows))
+    out = np.fromiter(
+        (table.setdefault(r[j], len(table)) for r in rows), dtype=np.int64, count=len(rows)
+    )
     names = [""] * len(table)
     for k, v in table.items():
         names[v] = k
@@ -271,14 +322,16 @@ def _check_duplicates_agree(path, rows, order, dup, s_sorted, values, stderr, li
     a different value is an error naming both lines."""
     for k in np.flatnonzero(dup):
         a, b = order[k - 1], order[k]
-        same = (values[a] == values[b] or (np.isnan(values[a]) and np.isnan(values[b]))) and \
-            (stderr[a] == stderr[b] or (np.isnan(stderr[a]) and np.isnan(stderr[b])))
+        same = (values[a] == values[b] or (np.isnan(values[a]) and np.isnan(values[b]))) and (
+            stderr[a] == stderr[b] or (np.isnan(stderr[a]) and np.isnan(stderr[b]))
+        )
         if not same:
             la, lb = sorted([line_of(a), line_of(b)], key=lambda s: (len(s), s))
             raise TrajectoryError(
                 f"{path}:{lb}: duplicate step {s_sorted[k]} for curve ({rows[b][0]}, {rows[b][1]}, "
                 f"{rows[b][5]}, {rows[b][6]}) with a different value than line {la} "
-                f"({values[a]!r} vs {values[b]!r}); one value per curve and step is allowed")
+                f"({values[a]!r} vs {values[b]!r}); one value per curve and step is allowed"
+            )
 
 
 def _check_tokens_monotone(path, curves, rows, order, line_of) -> None:
@@ -292,8 +345,10 @@ def _check_tokens_monotone(path, curves, rows, order, line_of) -> None:
             if prev is None:
                 m[s] = t
             elif prev != t:
-                raise TrajectoryError(f"{path}: run ({c.source}, {c.model}) step {s} has two token counts "
-                                      f"({prev:.0f} and {t:.0f}) in different curves (task {c.task}, metric {c.metric})")
+                raise TrajectoryError(
+                    f"{path}: run ({c.source}, {c.model}) step {s} has two token counts "
+                    f"({prev:.0f} and {t:.0f}) in different curves (task {c.task}, metric {c.metric})"
+                )
     for run, m in by_run.items():
         if len(m) < 2:
             continue
@@ -302,14 +357,23 @@ def _check_tokens_monotone(path, curves, rows, order, line_of) -> None:
         bad = np.flatnonzero(np.diff(tk) < 0)
         if bad.size:
             i = int(bad[0])
-            raise TrajectoryError(f"{path}: run ({run[0]}, {run[1]}): tokens go down from {tk[i]:.0f} at step "
-                                  f"{st[i]} to {tk[i + 1]:.0f} at step {st[i + 1]}; column `tokens` must not "
-                                  "decrease as `step` increases")
+            raise TrajectoryError(
+                f"{path}: run ({run[0]}, {run[1]}): tokens go down from {tk[i]:.0f} at step "
+                f"{st[i]} to {tk[i + 1]:.0f} at step {st[i + 1]}; column `tokens` must not "
+                "decrease as `step` increases"
+            )
 
 
 # ---- lm-eval-harness output ----------------------------------------------------------
-_STEP_PATTERNS = [re.compile(p) for p in (r"(?:^|[^a-z])global_step[_-]?(\d+)", r"(?:^|[^a-z_])step[_-]?(\d+)",
-                                          r"checkpoint-(\d+)", r"iter_(\d+)")]
+_STEP_PATTERNS = [
+    re.compile(p)
+    for p in (
+        r"(?:^|[^a-z])global_step[_-]?(\d+)",
+        r"(?:^|[^a-z_])step[_-]?(\d+)",
+        r"checkpoint-(\d+)",
+        r"iter_(\d+)",
+    )
+]
 _TOKENS_RE = re.compile(r"tokens?[_-]?(\d+(?:\.\d+)?)([KMBT]?)", re.I)
 _UNIT = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
 
@@ -340,7 +404,9 @@ def _lm_eval_rows(p: Path) -> List[List[str]]:
         except (OSError, json.JSONDecodeError) as e:
             raise TrajectoryError(f"{f}: not readable lm-eval results JSON: {e}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("results"), dict):
-            raise TrajectoryError(f"{f}: no `results` mapping; is this an lm-eval-harness results file?")
+            raise TrajectoryError(
+                f"{f}: no `results` mapping; is this an lm-eval-harness results file?"
+            )
         cfg = doc.get("config") or {}
         margs = cfg.get("model_args") or ""
         if isinstance(margs, dict):
@@ -360,7 +426,8 @@ def _lm_eval_rows(p: Path) -> List[List[str]]:
         if step is None:
             raise TrajectoryError(
                 f"{f}: cannot tell the training step: put `revision=stepN` in model_args or name a folder "
-                "`stepN` / `global_stepN` / `checkpoint-N` / `iter_N`")
+                "`stepN` / `global_stepN` / `checkpoint-N` / `iter_N`"
+            )
         model = cfg.get("model_name") or ""
         if not model:
             m = re.search(r"pretrained=([^,]+)", margs_text)
@@ -370,14 +437,35 @@ def _lm_eval_rows(p: Path) -> List[List[str]]:
             if not isinstance(res, dict):
                 continue
             for key, val in res.items():
-                if "," not in key or "_stderr" in key or not isinstance(val, (int, float)) or isinstance(val, bool):
+                if (
+                    "," not in key
+                    or "_stderr" in key
+                    or not isinstance(val, (int, float))
+                    or isinstance(val, bool)
+                ):
                     continue
                 metric, filt = key.split(",", 1)
                 name = metric if filt == "none" else f"{metric}/{filt}"
                 se = res.get(f"{metric}_stderr,{filt}")
-                se_s = "" if not isinstance(se, (int, float)) or isinstance(se, bool) else repr(float(se))
-                rows.append(["lm-eval", model, "", str(step), "" if tokens is None else repr(tokens), task, name,
-                             repr(float(val)), se_s, f"{f}"])
+                se_s = (
+                    ""
+                    if not isinstance(se, (int, float)) or isinstance(se, bool)
+                    else repr(float(se))
+                )
+                rows.append(
+                    [
+                        "lm-eval",
+                        model,
+                        "",
+                        str(step),
+                        "" if tokens is None else repr(tokens),
+                        task,
+                        name,
+                        repr(float(val)),
+                        se_s,
+                        f"{f}",
+                    ]
+                )
     if not rows:
         raise TrajectoryError(f"{p}: lm-eval results files hold no numeric metrics")
     return rows
@@ -399,11 +487,28 @@ def write_trajectory_csv(path: str | os.PathLike, rows: Iterable[Dict[str, objec
 
 def iter_rows(curves: Iterable[Curve]) -> Iterator[Dict[str, object]]:
     for c in curves:
-        for s, t, v, e in zip(c.steps.tolist(), c.tokens.tolist(), c.values.tolist(), c.stderr.tolist()):
-            yield {"source": c.source, "model": c.model, "params": None if c.params is None else int(c.params),
-                   "step": s, "tokens": None if math.isnan(t) else int(t), "task": c.task, "metric": c.metric,
-                   "value": v, "stderr": None if math.isnan(e) else e}
+        for s, t, v, e in zip(
+            c.steps.tolist(), c.tokens.tolist(), c.values.tolist(), c.stderr.tolist()
+        ):
+            yield {
+                "source": c.source,
+                "model": c.model,
+                "params": None if c.params is None else int(c.params),
+                "step": s,
+                "tokens": None if math.isnan(t) else int(t),
+                "task": c.task,
+                "metric": c.metric,
+                "value": v,
+                "stderr": None if math.isnan(e) else e,
+            }
 
 
-__all__ = ["COLUMNS", "Curve", "Trajectory", "TrajectoryError", "read_trajectory", "write_trajectory_csv",
-           "iter_rows"]
+__all__ = [
+    "COLUMNS",
+    "Curve",
+    "Trajectory",
+    "TrajectoryError",
+    "read_trajectory",
+    "write_trajectory_csv",
+    "iter_rows",
+]

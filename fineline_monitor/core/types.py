@@ -132,8 +132,15 @@ class Alert:
     @property
     def dedup_key(self) -> str:
         """Identity of the condition, not of the round: the same key is not paged twice."""
-        parts = [self.run or "", self.source or "", self.model or "", self.rule,
-                 self.capability or "", self.task or "", self.metric or ""]
+        parts = [
+            self.run or "",
+            self.source or "",
+            self.model or "",
+            self.rule,
+            self.capability or "",
+            self.task or "",
+            self.metric or "",
+        ]
         return "|".join(parts)
 
     def to_json(self) -> Dict[str, Any]:

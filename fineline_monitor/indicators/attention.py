@@ -42,8 +42,14 @@ log = logging.getLogger("fineline_monitor")
 _CHUNK_ELEMS = 1 << 25
 
 
-def max_attention_logit(q: torch.Tensor, k: torch.Tensor, scale: float, *, causal: bool,
-                        allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+def max_attention_logit(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool,
+    allowed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Largest `scale * q.k` over attended positions, as a 0-d float32 tensor on q's device.
 
     q: [B, H, Tq, D]; k: [B, Hk, Tk, D] with H a multiple of Hk (grouped-query attention:
@@ -136,8 +142,12 @@ def _hf_wrap(orig: Callable) -> Callable:
                 # HF 4D masks are [B, 1, Tq, Tk(+...)]; keep the key length of this call.
                 allowed = allowed[..., : key.shape[-2]]
             with torch.no_grad():
-                rec.record(layer, max_attention_logit(query.detach(), key.detach(), float(scaling),
-                                                      causal=causal, allowed=allowed))
+                rec.record(
+                    layer,
+                    max_attention_logit(
+                        query.detach(), key.detach(), float(scaling), causal=causal, allowed=allowed
+                    ),
+                )
         return orig(module, query, key, value, attention_mask, *args, **kwargs)
 
     wrapper._fineline_wrapped = True  # type: ignore[attr-defined]
@@ -147,9 +157,14 @@ def _hf_wrap(orig: Callable) -> Callable:
 
 def _is_hf_attention(m: torch.nn.Module) -> bool:
     mod = sys.modules.get(type(m).__module__)
-    return (mod is not None and type(m).__module__.startswith("transformers.")
-            and hasattr(mod, "eager_attention_forward") and hasattr(mod, "ALL_ATTENTION_FUNCTIONS")
-            and "Attention" in type(m).__name__ and hasattr(m, "config"))
+    return (
+        mod is not None
+        and type(m).__module__.startswith("transformers.")
+        and hasattr(mod, "eager_attention_forward")
+        and hasattr(mod, "ALL_ATTENTION_FUNCTIONS")
+        and "Attention" in type(m).__name__
+        and hasattr(m, "config")
+    )
 
 
 def _hf_install(modules: List[torch.nn.Module]) -> None:
@@ -176,12 +191,12 @@ def _hf_install(modules: List[torch.nn.Module]) -> None:
     # time, so patching the modeling module's global is seen by every call.
     for m in modules:
         mod = sys.modules[type(m).__module__]
-        fn = getattr(mod, "eager_attention_forward")
+        fn = mod.eager_attention_forward
         if not getattr(fn, "_fineline_wrapped", False):
-            setattr(mod, "eager_attention_forward", _hf_wrap(fn))
+            mod.eager_attention_forward = _hf_wrap(fn)
 
             def undo_eager(mod=mod, fn=fn):
-                setattr(mod, "eager_attention_forward", fn)
+                mod.eager_attention_forward = fn
 
             _HF_RESTORE.append(undo_eager)
 
@@ -196,6 +211,7 @@ def _hf_uninstall() -> None:
 
 
 # ---- torch.nn.MultiheadAttention ---------------------------------------------------------
+
 
 def _mha_pre_hook(layer: str, rec: _Recorder) -> Callable:
     sig = inspect.signature(torch.nn.MultiheadAttention.forward)
@@ -213,12 +229,12 @@ def _mha_pre_hook(layer: str, rec: _Recorder) -> Callable:
                 query, key = query.transpose(0, 1), key.transpose(0, 1)
             E, H = m.embed_dim, m.num_heads
             if m._qkv_same_embed_dim:
-                wq, wk = m.in_proj_weight[:E], m.in_proj_weight[E:2 * E]
+                wq, wk = m.in_proj_weight[:E], m.in_proj_weight[E : 2 * E]
             else:
                 wq, wk = m.q_proj_weight, m.k_proj_weight
             bq = bk = None
             if m.in_proj_bias is not None:
-                bq, bk = m.in_proj_bias[:E], m.in_proj_bias[E:2 * E]
+                bq, bk = m.in_proj_bias[:E], m.in_proj_bias[E : 2 * E]
             q = torch.nn.functional.linear(query, wq, bq)  # [Tq, B, E]
             k = torch.nn.functional.linear(key, wk, bk)
             Tq, B, _ = q.shape
@@ -235,16 +251,20 @@ def _mha_pre_hook(layer: str, rec: _Recorder) -> Callable:
                 kp = kp.reshape(B, 1, 1, Tk)
                 allowed = kp if allowed is None else (allowed & kp)
             causal = bool(a.get("is_causal")) and attn_mask is None
-            rec.record(layer, max_attention_logit(q, k, hd ** -0.5, causal=causal, allowed=allowed))
+            rec.record(layer, max_attention_logit(q, k, hd**-0.5, causal=causal, allowed=allowed))
 
     return hook
 
 
 # ---- megatron-core -------------------------------------------------------------------------
 
+
 def _is_megatron_attention(m: torch.nn.Module) -> bool:
     name = type(m).__name__
-    return type(m).__module__.startswith("megatron.") and name in ("DotProductAttention", "TEDotProductAttention")
+    return type(m).__module__.startswith("megatron.") and name in (
+        "DotProductAttention",
+        "TEDotProductAttention",
+    )
 
 
 def megatron_logit_scale(m: torch.nn.Module) -> float:
@@ -263,7 +283,11 @@ def megatron_logit_scale(m: torch.nn.Module) -> float:
         scale = 1.0 / math.sqrt(hn) if hn else None
     if scale is None:
         raise ValueError(f"cannot find the softmax scale of {type(m).__name__}")
-    if type(m).__name__ == "DotProductAttention" and cfg is not None and getattr(cfg, "apply_query_key_layer_scaling", False):
+    if (
+        type(m).__name__ == "DotProductAttention"
+        and cfg is not None
+        and getattr(cfg, "apply_query_key_layer_scaling", False)
+    ):
         scale = scale * max(1, int(getattr(m, "layer_number", 1)))
     return float(scale)
 
@@ -277,11 +301,19 @@ def _megatron_pre_hook(layer: str, rec: _Recorder) -> Callable:
         a.update({k: v for k, v in kwargs.items() if k in names or k == "packed_seq_params"})
         query, key = a.get("query"), a.get("key")
         fmt = getattr(m, "qkv_format", "sbhd")
-        if kwargs.get("packed_seq_params") is not None or fmt not in ("sbhd", "bshd") or query is None:
+        if (
+            kwargs.get("packed_seq_params") is not None
+            or fmt not in ("sbhd", "bshd")
+            or query is None
+        ):
             if not warned:
                 warned.append(1)
-                log.warning("fineline_monitor: attention logits not recorded for %s (layout %s / packed "
-                            "sequences are not supported)", type(m).__name__, fmt)
+                log.warning(
+                    "fineline_monitor: attention logits not recorded for %s (layout %s / packed "
+                    "sequences are not supported)",
+                    type(m).__name__,
+                    fmt,
+                )
             return
         with torch.no_grad():
             if fmt == "sbhd":
@@ -293,13 +325,19 @@ def _megatron_pre_hook(layer: str, rec: _Recorder) -> Callable:
             causal = "causal" in mt
             allowed = None
             if mt != "no_mask":
-                allowed = allowed_from_additive_or_bool(a.get("attention_mask"), true_means_masked=True)
-            rec.record(layer, max_attention_logit(q, k, megatron_logit_scale(m), causal=causal, allowed=allowed))
+                allowed = allowed_from_additive_or_bool(
+                    a.get("attention_mask"), true_means_masked=True
+                )
+            rec.record(
+                layer,
+                max_attention_logit(q, k, megatron_logit_scale(m), causal=causal, allowed=allowed),
+            )
 
     return hook
 
 
 # ---- discovery -----------------------------------------------------------------------------
+
 
 def attention_kind(m: torch.nn.Module) -> Optional[str]:
     """'hf', 'mha', 'megatron' or None."""
@@ -325,10 +363,17 @@ class AttentionHooks:
         hf = []
         for layer, kind, m in self.attention:
             if kind == "mha":
-                self._handles.append(m.register_forward_pre_hook(_mha_pre_hook(layer, self.recorder), with_kwargs=True))
+                self._handles.append(
+                    m.register_forward_pre_hook(
+                        _mha_pre_hook(layer, self.recorder), with_kwargs=True
+                    )
+                )
             elif kind == "megatron":
-                self._handles.append(m.register_forward_pre_hook(_megatron_pre_hook(layer, self.recorder),
-                                                                 with_kwargs=True))
+                self._handles.append(
+                    m.register_forward_pre_hook(
+                        _megatron_pre_hook(layer, self.recorder), with_kwargs=True
+                    )
+                )
             elif kind == "hf":
                 hf.append((layer, m))
         if hf:

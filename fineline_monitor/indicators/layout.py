@@ -16,7 +16,7 @@ from fineline_monitor.indicators.attention import attention_kind
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """Strip DDP / DeepSpeed / Megatron wrappers (`.module`) so names are the user's."""
     seen = 0
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module) and seen < 8:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module) and seen < 8:
         model = model.module
         seen += 1
     return model
@@ -47,8 +47,9 @@ def find_blocks(model: torch.nn.Module) -> List[Tuple[str, str, torch.nn.Module]
     return [(f"{short}.{i}", f"{qual}.{i}" if qual else str(i), blk) for i, blk in enumerate(ml)]
 
 
-def find_attention(model: torch.nn.Module,
-                   blocks: List[Tuple[str, str, torch.nn.Module]]) -> List[Tuple[str, str, torch.nn.Module]]:
+def find_attention(
+    model: torch.nn.Module, blocks: List[Tuple[str, str, torch.nn.Module]]
+) -> List[Tuple[str, str, torch.nn.Module]]:
     """Attention modules as (layer name, kind, module); layer name = enclosing block's name.
 
     A block with several attention modules (e.g. cross-attention) gets `.1`, `.2` suffixes

@@ -39,7 +39,9 @@ def group_norms(per_tensor: List[torch.Tensor], groups: List[List[int]]) -> torc
     out = []
     for idx in groups:
         if idx:
-            out.append(torch.linalg.vector_norm(torch.stack([_on(per_tensor[i], dev) for i in idx])))
+            out.append(
+                torch.linalg.vector_norm(torch.stack([_on(per_tensor[i], dev) for i in idx]))
+            )
         else:
             out.append(torch.zeros((), dtype=torch.float32, device=dev))
     return torch.stack(out)
@@ -59,8 +61,13 @@ def adam_group_stats(optimizer: Any, group_names: List[str]) -> Dict[str, Any]:
     Returns {"eps": {group: float}, "grad_rms": {group: tensor}, "exp_avg_sq_mean":
     {group: tensor}, "v_below_eps_frac": {group: tensor}, "grad_rms_source": {group: str}}.
     """
-    out: Dict[str, Any] = {"eps": {}, "grad_rms": {}, "exp_avg_sq_mean": {}, "v_below_eps_frac": {},
-                           "grad_rms_source": {}}
+    out: Dict[str, Any] = {
+        "eps": {},
+        "grad_rms": {},
+        "exp_avg_sq_mean": {},
+        "v_below_eps_frac": {},
+        "grad_rms_source": {},
+    }
     state = getattr(optimizer, "state", {}) or {}
     for name, g in zip(group_names, optimizer.param_groups):
         params = [p for p in g["params"] if isinstance(p, torch.Tensor)]
@@ -118,8 +125,9 @@ def _bias_correction(step: Any, beta2: Optional[float], dev: torch.device) -> An
     return max(1e-12, 1.0 - beta2 ** float(step))
 
 
-def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: List[torch.Tensor], samples: int,
-                     seed: int = 0) -> torch.Tensor:
+def hutchinson_trace(
+    loss_fn: Callable[[], torch.Tensor], params: List[torch.Tensor], samples: int, seed: int = 0
+) -> torch.Tensor:
     """Hutchinson estimate of tr(H) = E_v[v^T H v], v Rademacher, as a 0-d device tensor.
 
     Cost per sample: one forward of `loss_fn`, one backward with create_graph, one
@@ -143,8 +151,12 @@ def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: List[torch.Ten
             if gen is None:
                 gen = gens[p.device] = torch.Generator(device=p.device)
                 gen.manual_seed(seed)
-            vs.append((torch.randint(0, 2, p.shape, generator=gen, device=p.device) * 2 - 1).to(p.dtype))
-        hvs = torch.autograd.grad([g for _, g in used], [p for p, _ in used], grad_outputs=vs, allow_unused=True)
+            vs.append(
+                (torch.randint(0, 2, p.shape, generator=gen, device=p.device) * 2 - 1).to(p.dtype)
+            )
+        hvs = torch.autograd.grad(
+            [g for _, g in used], [p for p, _ in used], grad_outputs=vs, allow_unused=True
+        )
         est = None
         for v, hv in zip(vs, hvs):
             if hv is None:
@@ -152,6 +164,8 @@ def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: List[torch.Ten
             term = (v.float() * hv.float()).sum()
             est = term if est is None else est + _on(term, est.device)
         if est is None:
-            raise ValueError("hessian trace: the loss does not depend on the parameters twice-differentiably")
+            raise ValueError(
+                "hessian trace: the loss does not depend on the parameters twice-differentiably"
+            )
         total = est.detach() if total is None else total + est.detach()
     return total / samples

@@ -48,9 +48,17 @@ def _first_tensor(out: Any) -> Optional[torch.Tensor]:
 class ProbeContext:
     """Hooks for one probe round; read it with `StepIndicators.probe_round_metrics(ctx)`."""
 
-    def __init__(self, model: torch.nn.Module, *, blocks: List[Tuple[str, str, torch.nn.Module]],
-                 attention: List[Tuple[str, str, torch.nn.Module]], head: Optional[torch.nn.Module], head_kind: str,
-                 hooks_enabled: bool, device_stats: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        blocks: List[Tuple[str, str, torch.nn.Module]],
+        attention: List[Tuple[str, str, torch.nn.Module]],
+        head: Optional[torch.nn.Module],
+        head_kind: str,
+        hooks_enabled: bool,
+        device_stats: Optional[Dict[str, Any]] = None,
+    ):
         self.model = model
         self.blocks = blocks
         self.head, self.head_kind = head, head_kind
@@ -90,7 +98,9 @@ class ProbeContext:
             self._remove()
 
     def _install(self) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)
+        )
         self._handles.append(self.model.register_forward_hook(self._model_post_hook))
         for name, _, blk in self.blocks:
             self._handles.append(blk.register_forward_hook(self._block_hook(name)))
@@ -142,10 +152,15 @@ class ProbeContext:
                 prev = self.act_sumsq.get(name)
                 self.act_sumsq[name] = sumsq if prev is None else prev + sumsq
                 self.act_count[name] = self.act_count.get(name, 0) + count
+
         return hook
 
     def _head_hook(self, module: Any, args: Any, out: Any) -> None:
-        z = out[0] if self.head_kind == "tuple0" and isinstance(out, (tuple, list)) else _first_tensor(out)
+        z = (
+            out[0]
+            if self.head_kind == "tuple0" and isinstance(out, (tuple, list))
+            else _first_tensor(out)
+        )
         if z is None or not z.is_floating_point():
             return
         with torch.no_grad():
@@ -153,7 +168,10 @@ class ProbeContext:
             if self.vocab_group is not None:
                 tok_max, lse = _vocab_parallel_max_lse(zf, self.vocab_group)
             else:
-                tok_max, lse = zf.amax(dim=-1), torch.logsumexp(zf, dim=-1)  # [B, T] (or [T, B] megatron)
+                tok_max, lse = (
+                    zf.amax(dim=-1),
+                    torch.logsumexp(zf, dim=-1),
+                )  # [B, T] (or [T, B] megatron)
             tm = self._token_mask(z)
             if tm is not None:
                 zmax = tok_max.masked_fill(~tm, float("-inf")).amax()

@@ -32,9 +32,19 @@ import numpy as np
 import torch
 
 from fineline_monitor import metric_names as names
-from fineline_monitor.indicators.layout import (find_attention, find_blocks, find_output_head,
-                                                param_group_names, unwrap)
-from fineline_monitor.indicators.optim_stats import adam_group_stats, group_norms, hutchinson_trace, stacked_norm
+from fineline_monitor.indicators.layout import (
+    find_attention,
+    find_blocks,
+    find_output_head,
+    param_group_names,
+    unwrap,
+)
+from fineline_monitor.indicators.optim_stats import (
+    adam_group_stats,
+    group_norms,
+    hutchinson_trace,
+    stacked_norm,
+)
 from fineline_monitor.indicators.probe import ProbeContext
 
 log = logging.getLogger("fineline_monitor")
@@ -52,7 +62,13 @@ MIN_Z_HISTORY = 10
 class StepIndicators:
     """Per-step indicators for one model/optimizer; see the module docstring for the contract."""
 
-    def __init__(self, model: Any, optimizer: Any, cfg: Any, extra_fn: Optional[Callable[[], Dict[str, Any]]] = None):
+    def __init__(
+        self,
+        model: Any,
+        optimizer: Any,
+        cfg: Any,
+        extra_fn: Optional[Callable[[], Dict[str, Any]]] = None,
+    ):
         self.model = model
         self.optimizer = optimizer
         self.cfg = cfg
@@ -126,7 +142,9 @@ class StepIndicators:
     def _ensure_buffer(self, device: torch.device) -> None:
         if self._buf is not None:
             return
-        self._buf = torch.full((self._ex_off + self._ex_len,), float("nan"), dtype=torch.float32, device=device)
+        self._buf = torch.full(
+            (self._ex_off + self._ex_len,), float("nan"), dtype=torch.float32, device=device
+        )
         rows = self._buf[: self._ex_off].view(self.K, NCOLS)
         self._cells = [[rows[r, c] for c in range(NCOLS)] for r in range(self.K)]
 
@@ -151,9 +169,17 @@ class StepIndicators:
             self._host[row, col] = float(value)
             self._is_dev[row, col] = False
 
-    def on_step(self, step: int, loss: Any = None, lr: Any = None, tokens: Optional[float] = None,
-                grad_norm: Any = None, loss_scale: Any = None, skipped: bool = False,
-                batch_tokens: Optional[float] = None) -> None:
+    def on_step(
+        self,
+        step: int,
+        loss: Any = None,
+        lr: Any = None,
+        tokens: Optional[float] = None,
+        grad_norm: Any = None,
+        loss_scale: Any = None,
+        skipped: bool = False,
+        batch_tokens: Optional[float] = None,
+    ) -> None:
         """Record one optimizer step; device work only, no host synchronisation."""
         self._ensure_buffer(self._device_for(loss, grad_norm))
         row = self._n % self.K
@@ -163,8 +189,11 @@ class StepIndicators:
         self._skipped[row] = bool(skipped)
         if batch_tokens is not None:
             self._tokens_sum += float(batch_tokens)
-        self._tokens[row] = float(tokens) if tokens is not None else (
-            self._tokens_sum if batch_tokens is not None else None)
+        self._tokens[row] = (
+            float(tokens)
+            if tokens is not None
+            else (self._tokens_sum if batch_tokens is not None else None)
+        )
         if grad_norm is None and not skipped:
             with torch.no_grad():
                 grad_norm = stacked_norm([p.grad for p in self.params if p.grad is not None])
@@ -195,17 +224,17 @@ class StepIndicators:
                 pn_t = torch._foreach_norm(self.params, 2, dtype=torch.float32)
                 pn_g = group_norms(list(pn_t), self.group_idx)
                 pn = torch.linalg.vector_norm(pn_g)
-                ex = self._buf[self._ex_off:]
+                ex = self._buf[self._ex_off :]
                 G = len(self.group_names)
                 ex[0].copy_(pn)
-                ex[2:2 + G].copy_(pn_g)
-                have_ratio = (self._snap is not None and self._snap_step == step - 1 and not skipped)
+                ex[2 : 2 + G].copy_(pn_g)
+                have_ratio = self._snap is not None and self._snap_step == step - 1 and not skipped
                 if have_ratio:
                     torch._foreach_sub_(self._snap, self.params)  # snap := θ_prev - θ_now = -Δθ
                     dn_t = torch._foreach_norm(self._snap, 2, dtype=torch.float32)
                     dn_g = group_norms(list(dn_t), self.group_idx)
                     ex[1].copy_(torch.linalg.vector_norm(dn_g) / pn)
-                    ex[2 + G:].copy_(dn_g / pn_g)
+                    ex[2 + G :].copy_(dn_g / pn_g)
                 self._extra_valid = True
                 self._extra_has_ratio = have_ratio
                 self._snap, self._snap_step = None, None
@@ -233,8 +262,11 @@ class StepIndicators:
                         out[str(k)] = fv
             except Exception as e:  # noqa: BLE001 - a framework metric must not kill the indicators
                 self._extra_failed = True
-                log.warning("fineline_monitor: extra step metrics failed and are disabled: %s: %s",
-                            type(e).__name__, e)
+                log.warning(
+                    "fineline_monitor: extra step metrics failed and are disabled: %s: %s",
+                    type(e).__name__,
+                    e,
+                )
         return out
 
     def collect(self, step: int) -> Dict[str, float]:
@@ -266,13 +298,13 @@ class StepIndicators:
         for x, ok in zip(losses, finite & has):
             if not ok:
                 continue
-            hist = self._loss_hist[-self.window:]
+            hist = self._loss_hist[-self.window :]
             if len(hist) >= min(MIN_Z_HISTORY, self.window):
                 sd = float(np.std(hist, ddof=1))
                 if sd > 0:
                     zs.append((x - float(np.mean(hist))) / sd)
             self._loss_hist.append(float(x))
-        self._loss_hist = self._loss_hist[-self.window:]
+        self._loss_hist = self._loss_hist[-self.window :]
         if has[-1] and np.isfinite(losses[-1]):
             out[names.LOSS] = float(losses[-1])
         if self._loss_hist:
@@ -317,7 +349,7 @@ class StepIndicators:
 
         # -- parameter norm and update ratio (computed at the collect step, if it was this one)
         if self._extra_valid and self._steps[order[-1]] == step:
-            ex = flat[self._ex_off:]
+            ex = flat[self._ex_off :]
             G = len(self.group_names)
             out[names.PARAM_NORM] = ex[0]
             if self._extra_has_ratio:
@@ -362,15 +394,24 @@ class StepIndicators:
         """
         stats: Dict[str, Any] = {}
         with torch.no_grad():
-            if getattr(self.cfg, "optimizer_stats", True) and self.optimizer is not None \
-                    and getattr(self.optimizer, "param_groups", None):
+            if (
+                getattr(self.cfg, "optimizer_stats", True)
+                and self.optimizer is not None
+                and getattr(self.optimizer, "param_groups", None)
+            ):
                 stats["adam"] = adam_group_stats(self.optimizer, self.group_names)
         if getattr(self.cfg, "hessian_trace", False) and self._hessian_fn is not None:
             stats["hessian_trace"] = self._hessian_trace()
         hooks = bool(getattr(self.cfg, "attention_hooks", True)) and self._core is not None
-        return ProbeContext(self._core if self._core is not None else self.model, blocks=self.blocks,
-                            attention=self.attention, head=self.head, head_kind=self.head_kind,
-                            hooks_enabled=hooks, device_stats=stats)
+        return ProbeContext(
+            self._core if self._core is not None else self.model,
+            blocks=self.blocks,
+            attention=self.attention,
+            head=self.head,
+            head_kind=self.head_kind,
+            hooks_enabled=hooks,
+            device_stats=stats,
+        )
 
     def _hessian_trace(self) -> torch.Tensor:
         model = self._core
@@ -378,8 +419,9 @@ class StepIndicators:
         if model is not None:
             model.eval()  # no dropout noise in the curvature estimate
         try:
-            return hutchinson_trace(self._hessian_fn, self.params, int(getattr(self.cfg, "hessian_samples", 4)),
-                                    seed=0)
+            return hutchinson_trace(
+                self._hessian_fn, self.params, int(getattr(self.cfg, "hessian_samples", 4)), seed=0
+            )
         finally:
             if model is not None and was_training:
                 model.train()
@@ -407,11 +449,16 @@ class StepIndicators:
                 out[k] = float(v)
         if tensors:
             dev = next(iter(tensors.values())).device
-            values = torch.stack([t.detach().float().reshape(()).to(dev) for t in tensors.values()]).tolist()
+            values = torch.stack(
+                [t.detach().float().reshape(()).to(dev) for t in tensors.values()]
+            ).tolist()
             out.update(dict(zip(tensors.keys(), values)))
         if adam and adam["eps"]:
-            ratios = [out[names.per_item(names.GRAD_RMS, g)] / e for g, e in adam["eps"].items()
-                      if names.per_item(names.GRAD_RMS, g) in out]
+            ratios = [
+                out[names.per_item(names.GRAD_RMS, g)] / e
+                for g, e in adam["eps"].items()
+                if names.per_item(names.GRAD_RMS, g) in out
+            ]
             if ratios:
                 out[names.GRAD_RMS_OVER_EPS_MIN] = min(ratios)
         return {k: float(v) for k, v in out.items() if math.isfinite(v)}
@@ -423,13 +470,18 @@ class StepIndicators:
         Rows recorded since the last collect are not saved; after a restart the first
         window starts fresh.
         """
-        return {"version": STATE_VERSION, "loss_hist": [float(x) for x in self._loss_hist[-self.window:]],
-                "tokens_sum": float(self._tokens_sum)}
+        return {
+            "version": STATE_VERSION,
+            "loss_hist": [float(x) for x in self._loss_hist[-self.window :]],
+            "tokens_sum": float(self._tokens_sum),
+        }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
-            raise ValueError(f"indicator state version {sd.get('version') if isinstance(sd, dict) else sd!r} "
-                             f"is not {STATE_VERSION}")
-        self._loss_hist = [float(x) for x in sd.get("loss_hist", [])][-self.window:]
+            raise ValueError(
+                f"indicator state version {sd.get('version') if isinstance(sd, dict) else sd!r} "
+                f"is not {STATE_VERSION}"
+            )
+        self._loss_hist = [float(x) for x in sd.get("loss_hist", [])][-self.window :]
         self._tokens_sum = float(sd.get("tokens_sum", 0.0))
         self._ref_time = self._ref_tokens = None

@@ -51,8 +51,15 @@ def _reduce_over_job(value: float, op: str, dist: Any) -> float:
 class CollectiveSafeScorer(Scorer):
     """Delegates to `inner`; equal batch counts and per-batch agreement across ranks."""
 
-    def __init__(self, inner: Scorer, dist: Any, *, equal_batches: bool = True, agree_every_batch: bool = True,
-                 plain_rows: bool = False):
+    def __init__(
+        self,
+        inner: Scorer,
+        dist: Any,
+        *,
+        equal_batches: bool = True,
+        agree_every_batch: bool = True,
+        plain_rows: bool = False,
+    ):
         # No super().__init__: every attribute the driver reads comes from `inner`.
         self.inner = inner
         if plain_rows and hasattr(inner, "_verified"):
@@ -123,15 +130,19 @@ class CollectiveSafeScorer(Scorer):
         if err is not None:
             raise err
         if not ok:
-            raise ProbeAborted(f"a rank failed during the probe round ({where}); every rank stops here")
+            raise ProbeAborted(
+                f"a rank failed during the probe round ({where}); every rank stops here"
+            )
 
-    def score_batches(self, batches: List[Any],
-                      progress: Optional[Callable[[int], None]] = None) -> Dict[int, Tuple[float, int, bool]]:
+    def score_batches(
+        self, batches: List[Any], progress: Optional[Callable[[int], None]] = None
+    ) -> Dict[int, Tuple[float, int, bool]]:
         with _no_inference_mode():
             return self._score_batches(batches, progress)
 
-    def _score_batches(self, batches: List[Any],
-                       progress: Optional[Callable[[int], None]]) -> Dict[int, Tuple[float, int, bool]]:
+    def _score_batches(
+        self, batches: List[Any], progress: Optional[Callable[[int], None]]
+    ) -> Dict[int, Tuple[float, int, bool]]:
         from fineline_monitor.probes.scoring import prepare_batches
 
         err: Optional[BaseException] = None
@@ -151,7 +162,11 @@ class CollectiveSafeScorer(Scorer):
             try:
                 if self.fail_at_batch is not None and bi == self.fail_at_batch:
                     raise RuntimeError(f"injected probe failure before batch {bi}")
-                pb = _without_repeated_rows(batches[bi], seen) if real else prepare_batches([_dummy_row()], 1)[0]
+                pb = (
+                    _without_repeated_rows(batches[bi], seen)
+                    if real
+                    else prepare_batches([_dummy_row()], 1)[0]
+                )
             except Exception as e:  # noqa: BLE001
                 err = e
             if self.agree_every_batch:
@@ -182,7 +197,7 @@ def _without_repeated_rows(pb: Any, seen: set) -> Any:
     owners = list(pb.owners)
     keep_rows, keep_owners, k = [], [], 0
     for i, n in enumerate(scored):
-        mine = owners[k:k + n]
+        mine = owners[k : k + n]
         k += n
         if mine and set(mine) <= seen:
             continue
@@ -226,9 +241,19 @@ class TokenBackendScorer(Scorer):
 
     supports_packing = False
 
-    def __init__(self, backend: Any, tokenizer: Any, max_length: int, *, modules: Optional[List[Any]] = None,
-                 device: Any = None, prefix_token_id: Optional[int] = None):
-        super().__init__(tokenizer, max_length, device=device or "cpu", prefix_token_id=prefix_token_id)
+    def __init__(
+        self,
+        backend: Any,
+        tokenizer: Any,
+        max_length: int,
+        *,
+        modules: Optional[List[Any]] = None,
+        device: Any = None,
+        prefix_token_id: Optional[int] = None,
+    ):
+        super().__init__(
+            tokenizer, max_length, device=device or "cpu", prefix_token_id=prefix_token_id
+        )
         self.backend = backend
         self._modules = list(modules or [])
 
@@ -243,8 +268,15 @@ class TokenBackendScorer(Scorer):
         return lp[sel], gr[sel]
 
 
-def hf_scorer(model: Any, tokenizer: Any, probe_cfg: Any, dist: Any, *, equal_batches: bool,
-              plain_rows: bool = False) -> Scorer:
+def hf_scorer(
+    model: Any,
+    tokenizer: Any,
+    probe_cfg: Any,
+    dist: Any,
+    *,
+    equal_batches: bool,
+    plain_rows: bool = False,
+) -> Scorer:
     """The built-in scorer for `model` (HF causal LM or torch module), collective-safe."""
     from fineline_monitor.probes.scoring import build_scorer
 
@@ -252,8 +284,16 @@ def hf_scorer(model: Any, tokenizer: Any, probe_cfg: Any, dist: Any, *, equal_ba
     return CollectiveSafeScorer(inner, dist, equal_batches=equal_batches, plain_rows=plain_rows)
 
 
-def backend_scorer(backend: Any, tokenizer: Any, probe_cfg: Any, dist: Any, *, max_length: int,
-                   modules: Optional[List[Any]] = None, equal_batches: bool = True) -> Scorer:
+def backend_scorer(
+    backend: Any,
+    tokenizer: Any,
+    probe_cfg: Any,
+    dist: Any,
+    *,
+    max_length: int,
+    modules: Optional[List[Any]] = None,
+    equal_batches: bool = True,
+) -> Scorer:
     ml = int(getattr(probe_cfg, "max_length", 0) or 0) or int(max_length)
     inner = TokenBackendScorer(backend, tokenizer, ml, modules=modules)
     return CollectiveSafeScorer(inner, dist, equal_batches=equal_batches)

@@ -42,7 +42,6 @@ What it takes from the engine, and why:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -55,6 +54,7 @@ log = logging.getLogger("fineline_monitor")
 
 # ---- ranks ------------------------------------------------------------------------------------
 
+
 def deepspeed_dist_context(engine: Any, timeout_s: float = 300.0) -> DistContext:
     """DistContext of a DeepSpeed engine: its data-parallel group; global rank 0 logs."""
     import torch.distributed as dist
@@ -63,18 +63,33 @@ def deepspeed_dist_context(engine: Any, timeout_s: float = 300.0) -> DistContext
         return DistContext(timeout_s=timeout_s)
     grid = getattr(engine, "grid", None)
     if grid is not None:  # PipelineEngine: DP group from the topology grid
-        dp_group, dp_rank, dp_size = grid.get_data_parallel_group(), grid.get_data_parallel_rank(), \
-            grid.get_data_parallel_world_size()
+        dp_group, dp_rank, dp_size = (
+            grid.get_data_parallel_group(),
+            grid.get_data_parallel_rank(),
+            grid.get_data_parallel_world_size(),
+        )
     else:
-        dp_group = getattr(engine, "data_parallel_group", None) or getattr(engine, "seq_data_parallel_group", None)
-        dp_size = dist.get_world_size(group=dp_group) if dp_group is not None else dist.get_world_size()
+        dp_group = getattr(engine, "data_parallel_group", None) or getattr(
+            engine, "seq_data_parallel_group", None
+        )
+        dp_size = (
+            dist.get_world_size(group=dp_group) if dp_group is not None else dist.get_world_size()
+        )
         dp_rank = dist.get_rank(group=dp_group) if dp_group is not None else dist.get_rank()
     rank = dist.get_rank()
-    return DistContext(rank=rank, world_size=dist.get_world_size(), dp_rank=dp_rank, dp_size=dp_size,
-                       dp_group=dp_group, is_logging_rank=(rank == 0), timeout_s=timeout_s)
+    return DistContext(
+        rank=rank,
+        world_size=dist.get_world_size(),
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        dp_group=dp_group,
+        is_logging_rank=(rank == 0),
+        timeout_s=timeout_s,
+    )
 
 
 # ---- ZeRO-3 shard views -----------------------------------------------------------------------
+
 
 def zero3_local_shards(params: List[Any]) -> List[Any]:
     """The valid part of each ZeRO-3 parameter's local shard (`ds_tensor` minus the
@@ -105,6 +120,7 @@ class _ShardOptimizerView:
 
 # ---- gradient norm for plain fp32 without ZeRO --------------------------------------------------
 
+
 class _Fp32GradNormCapture:
     """Stage 0, fp32: DeepSpeed computes the norm while clipping but does not keep it."""
 
@@ -117,8 +133,11 @@ class _Fp32GradNormCapture:
 
             def clip_and_keep() -> None:
                 # Same call as DeepSpeedEngine.clip_fp32_gradients, keeping its result.
-                self.value = clip_grad_norm_(parameters=engine.module.parameters(),
-                                             max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+                self.value = clip_grad_norm_(
+                    parameters=engine.module.parameters(),
+                    max_norm=engine.gradient_clipping(),
+                    mpu=engine.mpu,
+                )
 
             engine.clip_fp32_gradients = clip_and_keep  # instance attribute, this engine only
         else:
@@ -133,7 +152,8 @@ class _Fp32GradNormCapture:
         grads = [p.grad for p in self._engine.module.parameters() if p.grad is not None]
         if grads:
             self.value = torch.linalg.vector_norm(
-                torch.stack(torch._foreach_norm(grads, 2))).detach()
+                torch.stack(torch._foreach_norm(grads, 2))
+            ).detach()
 
 
 def _engine_grad_norm(engine: Any, capture: Optional[_Fp32GradNormCapture]) -> Any:
@@ -167,6 +187,7 @@ def _loss_scale(engine: Any) -> Optional[float]:
 
 # ---- pipeline engine: eval_batch token scorer ---------------------------------------------------
 
+
 class DeepSpeedPipeTokenScorer:
     """Per-token log-probabilities through a PipelineEngine's `eval_batch`.
 
@@ -193,8 +214,10 @@ class DeepSpeedPipeTokenScorer:
             z = torch.zeros(pad, s, dtype=input_ids.dtype)
             input_ids, targets = torch.cat([input_ids, z]), torch.cat([targets, z])
         dev = eng.device
-        micro = [(input_ids[i * mbs:(i + 1) * mbs].to(dev), targets[i * mbs:(i + 1) * mbs].to(dev))
-                 for i in range(n_mb)]
+        micro = [
+            (input_ids[i * mbs : (i + 1) * mbs].to(dev), targets[i * mbs : (i + 1) * mbs].to(dev))
+            for i in range(n_mb)
+        ]
 
         def per_token(logits: Any, labels: Any) -> Any:
             lf = logits.float()
@@ -207,8 +230,13 @@ class DeepSpeedPipeTokenScorer:
         module.loss_fn = per_token
         eng.dynamic_shape = True  # probe batches differ in length from training batches
         try:
-            out = eng.eval_batch(iter(micro), compute_loss=True, reduce_output=None, bcast_loss=False,
-                                 num_micro_batches=n_mb)
+            out = eng.eval_batch(
+                iter(micro),
+                compute_loss=True,
+                reduce_output=None,
+                bcast_loss=False,
+                num_micro_batches=n_mb,
+            )
         finally:
             module.loss_fn, eng.dynamic_shape = saved[0], saved[1]
             module.train(saved[2])
@@ -220,26 +248,41 @@ class DeepSpeedPipeTokenScorer:
         if eng.is_last_stage():
             res.copy_(torch.cat([o.float() for o in out], dim=1))
         if eng.num_stages > 1:
-            dist.broadcast(res, src=eng._loss_stage_global_rank(), group=eng.mpu.get_pipe_parallel_group())
+            dist.broadcast(
+                res, src=eng._loss_stage_global_rank(), group=eng.mpu.get_pipe_parallel_group()
+            )
         res = res[:, :b].cpu()
         return -res[0].double(), res[1] > 0.5
 
 
 # ---- the adapter --------------------------------------------------------------------------------
 
+
 class DeepSpeedMonitor(MonitorPassThrough):
     """FineLineMonitor wired to a DeepSpeed engine. Call `step()` after every `engine.step()`
     (or after `engine.train_batch()`), on every rank."""
 
-    def __init__(self, engine: Any, config: Any = None, *, tokenizer: Any = None, scorer: Any = None,
-                 sinks: Optional[List[Any]] = None, checkpoint_fn: Optional[Callable[[int], None]] = None,
-                 run_meta: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        engine: Any,
+        config: Any = None,
+        *,
+        tokenizer: Any = None,
+        scorer: Any = None,
+        sinks: Optional[List[Any]] = None,
+        checkpoint_fn: Optional[Callable[[int], None]] = None,
+        run_meta: Optional[Dict[str, Any]] = None,
+    ):
         from fineline_monitor.core.config import MonitorConfig
         from fineline_monitor.monitor import FineLineMonitor
 
         cfg = MonitorConfig.coerce(config)
         self.engine = engine
-        self.zero_stage = int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
+        self.zero_stage = (
+            int(engine.zero_optimization_stage())
+            if hasattr(engine, "zero_optimization_stage")
+            else 0
+        )
         self.is_pipeline = hasattr(engine, "eval_batch") and hasattr(engine, "grid")
         self.dist = deepspeed_dist_context(engine, cfg.dist_timeout_s)
         module = engine.module
@@ -253,18 +296,41 @@ class DeepSpeedMonitor(MonitorPassThrough):
             ind_optimizer = None  # whole params on every rank; optimizer state is flat partitions
         else:
             ind_optimizer = getattr(engine, "optimizer", None)
-            ind_optimizer = getattr(ind_optimizer, "optimizer", ind_optimizer)  # fp16 wrapper -> torch optim
+            ind_optimizer = getattr(
+                ind_optimizer, "optimizer", ind_optimizer
+            )  # fp16 wrapper -> torch optim
         self._capture = None
-        if self.zero_stage == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled()) and not self.is_pipeline:
+        if (
+            self.zero_stage == 0
+            and not (engine.fp16_enabled() or engine.bfloat16_enabled())
+            and not self.is_pipeline
+        ):
             self._capture = _Fp32GradNormCapture(engine)
 
-        if scorer is None and tokenizer is not None and (cfg.probe_every > 0 or cfg.probe_every_tokens > 0):
+        if (
+            scorer is None
+            and tokenizer is not None
+            and (cfg.probe_every > 0 or cfg.probe_every_tokens > 0)
+        ):
             scorer = self._build_scorer(cfg, tokenizer)
-        meta = {"framework": "deepspeed", "zero_stage": self.zero_stage, "pipeline": self.is_pipeline}
+        meta = {
+            "framework": "deepspeed",
+            "zero_stage": self.zero_stage,
+            "pipeline": self.is_pipeline,
+        }
         meta.update(run_meta or {})
-        self.monitor = FineLineMonitor(model=module, optimizer=ind_optimizer, config=cfg, tokenizer=tokenizer,
-                                       scorer=scorer, dist=self.dist, sinks=sinks, checkpoint_fn=checkpoint_fn,
-                                       run_meta=meta, step_metrics_fn=step_metrics_fn)
+        self.monitor = FineLineMonitor(
+            model=module,
+            optimizer=ind_optimizer,
+            config=cfg,
+            tokenizer=tokenizer,
+            scorer=scorer,
+            dist=self.dist,
+            sinks=sinks,
+            checkpoint_fn=checkpoint_fn,
+            run_meta=meta,
+            step_metrics_fn=step_metrics_fn,
+        )
         self._seen_global_steps = int(getattr(engine, "global_steps", 0))
         self._seen_skipped = int(getattr(engine, "skipped_steps", 0))
         self._loss_sum: Any = None
@@ -275,11 +341,23 @@ class DeepSpeedMonitor(MonitorPassThrough):
 
         if self.is_pipeline:
             max_len = int(getattr(cfg.probes, "max_length", 0) or 0) or 2048
-            return backend_scorer(DeepSpeedPipeTokenScorer(self.engine), tokenizer, cfg.probes, self.dist,
-                                  max_length=max_len, modules=[])
+            return backend_scorer(
+                DeepSpeedPipeTokenScorer(self.engine),
+                tokenizer,
+                cfg.probes,
+                self.dist,
+                max_length=max_len,
+                modules=[],
+            )
         # ZeRO-3 forwards are collectives: every rank runs the same number of batches.
-        return hf_scorer(self.engine.module, tokenizer, cfg.probes, self.dist, equal_batches=self.zero_stage >= 3,
-                         plain_rows=self.zero_stage >= 3)
+        return hf_scorer(
+            self.engine.module,
+            tokenizer,
+            cfg.probes,
+            self.dist,
+            equal_batches=self.zero_stage >= 3,
+            plain_rows=self.zero_stage >= 3,
+        )
 
     def _zero3_param_norm(self) -> Dict[str, Any]:
         import torch
@@ -290,13 +368,23 @@ class DeepSpeedMonitor(MonitorPassThrough):
             if t.numel():
                 sq += t.detach().double().pow(2).sum().cpu()
         if self.dist.dp_size > 1:
-            sq = bounded_all_reduce(sq.to(collective_device(self.dist.dp_group, self.dist.device_hint)), "SUM",
-                                    group=self.dist.dp_group, timeout_s=self.dist.timeout_s)
+            sq = bounded_all_reduce(
+                sq.to(collective_device(self.dist.dp_group, self.dist.device_hint)),
+                "SUM",
+                group=self.dist.dp_group,
+                timeout_s=self.dist.timeout_s,
+            )
         return {names.PARAM_NORM: float(sq.sqrt())}
 
     # ---- per micro-step --------------------------------------------------------------------
-    def step(self, loss: Any = None, tokens: Optional[int] = None, lr: Optional[float] = None, *,
-             batch_tokens: Optional[int] = None) -> list:
+    def step(
+        self,
+        loss: Any = None,
+        tokens: Optional[int] = None,
+        lr: Optional[float] = None,
+        *,
+        batch_tokens: Optional[int] = None,
+    ) -> list:
         """Call after every `engine.step()` (or `train_batch()`). Returns the alerts fired at
         an optimizer step, [] otherwise."""
         eng = self.engine
@@ -317,6 +405,13 @@ class DeepSpeedMonitor(MonitorPassThrough):
                 lr = float(eng.get_lr()[0])
             except Exception:  # noqa: BLE001
                 lr = None
-        return self.monitor.step(step=gs, loss=mean_loss, tokens=tokens, lr=lr,
-                                 grad_norm=_engine_grad_norm(eng, self._capture), loss_scale=_loss_scale(eng),
-                                 skipped=skipped, batch_tokens=batch_tokens)
+        return self.monitor.step(
+            step=gs,
+            loss=mean_loss,
+            tokens=tokens,
+            lr=lr,
+            grad_norm=_engine_grad_norm(eng, self._capture),
+            loss_scale=_loss_scale(eng),
+            skipped=skipped,
+            batch_tokens=batch_tokens,
+        )

@@ -27,23 +27,35 @@ except Exception:  # pragma: no cover
 
 
 class FineLineCallback(_Base):  # type: ignore[misc,valid-type]
-    def __init__(self, config: Any = None, *, tokenizer: Any = None, scorer: Any = None, **monitor_kw: Any):
+    def __init__(
+        self, config: Any = None, *, tokenizer: Any = None, scorer: Any = None, **monitor_kw: Any
+    ):
         self.config = config
         self.tokenizer = tokenizer
         self.scorer = scorer
         self.monitor_kw = monitor_kw
         self.monitor = None
         self._last: Dict[str, float] = {}
-        self._pending: Optional[Tuple[int, Optional[int], bool]] = None  # (step, tokens, skipped) awaiting on_log
+        self._pending: Optional[Tuple[int, Optional[int], bool]] = (
+            None  # (step, tokens, skipped) awaiting on_log
+        )
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, processing_class=None, **kw):
+    def on_train_begin(
+        self, args, state, control, model=None, optimizer=None, processing_class=None, **kw
+    ):
         from fineline_monitor.monitor import FineLineMonitor
 
         tok = self.tokenizer or processing_class or kw.get("tokenizer")
         if self.monitor is None:
-            self.monitor = FineLineMonitor(model=model, optimizer=optimizer, config=self.config, tokenizer=tok,
-                                           scorer=self.scorer, run_meta={"framework": "hf-trainer"},
-                                           **self.monitor_kw)
+            self.monitor = FineLineMonitor(
+                model=model,
+                optimizer=optimizer,
+                config=self.config,
+                tokenizer=tok,
+                scorer=self.scorer,
+                run_meta={"framework": "hf-trainer"},
+                **self.monitor_kw,
+            )
 
     def on_log(self, args, state, control, logs: Optional[Dict[str, float]] = None, **kw):
         if not logs or "loss" not in logs:  # evaluation logs have eval_* keys only
@@ -54,8 +66,14 @@ class FineLineCallback(_Base):  # type: ignore[misc,valid-type]
         if self._pending is not None and self._pending[0] == state.global_step:
             step, tokens, skipped = self._pending
             self._pending = None
-            self._step(control, step, tokens, skipped, loss=self._last.pop("loss", None),
-                       grad_norm=self._last.pop("grad_norm", None))
+            self._step(
+                control,
+                step,
+                tokens,
+                skipped,
+                loss=self._last.pop("loss", None),
+                grad_norm=self._last.pop("grad_norm", None),
+            )
         # else: a log after its step was handed over (logging_strategy="epoch" logs from
         # on_epoch_end): its values go with the next step, late rather than lost (the very
         # last one, after the last step, is not handed over)
@@ -76,8 +94,14 @@ class FineLineCallback(_Base):  # type: ignore[misc,valid-type]
         gn = self._last.pop("grad_norm", None)
         if gn is not None and not math.isfinite(gn):
             gn = None  # a late value: whether its step was an AMP skip is not known any more
-        self._step(control, int(state.global_step), tokens, skipped, loss=self._last.pop("loss", None),
-                   grad_norm=gn)
+        self._step(
+            control,
+            int(state.global_step),
+            tokens,
+            skipped,
+            loss=self._last.pop("loss", None),
+            grad_norm=gn,
+        )
 
     def _flush_pending(self, control) -> None:
         """A step announced for logging whose log never came (the Trainer skips a log
@@ -86,10 +110,24 @@ class FineLineCallback(_Base):  # type: ignore[misc,valid-type]
             (step, tokens, skipped), self._pending = self._pending, None
             self._step(control, step, tokens, skipped)
 
-    def _step(self, control, step: int, tokens: Optional[int], skipped: bool, *, loss: Any = None,
-              grad_norm: Any = None) -> None:
-        self.monitor.step(step=step, loss=loss, tokens=tokens, lr=self._last.get("learning_rate"),
-                          grad_norm=grad_norm, skipped=skipped)
+    def _step(
+        self,
+        control,
+        step: int,
+        tokens: Optional[int],
+        skipped: bool,
+        *,
+        loss: Any = None,
+        grad_norm: Any = None,
+    ) -> None:
+        self.monitor.step(
+            step=step,
+            loss=loss,
+            tokens=tokens,
+            lr=self._last.get("learning_rate"),
+            grad_norm=grad_norm,
+            skipped=skipped,
+        )
         if self.monitor.should_stop:
             control.should_training_stop = True
 

@@ -19,17 +19,21 @@ from typing import Any, Optional
 def _base():
     try:
         from lightning.pytorch import Callback
+
         return Callback
     except ImportError:  # pragma: no cover
         try:
             from pytorch_lightning import Callback
+
             return Callback
         except ImportError:
             return object
 
 
 class _Impl:
-    def __init__(self, config: Any = None, *, tokenizer: Any = None, scorer: Any = None, **monitor_kw: Any):
+    def __init__(
+        self, config: Any = None, *, tokenizer: Any = None, scorer: Any = None, **monitor_kw: Any
+    ):
         self.config = config
         self.tokenizer = tokenizer
         self.scorer = scorer
@@ -44,9 +48,15 @@ class _Impl:
 
         opt = trainer.optimizers[0] if trainer.optimizers else None
         if self.monitor is None:
-            self.monitor = FineLineMonitor(model=pl_module, optimizer=opt, config=self.config,
-                                           tokenizer=self.tokenizer, scorer=self.scorer,
-                                           run_meta={"framework": "lightning"}, **self.monitor_kw)
+            self.monitor = FineLineMonitor(
+                model=pl_module,
+                optimizer=opt,
+                config=self.config,
+                tokenizer=self.tokenizer,
+                scorer=self.scorer,
+                run_meta={"framework": "lightning"},
+                **self.monitor_kw,
+            )
         self._seen_step = int(trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fineline_monitor.distributed import DistContext, collective_device, module_device
 from fineline_monitor.integrations._wrapper import MonitorPassThrough
@@ -50,6 +50,7 @@ log = logging.getLogger("fineline_monitor")
 
 
 # ---- parallel state -> DistContext -----------------------------------------------------------
+
 
 def megatron_dist_context(timeout_s: float = 300.0) -> DistContext:
     """DistContext from megatron's `parallel_state`: DP group without context parallelism,
@@ -60,43 +61,62 @@ def megatron_dist_context(timeout_s: float = 300.0) -> DistContext:
     if not (dist.is_available() and dist.is_initialized()):
         return DistContext(timeout_s=timeout_s)
     if not ps.model_parallel_is_initialized():
-        raise RuntimeError("megatron parallel state is not initialized: call "
-                           "megatron.core.parallel_state.initialize_model_parallel(...) before attaching "
-                           "the monitor")
+        raise RuntimeError(
+            "megatron parallel state is not initialized: call "
+            "megatron.core.parallel_state.initialize_model_parallel(...) before attaching "
+            "the monitor"
+        )
     if ps.get_context_parallel_world_size() > 1:
-        raise NotImplementedError("fineline_monitor's megatron scorer does not support context parallelism "
-                                  f"(context_parallel_size={ps.get_context_parallel_world_size()}); "
-                                  "run probes with CP=1")
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                       dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-                       dp_group=ps.get_data_parallel_group(), is_logging_rank=is_loss_owner(),
-                       timeout_s=timeout_s)
+        raise NotImplementedError(
+            "fineline_monitor's megatron scorer does not support context parallelism "
+            f"(context_parallel_size={ps.get_context_parallel_world_size()}); "
+            "run probes with CP=1"
+        )
+    return DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        dp_group=ps.get_data_parallel_group(),
+        is_logging_rank=is_loss_owner(),
+        timeout_s=timeout_s,
+    )
 
 
 def is_loss_owner() -> bool:
     """True on the one rank that owns the (DP-reduced) loss: last PP stage, TP 0, DP 0."""
     from megatron.core import parallel_state as ps
 
-    return (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_data_parallel_rank() == 0)
+    return (
+        ps.is_pipeline_last_stage(ignore_virtual=True)
+        and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_data_parallel_rank() == 0
+    )
 
 
 def unwrap_megatron(model: Any) -> Any:
     """The GPTModel under Megatron's wrappers (a list of chunks, DDP, Float16Module)."""
     if isinstance(model, (list, tuple)):
         if len(model) != 1:
-            raise NotImplementedError("virtual pipeline parallelism (several model chunks per rank) is not "
-                                      "supported by the probe scorer; got %d chunks" % len(model))
+            raise NotImplementedError(
+                "virtual pipeline parallelism (several model chunks per rank) is not "
+                "supported by the probe scorer; got %d chunks" % len(model)
+            )
         model = model[0]
     seen = 0
-    while not hasattr(model, "output_layer") and not hasattr(model, "post_process") and hasattr(model, "module") \
-            and seen < 8:
+    while (
+        not hasattr(model, "output_layer")
+        and not hasattr(model, "post_process")
+        and hasattr(model, "module")
+        and seen < 8
+    ):
         model = model.module
         seen += 1
     return model
 
 
 # ---- greedy flag under TP without gathering logits ---------------------------------------------
+
 
 class _TPGreedy:
     """Forward hook on `output_layer` (ColumnParallelLinear): from the rank-local logits
@@ -138,7 +158,9 @@ class _TPGreedy:
             local_max = lg.amax(dim=-1)
             owned = (labels >= start) & (labels < start + vp)
             idx = (labels - start).clamp(0, vp - 1).unsqueeze(-1)
-            label_logit = torch.where(owned, lg.gather(-1, idx).squeeze(-1), torch.zeros_like(local_max))
+            label_logit = torch.where(
+                owned, lg.gather(-1, idx).squeeze(-1), torch.zeros_like(local_max)
+            )
             if tp > 1:
                 group = ps.get_tensor_model_parallel_group()
                 dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
@@ -147,6 +169,7 @@ class _TPGreedy:
 
 
 # ---- the token-level scorer --------------------------------------------------------------------
+
 
 def _causal_mask(s: int, device: Any):
     import torch
@@ -166,8 +189,14 @@ class MegatronTokenScorer:
     Forward-only and no_grad; the model's train/eval mode is restored after.
     """
 
-    def __init__(self, model: Any, *, micro_batch_size: Optional[int] = None, greedy: bool = True,
-                 around_forward: Optional[Callable[[], Any]] = None):
+    def __init__(
+        self,
+        model: Any,
+        *,
+        micro_batch_size: Optional[int] = None,
+        greedy: bool = True,
+        around_forward: Optional[Callable[[], Any]] = None,
+    ):
         from megatron.core import parallel_state as ps
 
         self.model = model  # as given (possibly a list of wrapped chunks): forward goes through it
@@ -195,7 +224,11 @@ class MegatronTokenScorer:
 
     def _pad_len(self, s: int) -> int:
         # Sequence parallelism splits the sequence over TP ranks: keep it divisible.
-        if self.config is not None and getattr(self.config, "sequence_parallel", False) and self.tp > 1:
+        if (
+            self.config is not None
+            and getattr(self.config, "sequence_parallel", False)
+            and self.tp > 1
+        ):
             return -(-s // self.tp) * self.tp
         return s
 
@@ -203,8 +236,10 @@ class MegatronTokenScorer:
         import torch
 
         if input_ids.shape != targets.shape or input_ids.dim() != 2:
-            raise ValueError(f"input_ids {tuple(input_ids.shape)} and targets {tuple(targets.shape)} must both "
-                             "be [batch, seq]")
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and targets {tuple(targets.shape)} must both "
+                "be [batch, seq]"
+            )
         b, s = input_ids.shape
         sp = self._pad_len(s)
         if sp != s:
@@ -239,7 +274,9 @@ class MegatronTokenScorer:
                 g.labels = tg
             nll = self.chunk(ids, pos, _causal_mask(s, dev), labels=tg)
         nll = nll.float().cpu()
-        greedy = g.results[-1] if g is not None and g.results else torch.zeros(b, s, dtype=torch.bool)
+        greedy = (
+            g.results[-1] if g is not None and g.results else torch.zeros(b, s, dtype=torch.bool)
+        )
         return nll, greedy
 
     # -- PP > 1: megatron's forward-only schedule; every stage joins every forward
@@ -253,7 +290,7 @@ class MegatronTokenScorer:
         b, s = input_ids.shape
         mbs = self.micro_batch_size or b
         mbs = max(1, min(mbs, b))
-        chunks = [(input_ids[i:i + mbs], targets[i:i + mbs]) for i in range(0, b, mbs)]
+        chunks = [(input_ids[i : i + mbs], targets[i : i + mbs]) for i in range(0, b, mbs)]
         # The schedule's p2p buffers have a fixed shape: pad the last micro-batch to mbs.
         last_ids, last_tg = chunks[-1]
         if last_ids.shape[0] < mbs:
@@ -261,8 +298,11 @@ class MegatronTokenScorer:
             z = torch.zeros(fill, s, dtype=input_ids.dtype)
             chunks[-1] = (torch.cat([last_ids, z]), torch.cat([last_tg, z]))
         last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
-        greedy_ctx = (_TPGreedy(self.core.output_layer) if (self.greedy and last_stage)
-                      else contextlib.nullcontext())
+        greedy_ctx = (
+            _TPGreedy(self.core.output_layer)
+            if (self.greedy and last_stage)
+            else contextlib.nullcontext()
+        )
 
         def forward_step(data_iterator, model):
             ids, tg = next(data_iterator)
@@ -279,9 +319,17 @@ class MegatronTokenScorer:
 
         with greedy_ctx as g:
             fb = get_forward_backward_func()
-            data = fb(forward_step_func=forward_step, data_iterator=iter(chunks), model=[self.core]
-                      if not isinstance(self.model, (list, tuple)) else list(self.model),
-                      num_microbatches=len(chunks), seq_length=s, micro_batch_size=mbs, forward_only=True)
+            data = fb(
+                forward_step_func=forward_step,
+                data_iterator=iter(chunks),
+                model=[self.core]
+                if not isinstance(self.model, (list, tuple))
+                else list(self.model),
+                num_microbatches=len(chunks),
+                seq_length=s,
+                micro_batch_size=mbs,
+                forward_only=True,
+            )
             greedy_parts = list(g.results) if g is not None else []
         nll = torch.zeros(b, s, dtype=torch.float32, device=dev)
         greedy = torch.zeros(b, s, dtype=torch.float32, device=dev)
@@ -299,6 +347,7 @@ class MegatronTokenScorer:
 
 
 # ---- gradient norm and attention-logit reduction -----------------------------------------------
+
 
 def tp_grad_norm(model: Any) -> float:
     """Global L2 norm of the gradients of a megatron model, as megatron's optimizer computes
@@ -338,11 +387,16 @@ def model_param_count(core: Any) -> int:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    n = sum(p.numel() for p in core.parameters()
-            if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False))
+    n = sum(
+        p.numel()
+        for p in core.parameters()
+        if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False)
+    )
     group = ps.get_model_parallel_group() if dist.is_initialized() else None
     if group is not None and dist.get_world_size(group=group) > 1:
-        t = torch.tensor([float(n)], dtype=torch.float64, device=collective_device(group, module_device(core)))
+        t = torch.tensor(
+            [float(n)], dtype=torch.float64, device=collective_device(group, module_device(core))
+        )
         dist.all_reduce(t, group=group)
         n = int(t.item())
     return int(n)
@@ -381,7 +435,9 @@ def gather_tp_state_dict(model: Any) -> Dict[str, Any]:
 
     core = unwrap_megatron(model)
     if getattr(getattr(core, "config", None), "gated_linear_unit", False):
-        raise NotImplementedError("gather_tp_state_dict does not merge gated-linear-unit MLP shards")
+        raise NotImplementedError(
+            "gather_tp_state_dict does not merge gated-linear-unit MLP shards"
+        )
     tp = ps.get_tensor_model_parallel_world_size()
     group = ps.get_tensor_model_parallel_group()
     params = dict(core.named_parameters())
@@ -401,6 +457,7 @@ def gather_tp_state_dict(model: Any) -> Dict[str, Any]:
 
 # ---- the adapter ----------------------------------------------------------------------------------
 
+
 class MegatronMonitor(MonitorPassThrough):
     """FineLineMonitor wired to a megatron-core model (GPTModel, possibly wrapped in
     megatron's DDP / Float16Module, or a one-chunk list as Megatron-LM keeps it).
@@ -409,15 +466,25 @@ class MegatronMonitor(MonitorPassThrough):
     on every rank. `loss` only matters on the loss-owning rank (the last PP stage).
     """
 
-    def __init__(self, model: Any, optimizer: Any = None, config: Any = None, *, tokenizer: Any = None,
-                 scorer: Any = None, sinks: Optional[List[Any]] = None,
-                 checkpoint_fn: Optional[Callable[[int], None]] = None, run_meta: Optional[Dict[str, Any]] = None,
-                 micro_batch_size: Optional[int] = None, around_forward: Optional[Callable[[], Any]] = None,
-                 grad_norm_fn: Optional[Callable[[], float]] = None):
+    def __init__(
+        self,
+        model: Any,
+        optimizer: Any = None,
+        config: Any = None,
+        *,
+        tokenizer: Any = None,
+        scorer: Any = None,
+        sinks: Optional[List[Any]] = None,
+        checkpoint_fn: Optional[Callable[[int], None]] = None,
+        run_meta: Optional[Dict[str, Any]] = None,
+        micro_batch_size: Optional[int] = None,
+        around_forward: Optional[Callable[[], Any]] = None,
+        grad_norm_fn: Optional[Callable[[], float]] = None,
+    ):
         from megatron.core import parallel_state as ps
 
-        from fineline_monitor.integrations._scoring import backend_scorer
         from fineline_monitor.core.config import MonitorConfig
+        from fineline_monitor.integrations._scoring import backend_scorer
         from fineline_monitor.monitor import FineLineMonitor
 
         cfg = MonitorConfig.coerce(config)
@@ -426,20 +493,44 @@ class MegatronMonitor(MonitorPassThrough):
         self.dist = megatron_dist_context(cfg.dist_timeout_s)
         self.grad_norm_fn = grad_norm_fn
         core = unwrap_megatron(model)
-        if scorer is None and tokenizer is not None and (cfg.probe_every > 0 or cfg.probe_every_tokens > 0):
-            backend = MegatronTokenScorer(model, micro_batch_size=micro_batch_size, around_forward=around_forward)
+        if (
+            scorer is None
+            and tokenizer is not None
+            and (cfg.probe_every > 0 or cfg.probe_every_tokens > 0)
+        ):
+            backend = MegatronTokenScorer(
+                model, micro_batch_size=micro_batch_size, around_forward=around_forward
+            )
             # TP and PP forwards are collectives: every rank runs the same number of batches.
-            scorer = backend_scorer(backend, tokenizer, cfg.probes, self.dist,
-                                    max_length=backend.max_sequence_length or 2048, equal_batches=True)
-        meta = {"framework": "megatron-core", "tp": ps.get_tensor_model_parallel_world_size(),
-                "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
-                "params": model_param_count(core)}
+            scorer = backend_scorer(
+                backend,
+                tokenizer,
+                cfg.probes,
+                self.dist,
+                max_length=backend.max_sequence_length or 2048,
+                equal_batches=True,
+            )
+        meta = {
+            "framework": "megatron-core",
+            "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size(),
+            "params": model_param_count(core),
+        }
         meta.update(run_meta or {})
         # The indicators read torch optimizers' param_groups; megatron's optimizer wrappers
         # expose them too (over the rank's own shard under the distributed optimizer).
-        self.monitor = FineLineMonitor(model=core, optimizer=_torch_optimizer(optimizer), config=cfg,
-                                       tokenizer=tokenizer, scorer=scorer, dist=self.dist, sinks=sinks,
-                                       checkpoint_fn=checkpoint_fn, run_meta=meta)
+        self.monitor = FineLineMonitor(
+            model=core,
+            optimizer=_torch_optimizer(optimizer),
+            config=cfg,
+            tokenizer=tokenizer,
+            scorer=scorer,
+            dist=self.dist,
+            sinks=sinks,
+            checkpoint_fn=checkpoint_fn,
+            run_meta=meta,
+        )
         self._wrap_probe_round_for_tp()
 
     def _wrap_probe_round_for_tp(self) -> None:
@@ -454,8 +545,11 @@ class MegatronMonitor(MonitorPassThrough):
         if run is None:
             return
         head = getattr(unwrap_megatron(self.model), "output_layer", None)
-        vocab_parallel = (ps.get_tensor_model_parallel_world_size() > 1 and head is not None
-                          and not getattr(head, "gather_output", False))
+        vocab_parallel = (
+            ps.get_tensor_model_parallel_world_size() > 1
+            and head is not None
+            and not getattr(head, "gather_output", False)
+        )
 
         def run_and_reduce(*args: Any, **kwargs: Any) -> Any:
             ctx = kwargs.get("hooks")
@@ -469,9 +563,18 @@ class MegatronMonitor(MonitorPassThrough):
 
         probes.run = run_and_reduce
 
-    def step(self, step: int, loss: Any = None, tokens: Optional[int] = None, lr: Optional[float] = None, *,
-             grad_norm: Any = None, loss_scale: Optional[float] = None, skipped: bool = False,
-             batch_tokens: Optional[int] = None) -> list:
+    def step(
+        self,
+        step: int,
+        loss: Any = None,
+        tokens: Optional[int] = None,
+        lr: Optional[float] = None,
+        *,
+        grad_norm: Any = None,
+        loss_scale: Optional[float] = None,
+        skipped: bool = False,
+        batch_tokens: Optional[int] = None,
+    ) -> list:
         opt = self.optimizer
         if lr is None and opt is not None:
             groups = getattr(opt, "param_groups", None)
@@ -487,8 +590,16 @@ class MegatronMonitor(MonitorPassThrough):
                 loss_scale = None
         if grad_norm is None and self.grad_norm_fn is not None:
             grad_norm = self.grad_norm_fn()
-        return self.monitor.step(step=step, loss=loss, tokens=tokens, lr=lr, grad_norm=grad_norm,
-                                 loss_scale=loss_scale, skipped=skipped, batch_tokens=batch_tokens)
+        return self.monitor.step(
+            step=step,
+            loss=loss,
+            tokens=tokens,
+            lr=lr,
+            grad_norm=grad_norm,
+            loss_scale=loss_scale,
+            skipped=skipped,
+            batch_tokens=batch_tokens,
+        )
 
 
 def _grad_scaler(optimizer: Any) -> Any:

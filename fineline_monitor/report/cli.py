@@ -7,13 +7,18 @@ from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("report", help="render the run's HTML report from its store",
-                              description="Render DIR/report.html (self-contained: no network needed to view it) "
-                                          "from DIR/run.db: capability curves with expected bands and phases, "
-                                          "indicators next to the loss, alerts with their explanations.")
+    p = subparsers.add_parser(
+        "report",
+        help="render the run's HTML report from its store",
+        description="Render DIR/report.html (self-contained: no network needed to view it) "
+        "from DIR/run.db: capability curves with expected bands and phases, "
+        "indicators next to the loss, alerts with their explanations.",
+    )
     p.add_argument("dir", type=Path, help="the run's output folder (holds run.db)")
     p.add_argument("--run", default=None, help="which run of the store (default: the latest)")
-    p.add_argument("--output", type=Path, default=None, help="where to write (default DIR/report.html)")
+    p.add_argument(
+        "--output", type=Path, default=None, help="where to write (default DIR/report.html)"
+    )
     p.set_defaults(func=run)
 
 
@@ -22,8 +27,11 @@ def run(args) -> int:
 
     db = Path(args.dir) / "run.db"
     if not db.exists():
-        print(f"fineline-monitor report: {db}: no run store here (expected the folder a run wrote, "
-              f"with run.db)", file=sys.stderr)
+        print(
+            f"fineline-monitor report: {db}: no run store here (expected the folder a run wrote, "
+            f"with run.db)",
+            file=sys.stderr,
+        )
         return 2
     try:
         path = render_report(Path(args.dir), run=args.run, output=args.output)

@@ -43,10 +43,12 @@ INDICATORS: Tuple[Tuple[str, str, bool], ...] = (
     (names.PROBE_SECONDS, "probe round seconds", False),
 )
 # Per-layer / per-group families drawn as one multi-line chart each.
-FAMILIES = ((names.ATTN_LOGIT_MAX + "/", "max attention logit per layer", True),
-            (names.ACT_RMS + "/", "activation RMS per layer", True),
-            (names.UPDATE_RATIO + "/", "update / parameter ratio per group", True),
-            (names.GRAD_RMS + "/", "gradient RMS per group", True))
+FAMILIES = (
+    (names.ATTN_LOGIT_MAX + "/", "max attention logit per layer", True),
+    (names.ACT_RMS + "/", "activation RMS per layer", True),
+    (names.UPDATE_RATIO + "/", "update / parameter ratio per group", True),
+    (names.GRAD_RMS + "/", "gradient RMS per group", True),
+)
 QUIET_WHEN_ZERO = (names.SKIPPED_STEPS, names.NONFINITE_LOSS, names.NONFINITE_GRAD)
 PRIMARY_ORDER = ("acc_norm", "acc", "bpb")
 
@@ -139,8 +141,12 @@ def _num(v: Any) -> str:
     return fmt(f) if math.isfinite(f) else esc(str(f))
 
 
-def _alert_matches(a: Dict[str, Any], capability: Optional[str] = None, task: Optional[str] = None,
-                   metrics: Tuple[str, ...] = ()) -> bool:
+def _alert_matches(
+    a: Dict[str, Any],
+    capability: Optional[str] = None,
+    task: Optional[str] = None,
+    metrics: Tuple[str, ...] = (),
+) -> bool:
     if capability is not None and a.get("capability") == capability:
         return True
     if task is not None and a.get("task") == task:
@@ -150,15 +156,25 @@ def _alert_matches(a: Dict[str, Any], capability: Optional[str] = None, task: Op
 
 def _mark(chart: Chart, alerts: List[Dict[str, Any]]) -> None:
     for a in alerts:
-        chart.marker(a["step"], a["severity"], f"{a['severity']} {a['rule']} @ step {a['step']}: {a['message']}")
+        chart.marker(
+            a["step"],
+            a["severity"],
+            f"{a['severity']} {a['rule']} @ step {a['step']}: {a['message']}",
+        )
 
 
 def is_capability_alert(a: dict) -> bool:
-    return bool(a.get("capability")) and str(a.get("rule", "")).startswith(("capability_", "sibling_"))
+    return bool(a.get("capability")) and str(a.get("rule", "")).startswith(
+        ("capability_", "sibling_")
+    )
 
 
-def what_happened(alerts: List[dict], injection: Optional[Tuple[str, int]], probe_steps: List[int],
-                  max_lines: int = 5) -> List[str]:
+def what_happened(
+    alerts: List[dict],
+    injection: Optional[Tuple[str, int]],
+    probe_steps: List[int],
+    max_lines: int = 5,
+) -> List[str]:
     """Lines saying which capability left its band, where, after how many probe rounds, and
     expected vs observed (the report's "What happened" box and the closing summary)."""
     at = injection[1] if injection else 0
@@ -166,23 +182,31 @@ def what_happened(alerts: List[dict], injection: Optional[Tuple[str, int]], prob
     seen = set()
     # a capability's own series before its tasks', the first step first; one line per curve
     # family (a task's bpb and gold log-probability are one finding)
-    ordered = sorted((a for a in alerts if is_capability_alert(a) and a["step"] >= at),
-                     key=lambda a: (a["step"], a.get("task") is not None, a.get("metric") != names.CAP_BPB))
+    ordered = sorted(
+        (a for a in alerts if is_capability_alert(a) and a["step"] >= at),
+        key=lambda a: (a["step"], a.get("task") is not None, a.get("metric") != names.CAP_BPB),
+    )
     for a in ordered:
         what = (a.get("capability"), a.get("task"))
         if what in seen or len(lines) >= max_lines:
             continue
         seen.add(what)
         series = a.get("metric") or ""
-        unit = names.describe_capability_series(series) if series in names.CAPABILITY_SERIES else series
+        unit = (
+            names.describe_capability_series(series)
+            if series in names.CAPABILITY_SERIES
+            else series
+        )
         rounds = sum(1 for s in probe_steps if at <= s <= a["step"]) if injection else None
         band = a.get("band")
         band_s = f" (band {band[0]:.4g} to {band[1]:.4g})" if band else ""
         where = a["capability"] + (f" task {a['task']}" if a.get("task") else "")
-        lines.append(f"{where} left its band at step {a['step']} ({a['severity']} {a['rule']}"
-                     + (f", {rounds} probe round(s) after the injection" if rounds is not None else "")
-                     + f"): observed {_fmt(a.get('observed'))}, expected {_fmt(a.get('expected'))}{band_s}; "
-                     f"{unit}")
+        lines.append(
+            f"{where} left its band at step {a['step']} ({a['severity']} {a['rule']}"
+            + (f", {rounds} probe round(s) after the injection" if rounds is not None else "")
+            + f"): observed {_fmt(a.get('observed'))}, expected {_fmt(a.get('expected'))}{band_s}; "
+            f"{unit}"
+        )
     return lines
 
 
@@ -201,7 +225,7 @@ def _what_happened_section(d: Dict[str, Any]) -> str:
         kind, _, at = spec.partition("@")
         injection = (kind, int(at)) if at.isdigit() else None
     lines = what_happened(d["alerts"], injection, [r["step"] for r in d["probe_rounds"]])
-    head = (f"Injected: {esc(injection[0])} at step {injection[1]}. " if injection else "")
+    head = f"Injected: {esc(injection[0])} at step {injection[1]}. " if injection else ""
     if not lines:
         body = '<p class="ok">No capability left its expected band.</p>'
     else:
@@ -230,7 +254,13 @@ def _ladder_capabilities(d: Dict[str, Any]) -> Dict[str, Dict[str, List[Tuple[in
                 except ValueError:
                     continue
                 if math.isfinite(v):
-                    acc[(f"{cap}/{names.CAP_BPB}", f"{row['source']}/{row['model']}", int(row["step"]))].append(v)
+                    acc[
+                        (
+                            f"{cap}/{names.CAP_BPB}",
+                            f"{row['source']}/{row['model']}",
+                            int(row["step"]),
+                        )
+                    ].append(v)
     except (OSError, KeyError, csv.Error):
         return {}
     out: Dict[str, Dict[str, List[Tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
@@ -256,22 +286,39 @@ def _capability_section(d: Dict[str, Any], spans) -> str:
     ladder = _ladder_capabilities(d)
     charts = []
     # bits per byte of every capability first (what moves before take-off), then accuracy
-    keys = sorted((k for k in caps if k.rsplit("/", 1)[-1] in names.CAPABILITY_SERIES),
-                  key=lambda k: (k.rsplit("/", 1)[-1] != names.CAP_BPB, k))
+    keys = sorted(
+        (k for k in caps if k.rsplit("/", 1)[-1] in names.CAPABILITY_SERIES),
+        key=lambda k: (k.rsplit("/", 1)[-1] != names.CAP_BPB, k),
+    )
     if not keys:  # a store written before the capability series: one score per capability
         keys = sorted(caps)
     for i, key in enumerate(keys):
         cap, _, series = key.rpartition("/")
-        label = names.describe_capability_series(series) if series in names.CAPABILITY_SERIES else "capability score"
+        label = (
+            names.describe_capability_series(series)
+            if series in names.CAPABILITY_SERIES
+            else "capability score"
+        )
         c = Chart(f"{cap or key} · {label}", y_label=label).phase_spans(spans)
         rows = exp.get(names.capability_key(key), [])
-        c.band("expected band", [(e["step"], e["low"], e["high"]) for e in rows], color=PALETTE[i % len(PALETTE)])
+        c.band(
+            "expected band",
+            [(e["step"], e["low"], e["high"]) for e in rows],
+            color=PALETTE[i % len(PALETTE)],
+        )
         c.line("expected", [(e["step"], e["expected"]) for e in rows], color="#6b7280", dashed=True)
         for run, pts in sorted(ladder.get(key, {}).items()):
             c.line(f"reference {run}", pts, color="#9ca3af", dashed=True)
         c.line(key, caps[key], color=PALETTE[i % len(PALETTE)])
-        _mark(c, [a for a in d["alerts"] if a.get("capability") == (cap or key)
-                  and (not series or a.get("metric") in (series, None))])
+        _mark(
+            c,
+            [
+                a
+                for a in d["alerts"]
+                if a.get("capability") == (cap or key)
+                and (not series or a.get("metric") in (series, None))
+            ],
+        )
         charts.append(c.render())
     return '<div class="grid">' + "".join(f'<div class="card">{c}</div>' for c in charts) + "</div>"
 
@@ -279,8 +326,10 @@ def _capability_section(d: Dict[str, Any], spans) -> str:
 def _tasks_section(d: Dict[str, Any], spans) -> str:
     by_task: Dict[str, Dict[str, Any]] = {}
     for r in d["probe_results"]:
-        t = by_task.setdefault(r["task"], {"capability": r["capability"], "metrics": defaultdict(list),
-                                           "n_docs": r["n_docs"]})
+        t = by_task.setdefault(
+            r["task"],
+            {"capability": r["capability"], "metrics": defaultdict(list), "n_docs": r["n_docs"]},
+        )
         t["metrics"][r["metric"]].append(r)
     if not by_task:
         return ""
@@ -293,33 +342,59 @@ def _tasks_section(d: Dict[str, Any], spans) -> str:
         for task in sorted(k for k, t in by_task.items() if t["capability"] == cap):
             t = by_task[task]
             with_exp = [m for m in t["metrics"] if names.probe_key(task, m) in exp]
-            metric = (with_exp or [m for m in PRIMARY_ORDER if m in t["metrics"]] or sorted(t["metrics"]))[0]
+            metric = (
+                with_exp or [m for m in PRIMARY_ORDER if m in t["metrics"]] or sorted(t["metrics"])
+            )[0]
             rows = t["metrics"][metric]
-            c = Chart(f"{task} · {metric} (n={t['n_docs']})", width=360, height=200,
-                      y_label=names.describe_capability_series(metric) if metric in names.CAPABILITY_SERIES else metric)
+            c = Chart(
+                f"{task} · {metric} (n={t['n_docs']})",
+                width=360,
+                height=200,
+                y_label=names.describe_capability_series(metric)
+                if metric in names.CAPABILITY_SERIES
+                else metric,
+            )
             c.phase_spans(spans)
             e = exp.get(names.probe_key(task, metric), [])
             c.band("expected band", [(x["step"], x["low"], x["high"]) for x in e])
-            c.band("± stderr", [(r["step"], r["value"] - r["stderr"], r["value"] + r["stderr"]) for r in rows
-                                if r["value"] is not None and r["stderr"] is not None], color="#9ca3af")
-            c.line("expected", [(x["step"], x["expected"]) for x in e], color="#6b7280", dashed=True)
+            c.band(
+                "± stderr",
+                [
+                    (r["step"], r["value"] - r["stderr"], r["value"] + r["stderr"])
+                    for r in rows
+                    if r["value"] is not None and r["stderr"] is not None
+                ],
+                color="#9ca3af",
+            )
+            c.line(
+                "expected", [(x["step"], x["expected"]) for x in e], color="#6b7280", dashed=True
+            )
             c.line(metric, [(r["step"], r["value"]) for r in rows])
             _mark(c, [a for a in d["alerts"] if a.get("task") == task])
             charts.append(c.render())
-        parts.append(f"<h3>{esc(cap)}</h3><div class=\"grid\">" +
-                     "".join(f'<div class="card">{c}</div>' for c in charts) + "</div>")
+        parts.append(
+            f'<h3>{esc(cap)}</h3><div class="grid">'
+            + "".join(f'<div class="card">{c}</div>' for c in charts)
+            + "</div>"
+        )
     # last values table
     metrics = sorted({m for t in by_task.values() for m in t["metrics"]})
     head = "".join(f"<th>{esc(m)}</th>" for m in metrics)
     body = []
     for task in sorted(by_task, key=lambda k: (by_task[k]["capability"], k)):
         t = by_task[task]
-        cells = "".join(f'<td class="num">{_num(t["metrics"][m][-1]["value"]) if m in t["metrics"] else ""}</td>'
-                        for m in metrics)
-        body.append(f"<tr><td>{esc(t['capability'])}</td><td>{esc(task)}</td><td class=\"num\">{t['n_docs']}</td>"
-                    f"{cells}</tr>")
-    parts.append("<details><summary>last probe values per task</summary><table><thead><tr><th>capability</th>"
-                 f"<th>task</th><th>docs</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></details>")
+        cells = "".join(
+            f'<td class="num">{_num(t["metrics"][m][-1]["value"]) if m in t["metrics"] else ""}</td>'
+            for m in metrics
+        )
+        body.append(
+            f'<tr><td>{esc(t["capability"])}</td><td>{esc(task)}</td><td class="num">{t["n_docs"]}</td>'
+            f"{cells}</tr>"
+        )
+    parts.append(
+        "<details><summary>last probe values per task</summary><table><thead><tr><th>capability</th>"
+        f"<th>task</th><th>docs</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></details>"
+    )
     return "".join(parts)
 
 
@@ -331,7 +406,14 @@ def _indicators_section(d: Dict[str, Any], spans) -> str:
     c.line(names.LOSS, [(s, v) for s, _, v in loss], color="#111827")
     exp_loss = [e for e in d["expectations"] if e["name"] == names.LOSS]
     c.band("expected band", [(e["step"], e["low"], e["high"]) for e in exp_loss])
-    _mark(c, [a for a in d["alerts"] if _alert_matches(a, metrics=(names.LOSS, "loss")) or not a.get("capability")])
+    _mark(
+        c,
+        [
+            a
+            for a in d["alerts"]
+            if _alert_matches(a, metrics=(names.LOSS, "loss")) or not a.get("capability")
+        ],
+    )
     charts.append(c.render())
     quiet: List[str] = []
     for name, title, log_y in INDICATORS:
@@ -348,18 +430,24 @@ def _indicators_section(d: Dict[str, Any], spans) -> str:
         _mark(c, [a for a in d["alerts"] if a.get("metric") == name])
         charts.append(c.render())
     for prefix, title, log_y in FAMILIES:
-        members = sorted((n for n in series if n.startswith(prefix)),
-                         key=lambda n: (len(n), n))
+        members = sorted((n for n in series if n.startswith(prefix)), key=lambda n: (len(n), n))
         if not members:
             continue
         vals = [v for n in members for _, _, v in series[n] if v is not None and math.isfinite(v)]
-        c = Chart(title + (f" ({len(members)}, first 10)" if len(members) > 10 else ""),
-                  log_y=log_y and bool(vals) and min(vals) > 0).phase_spans(spans)
+        c = Chart(
+            title + (f" ({len(members)}, first 10)" if len(members) > 10 else ""),
+            log_y=log_y and bool(vals) and min(vals) > 0,
+        ).phase_spans(spans)
         for n in members[:10]:
-            c.line(n[len(prefix):], [(s, v) for s, _, v in series[n]])
+            c.line(n[len(prefix) :], [(s, v) for s, _, v in series[n]])
         charts.append(c.render())
     note = f'<p class="ok">Zero throughout the run: {esc(", ".join(quiet))}.</p>' if quiet else ""
-    return note + '<div class="grid">' + "".join(f'<div class="card">{c}</div>' for c in charts) + "</div>"
+    return (
+        note
+        + '<div class="grid">'
+        + "".join(f'<div class="card">{c}</div>' for c in charts)
+        + "</div>"
+    )
 
 
 def _alerts_section(alerts: List[Dict[str, Any]]) -> str:
@@ -367,31 +455,44 @@ def _alerts_section(alerts: List[Dict[str, Any]]) -> str:
         return '<p class="ok">No alerts fired in this run.</p>'
     rows = []
     for a in sorted(alerts, key=lambda a: (a["step"], a["rule"])):
-        where = "/".join(x for x in (a.get("capability"), a.get("task"), a.get("metric")) if x) or "run"
+        where = (
+            "/".join(x for x in (a.get("capability"), a.get("task"), a.get("metric")) if x) or "run"
+        )
         band = a.get("band")
         band_s = f"[{_num(band[0])}, {_num(band[1])}]" if band else _num(None)
-        rows.append(f'<tr data-rule="{esc(a["rule"])}"><td class="num">{a["step"]}</td>'
-                    f'<td class="num">{_num(a.get("tokens"))}</td><td>{_sev_badge(a["severity"])}</td>'
-                    f'<td>{esc(a["rule"])}</td><td>{esc(where)}</td><td>{esc(a.get("phase") or "")}</td>'
-                    f'<td class="num">{_num(a.get("observed"))}</td><td class="num">{_num(a.get("expected"))}</td>'
-                    f'<td class="num">{band_s}</td><td>{esc(a.get("message") or "")}</td></tr>')
-    return ('<table id="alerts"><thead><tr><th>step</th><th>tokens</th><th>severity</th><th>rule</th>'
-            '<th>capability / task / metric</th><th>phase</th><th>observed</th><th>expected</th><th>band</th>'
-            f'<th>explanation</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+        rows.append(
+            f'<tr data-rule="{esc(a["rule"])}"><td class="num">{a["step"]}</td>'
+            f'<td class="num">{_num(a.get("tokens"))}</td><td>{_sev_badge(a["severity"])}</td>'
+            f"<td>{esc(a['rule'])}</td><td>{esc(where)}</td><td>{esc(a.get('phase') or '')}</td>"
+            f'<td class="num">{_num(a.get("observed"))}</td><td class="num">{_num(a.get("expected"))}</td>'
+            f'<td class="num">{band_s}</td><td>{esc(a.get("message") or "")}</td></tr>'
+        )
+    return (
+        '<table id="alerts"><thead><tr><th>step</th><th>tokens</th><th>severity</th><th>rule</th>'
+        "<th>capability / task / metric</th><th>phase</th><th>observed</th><th>expected</th><th>band</th>"
+        f"<th>explanation</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _events_section(events: List[Dict[str, Any]]) -> str:
     if not events:
         return '<p class="ok">No internal monitor errors.</p>'
-    rows = "".join(f'<tr><td class="num">{e["step"]}</td><td>{esc(e["kind"])}</td><td>{esc(e["key"])}</td>'
-                   f'<td><code>{esc(e["message"] or "")}</code></td></tr>' for e in events)
-    return ("<table><thead><tr><th>step</th><th>kind</th><th>part</th><th>message</th></tr></thead>"
-            f"<tbody>{rows}</tbody></table>")
+    rows = "".join(
+        f'<tr><td class="num">{e["step"]}</td><td>{esc(e["kind"])}</td><td>{esc(e["key"])}</td>'
+        f"<td><code>{esc(e['message'] or '')}</code></td></tr>"
+        for e in events
+    )
+    return (
+        "<table><thead><tr><th>step</th><th>kind</th><th>part</th><th>message</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
 
 
 def build_html(d: Dict[str, Any]) -> str:
     series = d["series"]
-    steps = [s for rows in series.values() for s, _, _ in rows] + [r["step"] for r in d["probe_rounds"]]
+    steps = [s for rows in series.values() for s, _, _ in rows] + [
+        r["step"] for r in d["probe_rounds"]
+    ]
     last_step = max(steps) if steps else 0
     spans = _phase_spans(d["phases"], last_step)
     tokens = [t for rows in series.values() for _, t, _ in rows if t is not None]
@@ -402,17 +503,37 @@ def build_html(d: Dict[str, Any]) -> str:
     for a in d["alerts"]:
         counts[a["severity"]] += 1
     loss = [v for _, _, v in series.get(names.LOSS, []) if v is not None]
-    kpis = [("steps", f"{last_step:,}"), ("tokens", f"{max(tokens):,}" if tokens else "n/a"),
-            ("parameters", f"{meta['params'] / 1e6:.2f}M" if isinstance(meta.get("params"), (int, float)) else "n/a"),
-            ("last loss", fmt(loss[-1]) if loss else "n/a"), ("probe rounds", str(len(d["probe_rounds"]))),
-            ("phase", d["phases"][-1]["phase"] if d["phases"] else "n/a"),
-            ("critical", str(counts["critical"])), ("warning", str(counts["warning"])),
-            ("internal errors", str(len(d["events"])))]
-    kpi_html = "".join(f'<div class="kpi"><b>{esc(v)}</b><span>{esc(k)}</span></div>' for k, v in kpis)
-    phase_legend = "".join(f'<span><i style="background:{c}"></i>{p}</span>'
-                           for p, c in PHASE_COLORS.items() if any(s[2] == p for s in spans))
-    status = ("critical alerts fired" if counts["critical"] else "warnings fired" if counts["warning"]
-              else "healthy: no warnings or criticals")
+    kpis = [
+        ("steps", f"{last_step:,}"),
+        ("tokens", f"{max(tokens):,}" if tokens else "n/a"),
+        (
+            "parameters",
+            f"{meta['params'] / 1e6:.2f}M"
+            if isinstance(meta.get("params"), (int, float))
+            else "n/a",
+        ),
+        ("last loss", fmt(loss[-1]) if loss else "n/a"),
+        ("probe rounds", str(len(d["probe_rounds"]))),
+        ("phase", d["phases"][-1]["phase"] if d["phases"] else "n/a"),
+        ("critical", str(counts["critical"])),
+        ("warning", str(counts["warning"])),
+        ("internal errors", str(len(d["events"]))),
+    ]
+    kpi_html = "".join(
+        f'<div class="kpi"><b>{esc(v)}</b><span>{esc(k)}</span></div>' for k, v in kpis
+    )
+    phase_legend = "".join(
+        f'<span><i style="background:{c}"></i>{p}</span>'
+        for p, c in PHASE_COLORS.items()
+        if any(s[2] == p for s in spans)
+    )
+    status = (
+        "critical alerts fired"
+        if counts["critical"]
+        else "warnings fired"
+        if counts["warning"]
+        else "healthy: no warnings or criticals"
+    )
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(created)) if created else "?"
     config_json = esc(json.dumps(info.get("config", {}), indent=2, default=str))
     meta_json = esc(json.dumps(meta, indent=2, default=str))
@@ -420,20 +541,20 @@ def build_html(d: Dict[str, Any]) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>FineLine report: {esc(d['run'])}</title>
+<title>FineLine report: {esc(d["run"])}</title>
 <style>{CSS}</style>
 <script>{SCRIPT}</script>
 </head><body>
-<header><h1>FineLine monitor report: {esc(d['run'])}</h1>
-<div class="sub">started {esc(when)} · {esc(status)}{' · other runs in this store: ' + esc(', '.join(other_runs)) if other_runs else ''}</div></header>
+<header><h1>FineLine monitor report: {esc(d["run"])}</h1>
+<div class="sub">started {esc(when)} · {esc(status)}{" · other runs in this store: " + esc(", ".join(other_runs)) if other_runs else ""}</div></header>
 <main>
 <div class="kpis">{kpi_html}</div>
-<div class="legend muted">phases: {phase_legend or 'none recorded'} · ▼ alert markers:
-<span style="color:{SEVERITY_COLORS['critical']}">critical</span>, <span style="color:{SEVERITY_COLORS['warning']}">warning</span>
+<div class="legend muted">phases: {phase_legend or "none recorded"} · ▼ alert markers:
+<span style="color:{SEVERITY_COLORS["critical"]}">critical</span>, <span style="color:{SEVERITY_COLORS["warning"]}">warning</span>
 · shaded bands: expected range for the current phase</div>
 {_what_happened_section(d)}
 <h2 id="alerts-h">Alerts</h2>
-{_alerts_section(d['alerts'])}
+{_alerts_section(d["alerts"])}
 <h2>Capabilities</h2>
 <p class="muted">Per capability: bits per byte of the gold continuation (mean over its tasks, lower is better) and
 accuracy above chance (higher is better; 0 is chance). Shaded: the band expected from the run's own fit,
@@ -445,7 +566,7 @@ where one could be formed (an accuracy is judged only once it is above chance). 
 <h2>Probe tasks</h2>
 {_tasks_section(d, spans) or '<p class="muted">No probe results.</p>'}
 <h2>Monitor errors</h2>
-{_events_section(d['events'])}
+{_events_section(d["events"])}
 <h2>Run</h2>
 <details><summary>config</summary><pre>{config_json}</pre></details>
 <details><summary>metadata</summary><pre>{meta_json}</pre></details>

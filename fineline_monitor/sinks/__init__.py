@@ -14,8 +14,12 @@ from fineline_monitor.sinks.base import NullSink, Sink
 __all__ = ["Sink", "NullSink", "build_sinks"]
 
 
-def build_sinks(config: Any, out_dir: Path, run: str,
-                on_error: Optional[Callable[[str, BaseException], None]] = None) -> Tuple[List[Any], Optional[Any]]:
+def build_sinks(
+    config: Any,
+    out_dir: Path,
+    run: str,
+    on_error: Optional[Callable[[str, BaseException], None]] = None,
+) -> Tuple[List[Any], Optional[Any]]:
     """The sinks of the logging rank, and the run store (or None when it is not enabled).
 
     Bad configuration (a sink's package missing, a required environment variable unset)
@@ -55,7 +59,9 @@ def build_sinks(config: Any, out_dir: Path, run: str,
         sinks.append(ConsoleSink(every=sc.console_every))
     for name in ("wandb", "prometheus", "webhook"):
         if name in sc.enabled:
-            sink = attempt(f"sink:{name}", lambda name=name: _build_optional(name, config, out_dir, run))
+            sink = attempt(
+                f"sink:{name}", lambda name=name: _build_optional(name, config, out_dir, run)
+            )
             if sink is not None:
                 sinks.append(sink)
     return sinks, store
@@ -72,5 +78,7 @@ def _build_optional(name: str, config: Any, out_dir: Path, run: str) -> Any:
             from fineline_monitor.sinks.webhook import WebhookSink as cls
     except ImportError as e:
         hint = f" (pip install 'fineline-monitor[{extra}]')" if extra else ""
-        raise ImportError(f"sink `{name}` is enabled in sinks.enabled but cannot be imported: {e}{hint}") from e
+        raise ImportError(
+            f"sink `{name}` is enabled in sinks.enabled but cannot be imported: {e}{hint}"
+        ) from e
     return cls.from_config(config, out_dir=out_dir, run=run)

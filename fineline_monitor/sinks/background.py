@@ -41,9 +41,19 @@ class BackgroundWorker:
     logged or kept in `last_error` (webhook URLs carry secrets).
     """
 
-    def __init__(self, name: str, deliver: Callable[[Any], None], *, queue_size: int = 10000,
-                 max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
-                 redact: Optional[Callable[[str], str]] = None, no_retry: tuple = (), start: bool = True):
+    def __init__(
+        self,
+        name: str,
+        deliver: Callable[[Any], None],
+        *,
+        queue_size: int = 10000,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        redact: Optional[Callable[[str], str]] = None,
+        no_retry: tuple = (),
+        start: bool = True,
+    ):
         self.name = name
         self._no_retry = tuple(no_retry)  # exception types that retrying cannot fix (e.g. HTTP 400)
         self._deliver = deliver
@@ -84,8 +94,11 @@ class BackgroundWorker:
                 self.dropped += 1
                 first = self.dropped == 1
             if first:
-                log.warning("fineline sink %s: queue full (%d items); dropping new items and counting them",
-                            self.name, self._q.maxsize)
+                log.warning(
+                    "fineline sink %s: queue full (%d items); dropping new items and counting them",
+                    self.name,
+                    self._q.maxsize,
+                )
             return False
         with self._lock:
             self.submitted += 1
@@ -130,15 +143,26 @@ class BackgroundWorker:
             left = self._q.qsize()
             with self._lock:
                 self.dropped += left
-            log.warning("fineline sink %s: close() timed out after %.1fs with %d items undelivered",
-                        self.name, timeout_s, left)
+            log.warning(
+                "fineline sink %s: close() timed out after %.1fs with %d items undelivered",
+                self.name,
+                timeout_s,
+                left,
+            )
         return not alive
 
     def stats(self) -> Dict[str, Any]:
         with self._lock:
-            return {"name": self.name, "submitted": self.submitted, "delivered": self.delivered,
-                    "dropped": self.dropped, "failed": self.failed, "retries": self.retries,
-                    "queued": self._q.qsize(), "last_error": self.last_error}
+            return {
+                "name": self.name,
+                "submitted": self.submitted,
+                "delivered": self.delivered,
+                "dropped": self.dropped,
+                "failed": self.failed,
+                "retries": self.retries,
+                "queued": self._q.qsize(),
+                "last_error": self.last_error,
+            }
 
     # ---- the worker thread ------------------------------------------------------------------
     def _run(self) -> None:
@@ -165,12 +189,16 @@ class BackgroundWorker:
                 msg = self._redact(f"{type(e).__name__}: {e}")
                 with self._lock:
                     self.last_error = msg
-                if attempt >= self.max_retries or self._closing.is_set() or isinstance(e, self._no_retry):
+                if (
+                    attempt >= self.max_retries
+                    or self._closing.is_set()
+                    or isinstance(e, self._no_retry)
+                ):
                     with self._lock:
                         self.failed += 1
                     self._log_once(msg)
                     return
-                delay = min(self.max_backoff_s, self.backoff_s * (2 ** attempt))
+                delay = min(self.max_backoff_s, self.backoff_s * (2**attempt))
                 attempt += 1
                 with self._lock:
                     self.retries += 1
@@ -182,8 +210,12 @@ class BackgroundWorker:
         if kind in self._logged_errors:
             return
         self._logged_errors.add(kind)
-        log.warning("fineline sink %s: delivery failed after %d retries; training continues: %s",
-                    self.name, self.max_retries, msg)
+        log.warning(
+            "fineline sink %s: delivery failed after %d retries; training continues: %s",
+            self.name,
+            self.max_retries,
+            msg,
+        )
 
 
 class BackgroundSink(Sink):
@@ -193,14 +225,27 @@ class BackgroundSink(Sink):
     sink's methods run on the worker thread only, so it needs no locking of its own.
     """
 
-    def __init__(self, inner: Sink, *, queue_size: int = 10000, max_retries: int = 3,
-                 backoff_s: float = 0.5, close_timeout_s: float = 10.0,
-                 redact: Optional[Callable[[str], str]] = None):
+    def __init__(
+        self,
+        inner: Sink,
+        *,
+        queue_size: int = 10000,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        close_timeout_s: float = 10.0,
+        redact: Optional[Callable[[str], str]] = None,
+    ):
         self.inner = inner
         self.name = getattr(inner, "name", type(inner).__name__)
         self.close_timeout_s = close_timeout_s
-        self.worker = BackgroundWorker(self.name, self._call, queue_size=queue_size, max_retries=max_retries,
-                                       backoff_s=backoff_s, redact=redact)
+        self.worker = BackgroundWorker(
+            self.name,
+            self._call,
+            queue_size=queue_size,
+            max_retries=max_retries,
+            backoff_s=backoff_s,
+            redact=redact,
+        )
 
     def _call(self, item: Any) -> None:
         method, args = item
@@ -221,7 +266,9 @@ class BackgroundSink(Sink):
     def log_alert(self, alert: Any) -> None:
         self._submit("log_alert", alert)
 
-    def log_phase(self, step: int, tokens: Optional[int], phase: str, previous: Optional[str]) -> None:
+    def log_phase(
+        self, step: int, tokens: Optional[int], phase: str, previous: Optional[str]
+    ) -> None:
         self._submit("log_phase", step, tokens, phase, previous)
 
     def log_expectations(self, step: int, rows: list) -> None:

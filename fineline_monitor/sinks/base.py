@@ -30,7 +30,9 @@ class Sink:
     def log_alert(self, alert: Alert) -> None:
         """An alert that fired (already de-duplicated and past hysteresis)."""
 
-    def log_phase(self, step: int, tokens: Optional[int], phase: str, previous: Optional[str]) -> None:
+    def log_phase(
+        self, step: int, tokens: Optional[int], phase: str, previous: Optional[str]
+    ) -> None:
         """A training-phase transition."""
 
     def log_expectations(self, step: int, rows: list) -> None:

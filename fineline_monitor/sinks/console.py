@@ -28,21 +28,31 @@ class ConsoleSink(Sink):
             return
         self._last_printed = step
         parts = [f"step {step:>7d}"]
-        for key, fmt in ((names.LOSS, "loss {:.4f}"), (names.LR, "lr {:.2e}"),
-                         (names.GRAD_NORM, "gnorm {:.3f}"), (names.TOKENS_PER_S, "{:,.0f} tok/s")):
+        for key, fmt in (
+            (names.LOSS, "loss {:.4f}"),
+            (names.LR, "lr {:.2e}"),
+            (names.GRAD_NORM, "gnorm {:.3f}"),
+            (names.TOKENS_PER_S, "{:,.0f} tok/s"),
+        ):
             if key in metrics and metrics[key] is not None:
                 parts.append(fmt.format(metrics[key]))
         self._print("[fineline] " + " | ".join(parts))
 
     def log_probe(self, round: ProbeRound) -> None:
         caps = capability_line(round.capability_scores)
-        self._print(f"[fineline] probe step {round.step}: {len(round.tasks)} tasks, "
-                    f"{round.tokens_scored:,} tokens in {round.seconds:.1f}s  {caps}")
+        self._print(
+            f"[fineline] probe step {round.step}: {len(round.tasks)} tasks, "
+            f"{round.tokens_scored:,} tokens in {round.seconds:.1f}s  {caps}"
+        )
 
     def log_alert(self, alert: Alert) -> None:
-        self._print(f"[fineline] {alert.severity.upper()} {alert.rule} at step {alert.step}: {alert.message}")
+        self._print(
+            f"[fineline] {alert.severity.upper()} {alert.rule} at step {alert.step}: {alert.message}"
+        )
 
-    def log_phase(self, step: int, tokens: Optional[int], phase: str, previous: Optional[str]) -> None:
+    def log_phase(
+        self, step: int, tokens: Optional[int], phase: str, previous: Optional[str]
+    ) -> None:
         self._print(f"[fineline] phase {previous or '-'} -> {phase} at step {step}")
 
 
@@ -104,4 +114,3 @@ def capability_line(scores: Dict[str, float]) -> str:
     if not parts:  # scores without the capability series
         return " ".join(f"{c}={v:+.3f}" for c, v in sorted(scores.items()))
     return "; ".join(parts)
-

@@ -62,14 +62,20 @@ class _State:
         self.lock = threading.Lock()
         self.run = run
         self.alert_hold_s = alert_hold_s
-        self.gauges: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}  # (family, labels) -> value
+        self.gauges: Dict[
+            Tuple[str, Tuple[Tuple[str, str], ...]], float
+        ] = {}  # (family, labels) -> value
         self.helps: Dict[str, str] = {}
         self.task_capability: Dict[str, str] = {}
-        self.probe: Dict[Tuple[str, str, str], Tuple[float, Optional[float]]] = {}  # (cap, task, metric)
+        self.probe: Dict[
+            Tuple[str, str, str], Tuple[float, Optional[float]]
+        ] = {}  # (cap, task, metric)
         self.probe_docs: Dict[Tuple[str, str], int] = {}
         self.capability: Dict[str, float] = {}
         self.expected: Dict[str, Tuple[Optional[float], Optional[float], Optional[float]]] = {}
-        self.alerts: Dict[str, Dict[str, Any]] = {}  # dedup_key|severity -> labels + last fired time
+        self.alerts: Dict[
+            str, Dict[str, Any]
+        ] = {}  # dedup_key|severity -> labels + last fired time
         self.alert_counts: Dict[Tuple[str, str], int] = {}
         self.phase = "unknown"
         self.phase_start_step: Optional[int] = None
@@ -117,14 +123,20 @@ class _Collector:
         yield from self._health(s)
 
     @staticmethod
-    def _family(s: _State, name: str, help: Optional[str] = None, labels: Optional[List[str]] = None) -> Any:
+    def _family(
+        s: _State, name: str, help: Optional[str] = None, labels: Optional[List[str]] = None
+    ) -> Any:
         """An empty family of the registry's `name` (every series has `run` first)."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         spec = FAMILIES.get(name)
         doc = help if help is not None else spec.help.format(hold_s=s.alert_hold_s)
         label_names = ["run"] + list(labels if labels is not None else spec.labels)
-        cls = CounterMetricFamily if spec is not None and spec.kind == "counter" else GaugeMetricFamily
+        cls = (
+            CounterMetricFamily
+            if spec is not None and spec.kind == "counter"
+            else GaugeMetricFamily
+        )
         return cls(name, doc, labels=label_names)
 
     def _single(self, s: _State, name: str, value: float) -> Any:
@@ -144,8 +156,12 @@ class _Collector:
         for (family, labels), value in sorted(s.gauges.items()):
             fam = families.get(family)
             if fam is None:
-                fam = families[family] = self._family(s, family, s.helps.get(family, "FineLine monitor metric."),
-                                                      [k for k, _ in labels])
+                fam = families[family] = self._family(
+                    s,
+                    family,
+                    s.helps.get(family, "FineLine monitor metric."),
+                    [k for k, _ in labels],
+                )
             fam.add_metric([s.run] + [v for _, v in labels], value)
         # Registered families are declared even before their first sample (e.g. the Hessian trace
         # is off by default), so dashboards and rules refer to names the exposition always has.
@@ -211,10 +227,14 @@ class _Collector:
 
     def _alerts(self, s: _State, now: float):
         active = self._family(s, "fineline_alert_active")
-        for a in sorted(s.alerts.values(),
-                        key=lambda a: (a["rule"], a["severity"], a["capability"], a["task"], a["metric"])):
-            active.add_metric([s.run, a["rule"], a["severity"], a["capability"], a["task"], a["metric"]],
-                              1.0 if now - a["ts"] < s.alert_hold_s else 0.0)
+        for a in sorted(
+            s.alerts.values(),
+            key=lambda a: (a["rule"], a["severity"], a["capability"], a["task"], a["metric"]),
+        ):
+            active.add_metric(
+                [s.run, a["rule"], a["severity"], a["capability"], a["task"], a["metric"]],
+                1.0 if now - a["ts"] < s.alert_hold_s else 0.0,
+            )
         yield active
         fired = self._family(s, "fineline_alerts")
         for (rule, sev), n in sorted(s.alert_counts.items()):
@@ -230,7 +250,9 @@ class _Collector:
         yield self._single(s, "fineline_probe_failures", s.probe_failures)
         stats = {w.name: w.stats() for w in workers()}
         stats.setdefault(self.own_sink, {"dropped": 0, "failed": 0, "queued": 0})
-        drop, fail, depth = (self._family(s, f"fineline_sink_{k}") for k in ("dropped", "failed", "queue_depth"))
+        drop, fail, depth = (
+            self._family(s, f"fineline_sink_{k}") for k in ("dropped", "failed", "queue_depth")
+        )
         for name, st in sorted(stats.items()):
             drop.add_metric([s.run, name], float(st["dropped"]))
             fail.add_metric([s.run, name], float(st["failed"]))
@@ -245,10 +267,21 @@ class PrometheusSink(Sink):
 
     name = "prometheus"
 
-    def __init__(self, run: str, *, mode: str = "http", registry: Any = None, host: str = "127.0.0.1",
-                 port: int = 0, textfile: Optional[Path] = None, pushgateway_url: Optional[str] = None,
-                 pushgateway_url_env: Optional[str] = None, alert_hold_s: float = 1800.0,
-                 write_interval_s: float = 2.0, queue_size: int = 1):
+    def __init__(
+        self,
+        run: str,
+        *,
+        mode: str = "http",
+        registry: Any = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        textfile: Optional[Path] = None,
+        pushgateway_url: Optional[str] = None,
+        pushgateway_url_env: Optional[str] = None,
+        alert_hold_s: float = 1800.0,
+        write_interval_s: float = 2.0,
+        queue_size: int = 1,
+    ):
         from prometheus_client import CollectorRegistry
 
         if mode not in ("http", "textfile", "pushgateway"):
@@ -273,7 +306,9 @@ class PrometheusSink(Sink):
         if mode == "http":
             from prometheus_client import start_http_server
 
-            self._server, self._server_thread = start_http_server(int(port), addr=host, registry=self.registry)
+            self._server, self._server_thread = start_http_server(
+                int(port), addr=host, registry=self.registry
+            )
             self.port = int(self._server.server_port)
             log.info("fineline: Prometheus exporter on http://%s:%d/metrics", host, self.port)
         elif mode == "textfile":
@@ -281,29 +316,50 @@ class PrometheusSink(Sink):
                 raise ValueError("prometheus textfile mode needs a textfile path")
             self.textfile.parent.mkdir(parents=True, exist_ok=True)
             # Queue of one: a pending write already exports the newest state, so coalesce.
-            self._worker = BackgroundWorker("prometheus", lambda _: self._write_textfile(), queue_size=queue_size,
-                                            max_retries=1, backoff_s=0.2)
+            self._worker = BackgroundWorker(
+                "prometheus",
+                lambda _: self._write_textfile(),
+                queue_size=queue_size,
+                max_retries=1,
+                backoff_s=0.2,
+            )
         else:
             if not self._url():
                 raise ValueError("prometheus pushgateway mode needs a push-gateway URL")
-            self._worker = BackgroundWorker("prometheus", lambda _: self._push(), queue_size=queue_size,
-                                            max_retries=2, backoff_s=1.0, redact=self._redact)
+            self._worker = BackgroundWorker(
+                "prometheus",
+                lambda _: self._push(),
+                queue_size=queue_size,
+                max_retries=2,
+                backoff_s=1.0,
+                redact=self._redact,
+            )
 
     @classmethod
     def from_config(cls, config: Any, out_dir: Path, run: str) -> "PrometheusSink":
         sc = config.sinks
-        kw: Dict[str, Any] = {"mode": sc.prometheus_mode, "host": sc.prometheus_host, "port": sc.prometheus_port,
-                              "alert_hold_s": getattr(sc, "prometheus_alert_hold_s", 1800.0)}
+        kw: Dict[str, Any] = {
+            "mode": sc.prometheus_mode,
+            "host": sc.prometheus_host,
+            "port": sc.prometheus_port,
+            "alert_hold_s": getattr(sc, "prometheus_alert_hold_s", 1800.0),
+        }
         if sc.prometheus_mode == "textfile":
-            kw["textfile"] = Path(sc.prometheus_textfile) if sc.prometheus_textfile else Path(out_dir) / "metrics.prom"
+            kw["textfile"] = (
+                Path(sc.prometheus_textfile)
+                if sc.prometheus_textfile
+                else Path(out_dir) / "metrics.prom"
+            )
         elif sc.prometheus_mode == "pushgateway":
             url = os.environ.get(sc.pushgateway_url_env, "").strip()
             if not url:
                 from fineline_monitor.core.config import ConfigError
 
-                raise ConfigError(f"sinks.prometheus_mode is `pushgateway` but the environment variable "
-                                  f"`{sc.pushgateway_url_env}` (sinks.pushgateway_url_env) is empty; set it to the "
-                                  f"push-gateway URL, e.g. http://pushgateway:9091")
+                raise ConfigError(
+                    f"sinks.prometheus_mode is `pushgateway` but the environment variable "
+                    f"`{sc.pushgateway_url_env}` (sinks.pushgateway_url_env) is empty; set it to the "
+                    f"push-gateway URL, e.g. http://pushgateway:9091"
+                )
             kw["pushgateway_url_env"] = sc.pushgateway_url_env
         return cls(run, **kw)
 
@@ -316,8 +372,13 @@ class PrometheusSink(Sink):
     def _push(self) -> None:
         from prometheus_client import push_to_gateway
 
-        push_to_gateway(self._url(), job="fineline", registry=self.registry,
-                        grouping_key={"run": self.state.run}, timeout=5.0)
+        push_to_gateway(
+            self._url(),
+            job="fineline",
+            registry=self.registry,
+            grouping_key={"run": self.state.run},
+            timeout=5.0,
+        )
 
     def _url(self) -> str:
         if self._push_url_env:
@@ -402,12 +463,22 @@ class PrometheusSink(Sink):
                 # bound the series count: forget the oldest inactive alert
                 oldest = min(s.alerts, key=lambda k: s.alerts[k]["ts"])
                 del s.alerts[oldest]
-            s.alerts[key] = {"rule": alert.rule, "severity": alert.severity, "capability": alert.capability or "",
-                             "task": alert.task or "", "metric": alert.metric or "", "ts": time.time()}
-            s.alert_counts[(alert.rule, alert.severity)] = s.alert_counts.get((alert.rule, alert.severity), 0) + 1
+            s.alerts[key] = {
+                "rule": alert.rule,
+                "severity": alert.severity,
+                "capability": alert.capability or "",
+                "task": alert.task or "",
+                "metric": alert.metric or "",
+                "ts": time.time(),
+            }
+            s.alert_counts[(alert.rule, alert.severity)] = (
+                s.alert_counts.get((alert.rule, alert.severity), 0) + 1
+            )
         self._export_soon(force=True)
 
-    def log_phase(self, step: int, tokens: Optional[int], phase: str, previous: Optional[str]) -> None:
+    def log_phase(
+        self, step: int, tokens: Optional[int], phase: str, previous: Optional[str]
+    ) -> None:
         with self.state.lock:
             self.state.phase = phase
             self.state.phase_start_step = int(step)
@@ -416,8 +487,11 @@ class PrometheusSink(Sink):
     def log_expectations(self, step: int, rows: list) -> None:
         with self.state.lock:
             for r in rows:
-                self.state.expected[str(r["name"])] = (_finite(r.get("expected")), _finite(r.get("low")),
-                                                       _finite(r.get("high")))
+                self.state.expected[str(r["name"])] = (
+                    _finite(r.get("expected")),
+                    _finite(r.get("low")),
+                    _finite(r.get("high")),
+                )
         self._export_soon()
 
     def flush(self) -> None:

@@ -74,15 +74,23 @@ class _WandbWriter(Sink):
         try:
             if wandb.run is not None:  # the training script's own run: log into it
                 self.run_obj = wandb.run
-                self.run_obj.config.update({"fineline": config, "fineline_meta": meta}, allow_val_change=True)
+                self.run_obj.config.update(
+                    {"fineline": config, "fineline_meta": meta}, allow_val_change=True
+                )
             else:
                 wandb_dir = os.environ.get("WANDB_DIR") or str(self.out_dir)
                 Path(wandb_dir).mkdir(parents=True, exist_ok=True)
                 self.run_obj = wandb.init(
-                    project=self.project, entity=self.entity, name=run, id=_safe_id(run), resume="allow",
-                    dir=wandb_dir, mode=os.environ.get("WANDB_MODE") or self.mode,
+                    project=self.project,
+                    entity=self.entity,
+                    name=run,
+                    id=_safe_id(run),
+                    resume="allow",
+                    dir=wandb_dir,
+                    mode=os.environ.get("WANDB_MODE") or self.mode,
                     config={"fineline": config, "fineline_meta": meta},
-                    settings=wandb.Settings(console="off", silent=True))
+                    settings=wandb.Settings(console="off", silent=True),
+                )
                 self._own_run = True
         except Exception as e:  # noqa: BLE001 - e.g. online with no API key: disable, say so once
             self._disabled = True
@@ -100,8 +108,11 @@ class _WandbWriter(Sink):
     @property
     def offline(self) -> bool:
         r = self.run_obj
-        return r is None or bool(getattr(r.settings, "_offline", False)) or getattr(r.settings, "mode", "") in (
-            "offline", "dryrun", "disabled")
+        return (
+            r is None
+            or bool(getattr(r.settings, "_offline", False))
+            or getattr(r.settings, "mode", "") in ("offline", "dryrun", "disabled")
+        )
 
     def _log(self, step: int, tokens: Optional[int], row: Dict[str, Any]) -> None:
         if self._disabled or self.run_obj is None or not row:
@@ -149,7 +160,9 @@ class _WandbWriter(Sink):
                     out[key + suffix] = _num(r[field])
         self._log(step, None, out)
 
-    def log_phase(self, step: int, tokens: Optional[int], phase: str, previous: Optional[str]) -> None:
+    def log_phase(
+        self, step: int, tokens: Optional[int], phase: str, previous: Optional[str]
+    ) -> None:
         self._log(step, tokens, {names.PHASE_INDEX: PHASE_INDEX.get(phase, -1)})
         if not self._disabled and self.run_obj is not None:
             self.run_obj.summary["phase"] = phase
@@ -158,18 +171,28 @@ class _WandbWriter(Sink):
         if self._disabled or self.run_obj is None:
             return
         self._alert_counts[alert.severity] = self._alert_counts.get(alert.severity, 0) + 1
-        self._log(alert.step, alert.tokens, {names.alert_count_key(alert.severity): self._alert_counts[alert.severity]})
+        self._log(
+            alert.step,
+            alert.tokens,
+            {names.alert_count_key(alert.severity): self._alert_counts[alert.severity]},
+        )
         self.run_obj.summary["last_alert"] = alert.to_json()
         if alert.severity not in ("warning", "critical"):
             return
         if self.offline:
-            self.alerts_not_sent += 1  # offline W&B cannot alert; paging goes through Prometheus/webhook
+            self.alerts_not_sent += (
+                1  # offline W&B cannot alert; paging goes through Prometheus/webhook
+            )
             return
         import wandb
 
         level = wandb.AlertLevel.ERROR if alert.severity == "critical" else wandb.AlertLevel.WARN
-        self.run_obj.alert(title=f"[{alert.severity}] {alert.rule} ({alert.capability or 'run'})",
-                           text=alert.message, level=level, wait_duration=60)
+        self.run_obj.alert(
+            title=f"[{alert.severity}] {alert.rule} ({alert.capability or 'run'})",
+            text=alert.message,
+            level=level,
+            wait_duration=60,
+        )
         self.alerts_sent += 1
 
     def flush(self) -> None:
@@ -201,20 +224,38 @@ class WandbSink(BackgroundSink):
 
     name = "wandb"
 
-    def __init__(self, project: str = "fineline", mode: str = "offline", out_dir: Path = Path("."),
-                 entity: Optional[str] = None, queue_size: int = 10000, close_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        project: str = "fineline",
+        mode: str = "offline",
+        out_dir: Path = Path("."),
+        entity: Optional[str] = None,
+        queue_size: int = 10000,
+        close_timeout_s: float = 60.0,
+    ):
         # wandb retries network calls itself; ours would only duplicate rows.
-        super().__init__(_WandbWriter(project, mode, out_dir, entity), queue_size=queue_size, max_retries=0,
-                         close_timeout_s=close_timeout_s)
+        super().__init__(
+            _WandbWriter(project, mode, out_dir, entity),
+            queue_size=queue_size,
+            max_retries=0,
+            close_timeout_s=close_timeout_s,
+        )
 
     @classmethod
     def from_config(cls, config: Any, out_dir: Path, run: str) -> "WandbSink":
         import importlib.util
 
-        if importlib.util.find_spec("wandb") is None:  # fail at attach time, not on the worker thread
+        if (
+            importlib.util.find_spec("wandb") is None
+        ):  # fail at attach time, not on the worker thread
             raise ImportError("No module named 'wandb'")
         sc = config.sinks
-        return cls(project=sc.wandb_project, mode=sc.wandb_mode, out_dir=Path(out_dir), queue_size=sc.queue_size)
+        return cls(
+            project=sc.wandb_project,
+            mode=sc.wandb_mode,
+            out_dir=Path(out_dir),
+            queue_size=sc.queue_size,
+        )
 
     @property
     def writer(self) -> _WandbWriter:

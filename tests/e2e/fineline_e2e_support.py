@@ -22,23 +22,48 @@ AM_CONFIG = REPO / "hooks" / "alertmanager" / "alertmanager.yml"
 DASHBOARD = REPO / "dashboards" / "grafana" / "fineline.json"
 
 # Every metric name of the monitor's log_metrics contract (issue 7), with plausible values.
-CAPS = {"hellaswag": "commonsense", "arc_easy": "knowledge", "boolq": "reading", "gsm8k": "math",
-        "codex_humaneval": "code", "mmlu": "examination"}
+CAPS = {
+    "hellaswag": "commonsense",
+    "arc_easy": "knowledge",
+    "boolq": "reading",
+    "gsm8k": "math",
+    "codex_humaneval": "code",
+    "mmlu": "examination",
+}
 
 
 def step_metrics(step: int, tokens: int) -> Dict[str, float]:
-    m = {"train/loss": 3.0 + 1.0 / (1 + step), "train/loss_z": 0.3, "train/lr": 3e-4, "train/tokens": float(tokens),
-         "train/tokens_per_s": 1.2e4, "optim/grad_norm": 0.9, "optim/param_norm": 120.0, "optim/update_ratio": 1e-3,
-         "optim/update_ratio/matrices": 1.1e-3, "optim/update_ratio/vectors": 4e-4, "optim/nonfinite_loss": 0.0,
-         "optim/nonfinite_grad": 0.0, "optim/loss_scale": 65536.0, "optim/skipped_steps": 0.0,
-         "optim/grad_rms/matrices": 2e-4, "optim/grad_rms/vectors": 1e-5, "optim/grad_rms_over_eps_min": 1e3}
+    m = {
+        "train/loss": 3.0 + 1.0 / (1 + step),
+        "train/loss_z": 0.3,
+        "train/lr": 3e-4,
+        "train/tokens": float(tokens),
+        "train/tokens_per_s": 1.2e4,
+        "optim/grad_norm": 0.9,
+        "optim/param_norm": 120.0,
+        "optim/update_ratio": 1e-3,
+        "optim/update_ratio/matrices": 1.1e-3,
+        "optim/update_ratio/vectors": 4e-4,
+        "optim/nonfinite_loss": 0.0,
+        "optim/nonfinite_grad": 0.0,
+        "optim/loss_scale": 65536.0,
+        "optim/skipped_steps": 0.0,
+        "optim/grad_rms/matrices": 2e-4,
+        "optim/grad_rms/vectors": 1e-5,
+        "optim/grad_rms_over_eps_min": 1e3,
+    }
     return m
 
 
 def probe_metrics(step: int) -> Dict[str, float]:
-    m = {"stability/attn_logit_max": 12.0, "stability/output_logit_max": 20.0,
-         "stability/output_logsumexp_mean": 9.5, "optim/hessian_trace": 410.0,
-         "monitor/probe_seconds": 1.2, "monitor/probe_tokens_per_s": 3.5e4}
+    m = {
+        "stability/attn_logit_max": 12.0,
+        "stability/output_logit_max": 20.0,
+        "stability/output_logsumexp_mean": 9.5,
+        "optim/hessian_trace": 410.0,
+        "monitor/probe_seconds": 1.2,
+        "monitor/probe_tokens_per_s": 3.5e4,
+    }
     for layer in range(2):
         m[f"stability/attn_logit_max/{layer}"] = 10.0 + layer
         m[f"stability/act_rms/{layer}"] = 1.0 + 0.1 * layer
@@ -51,16 +76,32 @@ def probe_metrics(step: int) -> Dict[str, float]:
 
 
 def probe_round(step: int, tokens: int) -> ProbeRound:
-    tasks = {t: TaskResult(t, c, 8, {"acc": 0.3 + 0.001 * step, "bpb": 1.5 - 0.001 * step}, {"acc": 0.05})
-             for t, c in CAPS.items()}
-    return ProbeRound(step=step, tokens=tokens, tasks=tasks, requests=[], seconds=1.2, tokens_scored=42000,
-                      capability_scores={f"{c}/bpb": 0.05 + 0.001 * step for c in set(CAPS.values())})
+    tasks = {
+        t: TaskResult(
+            t, c, 8, {"acc": 0.3 + 0.001 * step, "bpb": 1.5 - 0.001 * step}, {"acc": 0.05}
+        )
+        for t, c in CAPS.items()
+    }
+    return ProbeRound(
+        step=step,
+        tokens=tokens,
+        tasks=tasks,
+        requests=[],
+        seconds=1.2,
+        tokens_scored=42000,
+        capability_scores={f"{c}/bpb": 0.05 + 0.001 * step for c in set(CAPS.values())},
+    )
 
 
 def make_monitor(out: Path, run: str, **sinks) -> FineLineMonitor:
     """A real FineLineMonitor whose sinks come from build_sinks (store + prometheus)."""
-    cfg = MonitorConfig(run_name=run, out_dir=str(out), probe_every=20, indicators={"enabled": False},
-                        sinks={"enabled": ["store", "prometheus"], **sinks})
+    cfg = MonitorConfig(
+        run_name=run,
+        out_dir=str(out),
+        probe_every=20,
+        indicators={"enabled": False},
+        sinks={"enabled": ["store", "prometheus"], **sinks},
+    )
     return FineLineMonitor(model=None, config=cfg)
 
 
@@ -84,9 +125,13 @@ def feed_everything(monitor: FineLineMonitor, steps: int = 40) -> None:
                 s.log_metrics(step, tokens, step_metrics(step, tokens))
         if step % 20 == 0:
             r = probe_round(step, tokens)
-            rows = [{"name": f"capability/{c}", "expected": v, "low": v - 0.05, "high": v + 0.05}
-                    for c, v in r.capability_scores.items()]
-            rows += [{"name": f"probe/{t}/acc", "expected": 0.3, "low": 0.2, "high": 0.4} for t in CAPS]
+            rows = [
+                {"name": f"capability/{c}", "expected": v, "low": v - 0.05, "high": v + 0.05}
+                for c, v in r.capability_scores.items()
+            ]
+            rows += [
+                {"name": f"probe/{t}/acc", "expected": 0.3, "low": 0.2, "high": 0.4} for t in CAPS
+            ]
             for s in monitor.sinks:
                 s.log_probe(r)
                 s.log_metrics(step, tokens, probe_metrics(step))
@@ -95,9 +140,21 @@ def feed_everything(monitor: FineLineMonitor, steps: int = 40) -> None:
             for s in monitor.sinks:
                 s.log_phase(10, tokens, "stable", "warmup")
         if step == 30:
-            a = Alert("capability_regression", "warning", step, "math/gsm8k acc fell below its band", run=monitor.run,
-                      capability="math", task="gsm8k", metric="acc", observed=0.2, expected=0.33, band=[0.28, 0.38],
-                      phase="stable", tokens=tokens)
+            a = Alert(
+                "capability_regression",
+                "warning",
+                step,
+                "math/gsm8k acc fell below its band",
+                run=monitor.run,
+                capability="math",
+                task="gsm8k",
+                metric="acc",
+                observed=0.2,
+                expected=0.33,
+                band=[0.28, 0.38],
+                phase="stable",
+                tokens=tokens,
+            )
             for s in monitor.sinks:
                 s.log_alert(a)
 
@@ -146,8 +203,12 @@ def exposition_names(text: str) -> Dict[str, int]:
 
 def promql_for_test(expr: str) -> str:
     """Grafana variables replaced so Prometheus can evaluate the panel query."""
-    return (expr.replace("$run", ".*").replace("$capability", ".*").replace("$__rate_interval", "1m")
-            .replace("$__interval", "15s"))
+    return (
+        expr.replace("$run", ".*")
+        .replace("$capability", ".*")
+        .replace("$__rate_interval", "1m")
+        .replace("$__interval", "15s")
+    )
 
 
 # ---- processes and ports --------------------------------------------------------------------
@@ -157,7 +218,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(fn: Callable[[], Optional[object]], timeout_s: float, what: str, interval: float = 0.25):
+def wait_for(
+    fn: Callable[[], Optional[object]], timeout_s: float, what: str, interval: float = 0.25
+):
     deadline = time.monotonic() + timeout_s
     last_err: Optional[BaseException] = None
     while time.monotonic() < deadline:
@@ -168,8 +231,10 @@ def wait_for(fn: Callable[[], Optional[object]], timeout_s: float, what: str, in
         except Exception as e:  # noqa: BLE001 - keep polling until the deadline
             last_err = e
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}" +
-                         (f" (last error: {last_err})" if last_err else ""))
+    raise AssertionError(
+        f"timed out after {timeout_s:.0f}s waiting for {what}"
+        + (f" (last error: {last_err})" if last_err else "")
+    )
 
 
 def finite(x: float) -> bool:
@@ -188,7 +253,7 @@ def runbook_metric_families() -> Set[str]:
             m = re.match(r"^(#+)\s+(.*)$", line)
             if not m or not re.search(r"runbook|when paged", m.group(2), re.I):
                 continue
-            for nxt in lines[i + 1:]:
+            for nxt in lines[i + 1 :]:
                 h = re.match(r"^(#+)\s", nxt)
                 if h and len(h.group(1)) <= len(m.group(1)):
                     break

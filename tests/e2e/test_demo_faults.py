@@ -22,8 +22,22 @@ PROSE_CAPABILITIES = {"commonsense", "reading", "knowledge", "examination", "mat
 
 
 def _demo(out, inject):
-    cmd = [sys.executable, "-m", "fineline_monitor.cli", "demo", "--out", str(out), "--steps", str(STEPS),
-           "--probe-every", str(EVERY), "--pilots", "1", "--inject", inject]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fineline_monitor.cli",
+        "demo",
+        "--out",
+        str(out),
+        "--steps",
+        str(STEPS),
+        "--probe-every",
+        str(EVERY),
+        "--pilots",
+        "1",
+        "--inject",
+        inject,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     return p
@@ -51,8 +65,13 @@ def _deadline():
 
 
 def _capability_alerts(alerts, capabilities):
-    return [a for a in alerts if a.get("capability") in capabilities and is_capability_alert(a)
-            and AT <= a["step"] <= _deadline()]
+    return [
+        a
+        for a in alerts
+        if a.get("capability") in capabilities
+        and is_capability_alert(a)
+        and AT <= a["step"] <= _deadline()
+    ]
 
 
 def _no_critical_before(alerts):
@@ -69,30 +88,46 @@ def test_data_mixture_raises_a_capability_alert_naming_an_english_capability(tmp
     # the band the alert was judged against is drawn in the report, with the unit of the score
     assert first["band"] and first["band"][0] <= first["expected"] <= first["band"][1]
     html = (out / "report.html").read_text()
-    box = html[html.index('id="what-happened"'):]
-    box = box[:box.index("</div>")]
+    box = html[html.index('id="what-happened"') :]
+    box = box[: box.index("</div>")]
     assert re.search(rf"{first['capability']}[^<]* left its band at step {first['step']}", box), box
     assert names.describe_capability_series(names.CAP_BPB) in html
     said = next(line for line in p.stderr.splitlines() if "what happened: " in line)
-    assert f"{first['capability']}" in said and f"left its band at step {first['step']}" in said, said
+    assert f"{first['capability']}" in said and f"left its band at step {first['step']}" in said, (
+        said
+    )
 
 
 def test_lr_spike_is_caught_at_the_injection(tmp_path_factory):
     _, _, alerts = _run(tmp_path_factory, f"lr_spike@{AT}")
     _no_critical_before(alerts)
-    caught = [a for a in alerts if AT <= a["step"] <= _deadline() and a["severity"] in ("warning", "critical")]
-    assert caught and {a["rule"] for a in caught} & {"loss_divergence", "loss_spike", "update_ratio"}, caught
+    caught = [
+        a
+        for a in alerts
+        if AT <= a["step"] <= _deadline() and a["severity"] in ("warning", "critical")
+    ]
+    assert caught and {a["rule"] for a in caught} & {
+        "loss_divergence",
+        "loss_spike",
+        "update_ratio",
+    }, caught
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: the demo's curves flatten at the stall (bits per byte gains 0.08 a round before, "
-    "under 0.003 after) and the pilots keep improving, but with probe rounds every 40 of 600 steps "
-    "the stable phase has too few rounds before the stall for a frozen fit of the curve's residual "
-    "from the ladder (10 fit points, 5 at least); docs/ladder.md"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "known gap: the demo's curves flatten at the stall (bits per byte gains 0.08 a round before, "
+        "under 0.003 after) and the pilots keep improving, but with probe rounds every 40 of 600 steps "
+        "the stable phase has too few rounds before the stall for a frozen fit of the curve's residual "
+        "from the ladder (10 fit points, 5 at least); docs/ladder.md"
+    ),
+)
 def test_stall_raises_a_capability_alert(tmp_path_factory):
     _, _, alerts = _run(tmp_path_factory, f"stall@{AT}")
     _no_critical_before(alerts)
-    assert _capability_alerts(alerts, {"commonsense", "reading", "knowledge", "examination", "code", "math"})
+    assert _capability_alerts(
+        alerts, {"commonsense", "reading", "knowledge", "examination", "code", "math"}
+    )
 
 
 def test_healthy_run_raises_no_warning(tmp_path_factory):
@@ -119,19 +154,38 @@ def test_default_report_in_chromium_shows_bands_units_and_the_alert(tmp_path_fac
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed (Debian package chromium)")
     out, _, alerts = _run(tmp_path_factory, f"data_mixture@{AT}")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000", "--dump-dom"]
-    dom = subprocess.run([CHROMIUM, *flags, (out / "report.html").resolve().as_uri()], capture_output=True,
-                         text=True, timeout=120)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=3000",
+        "--dump-dom",
+    ]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, (out / "report.html").resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
     assert re.search(r'<pre id="js-errors" data-count="0">\s*</pre>', html)
     for cap in ("commonsense", "reading", "code"):
-        chart = re.search(rf'<svg[^>]*aria-label="{cap} · bits per byte, lower is better".*?</svg>', html, re.S)
+        chart = re.search(
+            rf'<svg[^>]*aria-label="{cap} · bits per byte, lower is better".*?</svg>', html, re.S
+        )
         assert chart, cap
         assert "<title>expected band</title>" in chart.group(0), cap
     hit = _capability_alerts(alerts, PROSE_CAPABILITIES)[0]
-    chart = re.search(rf'<svg[^>]*aria-label="{hit["capability"]} · bits per byte, lower is better".*?</svg>',
-                      html, re.S).group(0)
+    chart = re.search(
+        rf'<svg[^>]*aria-label="{hit["capability"]} · bits per byte, lower is better".*?</svg>',
+        html,
+        re.S,
+    ).group(0)
     assert f"{hit['severity']} {hit['rule']} @ step {hit['step']}" in chart

@@ -4,15 +4,29 @@ monitor attached and writes run.db, alerts.jsonl, report.html and metrics.prom."
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from fineline_monitor.core.store import RunStore
 from fineline_monitor.core.types import CAPABILITIES
 
-ALERT_KEYS = {"run", "source", "model", "step", "tokens", "severity", "rule", "capability", "task", "metric",
-              "observed", "expected", "band", "phase", "message"}
+ALERT_KEYS = {
+    "run",
+    "source",
+    "model",
+    "step",
+    "tokens",
+    "severity",
+    "rule",
+    "capability",
+    "task",
+    "metric",
+    "observed",
+    "expected",
+    "band",
+    "phase",
+    "message",
+}
 
 
 def _demo(out, *extra, check=True, timeout=600):
@@ -26,8 +40,19 @@ def _demo(out, *extra, check=True, timeout=600):
 @pytest.fixture(scope="module")
 def short_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    p = _demo(out, "--steps", "60", "--probe-every", "20", "--docs-per-task", "4",
-              "--inject", "data_corruption@36", "--threads", "2")
+    p = _demo(
+        out,
+        "--steps",
+        "60",
+        "--probe-every",
+        "20",
+        "--docs-per-task",
+        "4",
+        "--inject",
+        "data_corruption@36",
+        "--threads",
+        "2",
+    )
     return out, p
 
 
@@ -65,8 +90,9 @@ def test_demo_alerts_file_follows_contract(short_demo):
     caught = [a for a in lines if a["step"] >= 36 and a["severity"] in ("warning", "critical")]
     assert caught, f"no alert after the corruption injected at step 36: {lines}"
     s = RunStore(out / "run.db", readonly=True)
-    assert {(a["step"], a["rule"]) for a in lines} <= {(r[0], r[1]) for r in s.query(
-        "SELECT step, rule FROM alerts")}, "alerts.jsonl and the store's alerts disagree"
+    assert {(a["step"], a["rule"]) for a in lines} <= {
+        (r[0], r[1]) for r in s.query("SELECT step, rule FROM alerts")
+    }, "alerts.jsonl and the store's alerts disagree"
 
 
 def test_metrics_prom_is_an_exposition(short_demo):
@@ -100,16 +126,20 @@ def test_demo_reruns_over_its_own_output(tmp_path):
 def test_demo_runs_without_the_prometheus_extra(tmp_path):
     """A plain `pip install fineline-monitor` has no prometheus-client: the demo says so and
     writes everything else (it raised an ImportError before)."""
-    code = ("import sys, importlib.util as u; f = u.find_spec; "
-            "u.find_spec = lambda n, *a: None if n == 'prometheus_client' else f(n, *a); "
-            "sys.modules['prometheus_client'] = None; "
-            "from fineline_monitor.cli import main; "
-            f"sys.exit(main(['demo', '--out', {str(tmp_path / 'out')!r}, '--steps', '8', '--probe-every', '4', "
-            "'--docs-per-task', '2', '--inject', 'none', '--threads', '2']))")
+    code = (
+        "import sys, importlib.util as u; f = u.find_spec; "
+        "u.find_spec = lambda n, *a: None if n == 'prometheus_client' else f(n, *a); "
+        "sys.modules['prometheus_client'] = None; "
+        "from fineline_monitor.cli import main; "
+        f"sys.exit(main(['demo', '--out', {str(tmp_path / 'out')!r}, '--steps', '8', '--probe-every', '4', "
+        "'--docs-per-task', '2', '--inject', 'none', '--threads', '2']))"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "prometheus-client is not installed" in p.stderr
-    assert (tmp_path / "out" / "run.db").exists() and not (tmp_path / "out" / "metrics.prom").exists()
+    assert (tmp_path / "out" / "run.db").exists() and not (
+        tmp_path / "out" / "metrics.prom"
+    ).exists()
 
 
 # Families that a rule or a dashboard panel queries but that a healthy CPU demo run cannot
@@ -121,7 +151,9 @@ def _conditional_families():
     fam = lambda name: M.METRICS[name].family or M.derived_family(name)  # noqa: E731
     return {
         fam(M.LOSS_SCALE): "fp16 training with a loss scaler (the demo trains in fp32)",
-        fam(M.SKIPPED_STEPS): "a framework that skips optimizer steps on overflow (fp16 loss scaling)",
+        fam(
+            M.SKIPPED_STEPS
+        ): "a framework that skips optimizer steps on overflow (fp16 loss scaling)",
         fam(M.HESSIAN_TRACE): "opt-in: indicators.hessian_trace and a Hessian batch",
     }
 
@@ -139,8 +171,17 @@ def test_every_queried_metric_has_samples_in_the_demo_exposition(short_demo):
     assert runbook, "the runbooks name no metric (did the extraction break?)"
     queried = queried_metric_names() | runbook
     assert len(queried) > 20
-    missing = sorted(n for n in queried if samples.get(n, 0) == 0 and n not in conditional
-                     and n.removesuffix("_total") not in conditional)
-    assert not missing, f"queried by rules/dashboard /runbooks but without samples in the demo's metrics.prom: {missing}"
+    missing = sorted(
+        n
+        for n in queried
+        if samples.get(n, 0) == 0
+        and n not in conditional
+        and n.removesuffix("_total") not in conditional
+    )
+    assert not missing, (
+        f"queried by rules/dashboard /runbooks but without samples in the demo's metrics.prom: {missing}"
+    )
     # an exemption must name a family someone queries, or it hides nothing and is stale
-    assert set(conditional) <= {n.removesuffix("_total") for n in queried} | set(queried), conditional
+    assert set(conditional) <= {n.removesuffix("_total") for n in queried} | set(queried), (
+        conditional
+    )

@@ -11,7 +11,6 @@ routing key and Slack URL files are temporary files.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -26,9 +25,15 @@ from typing import Any, Dict, List
 
 import pytest
 import yaml
-
-from fineline_e2e_support import (AM_CONFIG, RULES, dashboard_exprs, free_port, make_monitor, promql_for_test,
-                                  wait_for)
+from fineline_e2e_support import (
+    AM_CONFIG,
+    RULES,
+    dashboard_exprs,
+    free_port,
+    make_monitor,
+    promql_for_test,
+    wait_for,
+)
 
 PROMETHEUS = "/usr/bin/prometheus"
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
@@ -113,11 +118,19 @@ def _am_config(tmp: Path, receiver_port: int) -> Path:
 def _prom_config(tmp: Path, exporter_port: int, am_port: int) -> Path:
     rules = tmp / "fineline-rules.yml"
     shutil.copy(RULES, rules)
-    cfg = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
-           "rule_files": [str(rules)],
-           "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
-           "scrape_configs": [{"job_name": "fineline",
-                               "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}]}
+    cfg = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+        "rule_files": [str(rules)],
+        "alerting": {
+            "alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]
+        },
+        "scrape_configs": [
+            {
+                "job_name": "fineline",
+                "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}],
+            }
+        ],
+    }
     path = tmp / "prometheus.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -141,14 +154,18 @@ def _stop(p: subprocess.Popen) -> None:
 def test_critical_alert_pages_through_prometheus_and_alertmanager(tmp_path):
     for b in (PROMETHEUS, ALERTMANAGER):
         if not os.path.exists(b):
-            pytest.skip(f"{b} not installed (Debian packages prometheus, prometheus-alertmanager); "
-                        ".ci/run installs them")
+            pytest.skip(
+                f"{b} not installed (Debian packages prometheus, prometheus-alertmanager); "
+                ".ci/run installs them"
+            )
     receiver = Receiver()
     procs: List[subprocess.Popen] = []
     monitor = None
     try:
         # 1) a real monitor with the exporter in http mode on a free port
-        monitor = make_monitor(tmp_path / "out", "e2e-run", prometheus_mode="http", prometheus_port=0)
+        monitor = make_monitor(
+            tmp_path / "out", "e2e-run", prometheus_mode="http", prometheus_port=0
+        )
         prom_sink = next(s for s in monitor.sinks if getattr(s, "name", "") == "prometheus")
         assert prom_sink.port and prom_sink.host == "127.0.0.1"
         for step in range(0, 30):
@@ -157,17 +174,39 @@ def test_critical_alert_pages_through_prometheus_and_alertmanager(tmp_path):
         # 2) Alertmanager and Prometheus, on loopback, temp storage
         am_port, prom_port = free_port(), free_port()
         am_cfg = _am_config(tmp_path, receiver.port)
-        procs.append(_start([ALERTMANAGER, f"--config.file={am_cfg}", f"--storage.path={tmp_path / 'am-data'}",
-                             f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=",
-                             "--log.level=warn"], tmp_path / "alertmanager.log"))
+        procs.append(
+            _start(
+                [
+                    ALERTMANAGER,
+                    f"--config.file={am_cfg}",
+                    f"--storage.path={tmp_path / 'am-data'}",
+                    f"--web.listen-address=127.0.0.1:{am_port}",
+                    "--cluster.listen-address=",
+                    "--log.level=warn",
+                ],
+                tmp_path / "alertmanager.log",
+            )
+        )
         prom_cfg = _prom_config(tmp_path, prom_sink.port, am_port)
-        procs.append(_start([PROMETHEUS, f"--config.file={prom_cfg}", f"--storage.tsdb.path={tmp_path / 'prom-data'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-                            tmp_path / "prometheus.log"))
+        procs.append(
+            _start(
+                [
+                    PROMETHEUS,
+                    f"--config.file={prom_cfg}",
+                    f"--storage.tsdb.path={tmp_path / 'prom-data'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                    "--log.level=warn",
+                ],
+                tmp_path / "prometheus.log",
+            )
+        )
         am, prom = f"http://127.0.0.1:{am_port}", f"http://127.0.0.1:{prom_port}"
         wait_for(lambda: _get_json(f"{am}/api/v2/status"), 30, "Alertmanager to start")
-        wait_for(lambda: _get_json(f"{prom}/api/v1/query?query=up")["data"]["result"], 30,
-                 "Prometheus to scrape the monitor")
+        wait_for(
+            lambda: _get_json(f"{prom}/api/v1/query?query=up")["data"]["result"],
+            30,
+            "Prometheus to scrape the monitor",
+        )
         rules = _get_json(f"{prom}/api/v1/rules")["data"]["groups"]
         assert sum(len(g["rules"]) for g in rules) == 8, "shipped rules not loaded"
         assert not receiver.received, "paged before anything went wrong"
@@ -175,21 +214,29 @@ def test_critical_alert_pages_through_prometheus_and_alertmanager(tmp_path):
         # 3) the run goes wrong: a non-finite loss. The monitor's own alert engine must raise
         #    the critical alert: a monitor whose engine failed to build (isolated, so training
         #    goes on) fails here rather than being paged by a hand-built alert.
-        assert monitor.engine is not None, f"the alert engine was not built: {monitor.disabled_parts}"
+        assert monitor.engine is not None, (
+            f"the alert engine was not built: {monitor.disabled_parts}"
+        )
         t0 = time.monotonic()
         fired = monitor.step(step=30, loss=float("nan"), tokens=31 * 1024, lr=1e-3)
         crit = [a for a in fired if a.severity == "critical"]
         assert crit, f"no critical alert for a NaN loss: {fired}"
 
         # 4) the page arrives at the PagerDuty endpoint within 60 s
-        pages = wait_for(lambda: [r for r in receiver.on("/v2/enqueue")
-                                  if r["body"].get("event_action") == "trigger"], 60,
-                         "the PagerDuty page (Alertmanager logs: " + str(tmp_path / "alertmanager.log") + ")")
+        pages = wait_for(
+            lambda: [
+                r for r in receiver.on("/v2/enqueue") if r["body"].get("event_action") == "trigger"
+            ],
+            60,
+            "the PagerDuty page (Alertmanager logs: " + str(tmp_path / "alertmanager.log") + ")",
+        )
         latency = pages[0]["t"] - t0
         body = pages[0]["body"]
         assert body["routing_key"] == "test-routing-key-0123456789abcdef"
         assert body["payload"]["severity"] == "critical"
-        assert "e2e-run" in body["payload"]["summary"] and crit[0].rule in body["payload"]["summary"]
+        assert (
+            "e2e-run" in body["payload"]["summary"] and crit[0].rule in body["payload"]["summary"]
+        )
         assert body["payload"]["custom_details"]["run"] == "e2e-run"
         assert body["payload"]["custom_details"]["runbook"].startswith("docs/alerts.md#")
         assert latency < 60
@@ -202,8 +249,10 @@ def test_critical_alert_pages_through_prometheus_and_alertmanager(tmp_path):
             q = urllib.parse.quote(promql_for_test(expr))
             res = _get_json(f"{prom}/api/v1/query?query={q}")
             assert res["status"] == "success", (expr, res)
-        got = _get_json(f"{prom}/api/v1/query?query=" + urllib.parse.quote(
-            'fineline_alert_active{severity="critical"}'))["data"]["result"]
+        got = _get_json(
+            f"{prom}/api/v1/query?query="
+            + urllib.parse.quote('fineline_alert_active{severity="critical"}')
+        )["data"]["result"]
         assert got and got[0]["metric"]["run"] == "e2e-run" and got[0]["value"][1] == "1"
     finally:
         for p in reversed(procs):

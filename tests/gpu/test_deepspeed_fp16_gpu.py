@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600),
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (DeepSpeed fp16)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device (DeepSpeed fp16)"
+    ),
+]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 pytest.importorskip("deepspeed")
@@ -29,8 +34,11 @@ def test_fp16_engine_skipped_steps_and_scale_reach_the_store(tmp_path):
     eng = got["engine"]
     assert eng["fp16_enabled"]
     steps = eng["steps"]
-    skipped_by_engine = {r["global_step"] for i, r in enumerate(steps)
-                         if r["skipped_steps"] > (steps[i - 1]["skipped_steps"] if i else 0)}
+    skipped_by_engine = {
+        r["global_step"]
+        for i, r in enumerate(steps)
+        if r["skipped_steps"] > (steps[i - 1]["skipped_steps"] if i else 0)
+    }
     assert skipped_by_engine, "a 2**32 initial scale must overflow at least once"
     stored = got["stored"]
     assert {s for s, v in stored[names.SKIPPED_STEPS].items() if v > 0} == skipped_by_engine
@@ -38,6 +46,9 @@ def test_fp16_engine_skipped_steps_and_scale_reach_the_store(tmp_path):
         assert stored[names.LOSS_SCALE][r["global_step"]] == r["loss_scale"], r
     scales = [r["loss_scale"] for r in steps]
     assert scales[-1] < scales[0], scales  # the scaler backed off
-    H.check_one_row_per_optimizer_step({"engine": {"steps": [r for r in steps
-                                                             if r["global_step"] not in skipped_by_engine]},
-                                        "stored": stored})
+    H.check_one_row_per_optimizer_step(
+        {
+            "engine": {"steps": [r for r in steps if r["global_step"] not in skipped_by_engine]},
+            "stored": stored,
+        }
+    )

@@ -22,17 +22,26 @@ pytest.importorskip("megatron.core")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 import _ds_helpers as H  # noqa: E402
 
-pytestmark = [pytest.mark.gpu, pytest.mark.integration,
-              pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                                 reason="pipeline parallelism needs >= 2 CUDA devices (megatron's schedules are CUDA-only)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+        reason="pipeline parallelism needs >= 2 CUDA devices (megatron's schedules are CUDA-only)",
+    ),
+]
 
 ENV = {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(2))}
 
 
 def test_pp2_example_trains_probes_records(tmp_path):
     out = tmp_path / "pp2"
-    p = H.torchrun("examples/megatron_core_pretrain.py", ["--tp", "1", "--pp", "2", "--steps", "4", "--probe-every",
-                                                          "2", "--out", str(out)], timeout=300, env=ENV)
+    p = H.torchrun(
+        "examples/megatron_core_pretrain.py",
+        ["--tp", "1", "--pp", "2", "--steps", "4", "--probe-every", "2", "--out", str(out)],
+        timeout=300,
+        env=ENV,
+    )
     assert p.returncode == 0, H.tail(p)
     assert "disabled={}" in p.stdout, H.tail(p)
     # the loss owner (last stage) writes the store
@@ -40,7 +49,7 @@ def test_pp2_example_trains_probes_records(tmp_path):
     assert [r[0] for r in con.execute("select step from probe_rounds order by step")] == [1, 2, 4]
 
 
-SCRIPT = r'''
+SCRIPT = r"""
 import datetime, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 local = int(os.environ["LOCAL_RANK"]); torch.cuda.set_device(local)
@@ -74,7 +83,7 @@ assert (lp1 - lp).abs().max().item() < 1e-4, (lp1 - lp).abs().max()
 assert torch.equal(gr1, gr)
 if dist.get_rank() == 0:
     print("PP_OK")
-'''
+"""
 
 
 def test_pp2_scorer_equals_pp1_same_weights(tmp_path):

@@ -13,8 +13,14 @@ from fineline_monitor import FineLineMonitor, MonitorConfig
 
 out, steps, ckpt_every, sleep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 ckpt = os.path.join(out, "ckpt.pkl")
-cfg = MonitorConfig(run_name="killme", out_dir=out, probe_every=0, indicators={"collect_every": 1},
-                    sinks={"enabled": ["store"]}, strict=True)
+cfg = MonitorConfig(
+    run_name="killme",
+    out_dir=out,
+    probe_every=0,
+    indicators={"collect_every": 1},
+    sinks={"enabled": ["store"]},
+    strict=True,
+)
 mon = FineLineMonitor(config=cfg)
 start = 0
 if os.path.exists(ckpt):

@@ -23,9 +23,23 @@ DOCS = 8
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_trains_probes_records_and_matches_single_process(tmp_path, stage):
     out = tmp_path / f"zero{stage}"
-    p = H.torchrun("examples/deepspeed_pretrain.py", ["--zero-stage", str(stage), "--steps", "4", "--probe-every",
-                                                      "2", "--out", str(out), "--docs-per-task", str(DOCS),
-                                                      "--save-weights"], timeout=170)
+    p = H.torchrun(
+        "examples/deepspeed_pretrain.py",
+        [
+            "--zero-stage",
+            str(stage),
+            "--steps",
+            "4",
+            "--probe-every",
+            "2",
+            "--out",
+            str(out),
+            "--docs-per-task",
+            str(DOCS),
+            "--save-weights",
+        ],
+        timeout=170,
+    )
     assert p.returncode == 0, H.tail(p)
     assert f"[deepspeed zero{stage}] steps=4 disabled={{}}" in p.stdout, H.tail(p)
     con = sqlite3.connect(out / "run.db")
@@ -44,7 +58,9 @@ def test_zero_stage_trains_probes_records_and_matches_single_process(tmp_path, s
     from transformers import GPT2Config, GPT2LMHeadModel
 
     meta = json.loads(con.execute("select meta from runs").fetchone()[0])
-    assert meta["params"] == sum(p.numel() for p in GPT2LMHeadModel(GPT2Config.from_pretrained(out)).parameters())
+    assert meta["params"] == sum(
+        p.numel() for p in GPT2LMHeadModel(GPT2Config.from_pretrained(out)).parameters()
+    )
 
 
 def test_rank_failing_inside_probe_round_does_not_hang(tmp_path):
@@ -52,9 +68,24 @@ def test_rank_failing_inside_probe_round_does_not_hang(tmp_path):
     Both ranks agree before each batch, abort the round together, disable probes on every
     rank, and training finishes; the subprocess timeout is the hard bound."""
     out = tmp_path / "fail"
-    p = H.torchrun("examples/deepspeed_pretrain.py", ["--zero-stage", "3", "--steps", "3", "--probe-every", "2",
-                                                      "--out", str(out), "--docs-per-task", str(DOCS),
-                                                      "--fail-rank", "1"], timeout=150)
+    p = H.torchrun(
+        "examples/deepspeed_pretrain.py",
+        [
+            "--zero-stage",
+            "3",
+            "--steps",
+            "3",
+            "--probe-every",
+            "2",
+            "--out",
+            str(out),
+            "--docs-per-task",
+            str(DOCS),
+            "--fail-rank",
+            "1",
+        ],
+        timeout=150,
+    )
     assert p.returncode == 0, H.tail(p)
     assert "[deepspeed zero3] steps=3 disabled={'probes':" in p.stdout, H.tail(p)
     assert "injected probe failure before batch 1" in p.stderr, H.tail(p)
@@ -63,4 +94,3 @@ def test_rank_failing_inside_probe_round_does_not_hang(tmp_path):
     assert not any(m.startswith("probe/") for m in metrics)
     assert con.execute("select count(*) from probe_rounds").fetchone()[0] == 0
     assert "train/loss" in metrics  # training and the per-step indicators went on
-

@@ -28,4 +28,6 @@ def test_bf16_engine_reports_no_scale_and_no_skipped_step(tmp_path):
     assert sorted(got["stored"][names.LOSS]) == list(range(1, STEPS + 1))
     H.check_one_row_per_optimizer_step(got)
     assert got["stored"][names.LOSS_SCALE] == {}, "a bf16 engine has no loss scale to report"
-    assert all(v == 0 for v in got["stored"][names.SKIPPED_STEPS].values()), got["stored"][names.SKIPPED_STEPS]
+    assert all(v == 0 for v in got["stored"][names.SKIPPED_STEPS].values()), got["stored"][
+        names.SKIPPED_STEPS
+    ]

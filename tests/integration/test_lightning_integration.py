@@ -18,11 +18,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_lightning_callback_two_ranks(tmp_path):
     out = tmp_path / "pl"
-    p = H.torchrun("examples/lightning_pretrain.py", ["--steps", "4", "--probe-every", "2", "--out", str(out)],
-                   timeout=200)
+    p = H.torchrun(
+        "examples/lightning_pretrain.py",
+        ["--steps", "4", "--probe-every", "2", "--out", str(out)],
+        timeout=200,
+    )
     assert p.returncode == 0, H.tail(p)
     assert "[lightning] steps=4 disabled={}" in p.stdout, H.tail(p)
     con = sqlite3.connect(out / "run.db")
     assert [r[0] for r in con.execute("select step from probe_rounds order by step")] == [1, 2, 4]
-    steps = [r[0] for r in con.execute("select step from metrics where name='train/loss' order by step")]
+    steps = [
+        r[0] for r in con.execute("select step from metrics where name='train/loss' order by step")
+    ]
     assert steps == [1, 2, 3, 4]  # once per optimizer step, not per accumulated batch

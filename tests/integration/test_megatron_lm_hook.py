@@ -21,7 +21,7 @@ import _ds_helpers as H  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SCRIPT = r'''
+SCRIPT = r"""
 import sys, types, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/hooks")
 out = sys.argv[2]
@@ -84,7 +84,7 @@ hook.uninstall()
 assert training.train_step is train_step and training.training_log is training_log
 if dist.get_rank() == 0:
     print("HOOK_OK")
-'''
+"""
 
 
 def test_megatron_lm_hook_wraps_train_step_and_training_log(tmp_path):
@@ -97,7 +97,9 @@ def test_megatron_lm_hook_wraps_train_step_and_training_log(tmp_path):
     assert "HOOK_OK" in p.stdout, H.tail(p)
     con = sqlite3.connect(out / "run.db")
     assert [r[0] for r in con.execute("select step from probe_rounds order by step")] == [1, 2, 4]
-    loss_steps = [r[0] for r in con.execute("select step from metrics where name='train/loss' order by step")]
+    loss_steps = [
+        r[0] for r in con.execute("select step from metrics where name='train/loss' order by step")
+    ]
     assert loss_steps == [1, 2, 3, 4]
     gn = [r[0] for r in con.execute("select value from metrics where name='optim/grad_norm'")]
     assert len(gn) == 4 and all(v > 0 for v in gn)

@@ -14,7 +14,7 @@ import _ds_helpers as H  # noqa: E402
 
 pytestmark = [pytest.mark.integration]
 
-SCRIPT = r'''
+SCRIPT = r"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 torch.set_num_threads(1)
@@ -49,7 +49,7 @@ ref = torch.log_softmax(full.double(), -1).gather(-1, tg.unsqueeze(-1)).squeeze(
 assert (ref - lp2).abs().max().item() < 1e-5
 if dist.get_rank() == 0:
     print("TPGREEDY_OK", int(gr.sum()), int(gr.numel()))
-'''
+"""
 
 
 def test_tp_greedy_matches_full_argmax(tmp_path):

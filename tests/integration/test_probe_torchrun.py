@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -20,7 +19,11 @@ def model_dir(tmp_path_factory):
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -43,19 +46,33 @@ def _cli(*args):
 def test_two_ranks_equal_one_rank(model_dir, tmp_path):
     common = ["--hf-model", model_dir, "--tasks", TASKS, "--limit", "7", "--batch-size", "3"]
     one = tmp_path / "one.json"
-    r = subprocess.run(_cli(*common, "--output", str(one)), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _cli(*common, "--output", str(one)), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert "probe [" in r.stderr  # progress bar on stderr
     two = tmp_path / "two.json"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-                "-m", "fineline_monitor.probes.cli", "probe", *common, "--output", str(two)]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "fineline_monitor.probes.cli",
+        "probe",
+        *common,
+        "--output",
+        str(two),
+    ]
     r2 = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert list(a["tasks"]) == TASKS.split(",")
     assert len(a["requests"]) == len(b["requests"]) > 7 * 6
     assert {(q["task"], q["doc_id"], q["choice"]) for q in a["requests"]} == {
-        (q["task"], q["doc_id"], q["choice"]) for q in b["requests"]}  # no duplicates, none lost
+        (q["task"], q["doc_id"], q["choice"]) for q in b["requests"]
+    }  # no duplicates, none lost
     for qa, qb in zip(a["requests"], b["requests"]):
         assert (qa["task"], qa["doc_id"], qa["choice"]) == (qb["task"], qb["doc_id"], qb["choice"])
         assert qa["n_tokens"] == qb["n_tokens"] and qa["n_bytes"] == qb["n_bytes"]
@@ -75,19 +92,52 @@ def test_two_ranks_equal_one_rank(model_dir, tmp_path):
 @pytest.mark.slow
 def test_cli_user_requests_file_and_errors(model_dir, tmp_path):
     p = tmp_path / "mine.jsonl"
-    rows = [{"doc_id": d, "idx": i, "label": 1, "request": {"context": f"Question {d}: 2+2 =", "continuation": c}}
-            for d in range(3) for i, c in enumerate([" 3", " 4", " five"])]
+    rows = [
+        {
+            "doc_id": d,
+            "idx": i,
+            "label": 1,
+            "request": {"context": f"Question {d}: 2+2 =", "continuation": c},
+        }
+        for d in range(3)
+        for i, c in enumerate([" 3", " 4", " five"])
+    ]
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "o.json"
-    r = subprocess.run(_cli("--hf-model", model_dir, "--requests", str(p), "--output", str(out), "--no-progress"),
-                       env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _cli("--hf-model", model_dir, "--requests", str(p), "--output", str(out), "--no-progress"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     j = json.loads(out.read_text())
-    assert j["tasks"]["mine"]["n_docs"] == 3 and set(j["tasks"]["mine"]["metrics"]) >= {"acc", "acc_norm", "bpb"}
-    assert [(q["doc_id"], q["choice"]) for q in j["requests"]] == [(d, i) for d in range(3) for i in range(3)]
-    bad = subprocess.run(_cli("--hf-model", model_dir, "--tasks", "helaswag", "--output", str(out)),
-                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert j["tasks"]["mine"]["n_docs"] == 3 and set(j["tasks"]["mine"]["metrics"]) >= {
+        "acc",
+        "acc_norm",
+        "bpb",
+    }
+    assert [(q["doc_id"], q["choice"]) for q in j["requests"]] == [
+        (d, i) for d in range(3) for i in range(3)
+    ]
+    bad = subprocess.run(
+        _cli("--hf-model", model_dir, "--tasks", "helaswag", "--output", str(out)),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "did you mean" in bad.stderr and "hellaswag" in bad.stderr
-    lst = subprocess.run([sys.executable, "-m", "fineline_monitor.probes.cli", "tasks"], env=_env(),
-                         capture_output=True, text=True, timeout=120)
-    assert lst.returncode == 0 and "examination:" in lst.stdout and "hellaswag:rc_0shot  (default suite)" in lst.stdout
+    lst = subprocess.run(
+        [sys.executable, "-m", "fineline_monitor.probes.cli", "tasks"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        lst.returncode == 0
+        and "examination:" in lst.stdout
+        and "hellaswag:rc_0shot  (default suite)" in lst.stdout
+    )

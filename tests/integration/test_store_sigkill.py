@@ -23,16 +23,23 @@ def _rows(db):
     # monitor/* are wall-clock measurements of the monitor itself (e.g. monitor/overhead):
     # they differ between any two runs, killed or not, so only the deterministic rows are compared
     rows = [r for r in rows if not r[1].startswith("monitor/")]
-    dup = s.query("SELECT COUNT(*) FROM (SELECT step, name, COUNT(*) c FROM metrics GROUP BY run, step, name "
-                  "HAVING c > 1)")[0][0]
+    dup = s.query(
+        "SELECT COUNT(*) FROM (SELECT step, name, COUNT(*) c FROM metrics GROUP BY run, step, name "
+        "HAVING c > 1)"
+    )[0][0]
     s.close()
     return rows, dup
 
 
 def _run(out, sleep, kill_after_line=None, timeout=120):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(STEPS), str(CKPT), str(sleep)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(out), str(STEPS), str(CKPT), str(sleep)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     lines = 0
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -24,14 +24,28 @@ def write_requests(path: Path, docs=PROBE_DOCS, task: str = "rel_task") -> Path:
     with open(path, "w") as f:
         for doc_id, (ctx, conts, label) in enumerate(docs):
             for idx, cont in enumerate(conts):
-                f.write(json.dumps({"doc_id": doc_id, "idx": idx, "label": label, "task_name": task,
-                                    "request": {"context": ctx, "continuation": cont}}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "doc_id": doc_id,
+                            "idx": idx,
+                            "label": label,
+                            "task_name": task,
+                            "request": {"context": ctx, "continuation": cont},
+                        }
+                    )
+                    + "\n"
+                )
     return path
 
 
-def train(model_fn: Callable[[], torch.nn.Module], steps: int, vocab: int,
-          monitor_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
-          on_step: Optional[Callable[[int, Any], None]] = None) -> Tuple[List[float], Any]:
+def train(
+    model_fn: Callable[[], torch.nn.Module],
+    steps: int,
+    vocab: int,
+    monitor_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
+    on_step: Optional[Callable[[int, Any], None]] = None,
+) -> Tuple[List[float], Any]:
     """Train `steps` AdamW steps; return the losses (Python floats) and the monitor.
 
     The monitor is called after `optimizer.step()` and before `zero_grad()`, the order

@@ -47,8 +47,18 @@ class FaultTable:
         self._lock = threading.Lock()
         self.current_test = ""
 
-    def record(self, area: str, what: str, happened: str, *, injected: int = 0, survived: int = 0,
-               bad_inputs: int = 0, rows_lost: int = 0, hangs: int = 0) -> None:
+    def record(
+        self,
+        area: str,
+        what: str,
+        happened: str,
+        *,
+        injected: int = 0,
+        survived: int = 0,
+        bad_inputs: int = 0,
+        rows_lost: int = 0,
+        hangs: int = 0,
+    ) -> None:
         with self._lock:
             row = self.rows.setdefault((area, what), Row(area, what, happened))
             if happened not in row.happened.split(" / "):
@@ -63,16 +73,22 @@ class FaultTable:
 
     def totals(self) -> Dict[str, int]:
         rows = list(self.rows.values())
-        return {"faults injected": sum(r.injected for r in rows), "faults survived": sum(r.survived for r in rows),
-                "bad inputs tried": sum(r.bad_inputs for r in rows), "rows lost": sum(r.rows_lost for r in rows),
-                "hangs": sum(r.hangs for r in rows)}
+        return {
+            "faults injected": sum(r.injected for r in rows),
+            "faults survived": sum(r.survived for r in rows),
+            "bad inputs tried": sum(r.bad_inputs for r in rows),
+            "rows lost": sum(r.rows_lost for r in rows),
+            "hangs": sum(r.hangs for r in rows),
+        }
 
     def markdown(self) -> str:
         head = "| area | fault or bad input tried | what happened | " + " | ".join(COLUMNS) + " |"
         lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
         for r in sorted(self.rows.values(), key=lambda r: (r.area, r.what)):
-            lines.append(f"| {r.area} | {r.what} | {r.happened} | {r.injected} | {r.survived} | "
-                         f"{r.bad_inputs} | {r.rows_lost} | {r.hangs} |")
+            lines.append(
+                f"| {r.area} | {r.what} | {r.happened} | {r.injected} | {r.survived} | "
+                f"{r.bad_inputs} | {r.rows_lost} | {r.hangs} |"
+            )
         t = self.totals()
         lines.append("| **total** | | | " + " | ".join(f"**{t[c]}**" for c in COLUMNS) + " |")
         return "\n".join(lines) + "\n"
@@ -117,14 +133,24 @@ def _write_json(path: Path) -> None:
     doc = {
         "command": "FINELINE_FAULT_TABLE_JSON=docs/data/fault-table.json .venv/bin/pytest -q tests/reliability",
         "environment": f"torch {torch.__version__.split('+')[0]} CPU, gloo, Python {platform.python_version()}, "
-                       f"{os.cpu_count()} CPU cores",
+        f"{os.cpu_count()} CPU cores",
         "passed": len(_PASSED),
         "known_gaps": [{"test": k, "reason": v} for k, v in sorted(_KNOWN_GAPS.items())],
         "columns": list(COLUMNS),
-        "rows": [{"area": r.area, "what": r.what, "happened": r.happened, "injected": r.injected,
-                  "survived": r.survived, "bad_inputs": r.bad_inputs, "rows_lost": r.rows_lost, "hangs": r.hangs,
-                  "tests": sorted(r.tests)}
-                 for r in sorted(_TABLE.rows.values(), key=lambda r: (r.area, r.what))],
+        "rows": [
+            {
+                "area": r.area,
+                "what": r.what,
+                "happened": r.happened,
+                "injected": r.injected,
+                "survived": r.survived,
+                "bad_inputs": r.bad_inputs,
+                "rows_lost": r.rows_lost,
+                "hangs": r.hangs,
+                "tests": sorted(r.tests),
+            }
+            for r in sorted(_TABLE.rows.values(), key=lambda r: (r.area, r.what))
+        ],
         "totals": _TABLE.totals(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,8 +163,13 @@ def pytest_sessionfinish(session, exitstatus):
     json_path = os.environ.get("FINELINE_FAULT_TABLE_JSON")
     # Only a whole, green run of the suite may become the documented table: a failed or
     # partial (-k, one file) run would publish rows the other tests did not back.
-    if json_path and exitstatus == 0 and not session.config.option.keyword and \
-            not session.config.option.markexpr and session.testsfailed == 0:
+    if (
+        json_path
+        and exitstatus == 0
+        and not session.config.option.keyword
+        and not session.config.option.markexpr
+        and session.testsfailed == 0
+    ):
         _write_json(Path(json_path))
     path = _table_path()
     try:
@@ -177,9 +208,16 @@ def tiny_tokenizer(tmp_path_factory):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS * 4, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
-                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        CORPUS * 4, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     return tok
 
 
@@ -188,8 +226,16 @@ def tiny_gpt2(vocab_size: int, seed: int = 0, n_positions: int = 64):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(cfg)
 
 

@@ -60,9 +60,17 @@ class StandInProbes:
         if faulty and scenario == "slow":
             time.sleep(SLOW_S)
         acc = sum(g["score"] for g in gathered) / len(gathered) / (STEPS + 1)
-        task = TaskResult(task="stand_in", capability="commonsense", n_docs=len(gathered), metrics={"acc": acc})
-        return ProbeRound(step=step, tokens=tokens, tasks={"stand_in": task}, requests=[], seconds=0.01,
-                          tokens_scored=10)
+        task = TaskResult(
+            task="stand_in", capability="commonsense", n_docs=len(gathered), metrics={"acc": acc}
+        )
+        return ProbeRound(
+            step=step,
+            tokens=tokens,
+            tasks={"stand_in": task},
+            requests=[],
+            seconds=0.01,
+            tokens_scored=10,
+        )
 
 
 probes = StandInProbes()
@@ -75,34 +83,75 @@ if REAL:
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["The capital of France is Paris.", "Water boils at one hundred degrees.",
-                             "def add(a, b): return a + b"] * 4, vocab_size=300, min_frequency=1,
-                            special_tokens=["<|endoftext|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
-                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        [
+            "The capital of France is Paris.",
+            "Water boils at one hundred degrees.",
+            "def add(a, b): return a + b",
+        ]
+        * 4,
+        vocab_size=300,
+        min_frequency=1,
+        special_tokens=["<|endoftext|>"],
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     req = os.path.join(out, f"requests{rank}.jsonl")
     with open(req, "w") as f:
         for d in range(6):
             for i, cont in enumerate([" Paris.", " one hundred.", " a + b"]):
-                f.write(_json.dumps({"doc_id": d, "idx": i, "label": d % 3, "task_name": "dist_task",
-                                     "request": {"context": f"Question {d}:", "continuation": cont}}) + "\n")
+                f.write(
+                    _json.dumps(
+                        {
+                            "doc_id": d,
+                            "idx": i,
+                            "label": d % 3,
+                            "task_name": "dist_task",
+                            "request": {"context": f"Question {d}:", "continuation": cont},
+                        }
+                    )
+                    + "\n"
+                )
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     VOCAB = len(tok)
     probe_cfg = {"tasks": [], "requests_files": [req], "docs_per_task": 6, "batch_size": 4}
 else:
     FineLineMonitor._build_probes = lambda self, scorer: probes  # the stand-in above, on every rank
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Flatten(), torch.nn.Linear(16 * 8, 64))
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(64, 16), torch.nn.Flatten(), torch.nn.Linear(16 * 8, 64)
+    )
     VOCAB = 64
     tok, probe_cfg = None, {}
 ddp = torch.nn.parallel.DistributedDataParallel(model)
 opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
-cfg = MonitorConfig(run_name="dist", out_dir=os.path.join(out, "mon"), probe_every=PROBE_EVERY,
-                    probe_max_overhead=0.0,  # fixed cadence: the test counts rounds
-                    dist_timeout_s=DIST_TIMEOUT_S, indicators={"collect_every": 2}, probes=probe_cfg,
-                    alerts={"on_critical": ["checkpoint", "stop"]}, sinks={"enabled": ["store"]})
+cfg = MonitorConfig(
+    run_name="dist",
+    out_dir=os.path.join(out, "mon"),
+    probe_every=PROBE_EVERY,
+    probe_max_overhead=0.0,  # fixed cadence: the test counts rounds
+    dist_timeout_s=DIST_TIMEOUT_S,
+    indicators={"collect_every": 2},
+    probes=probe_cfg,
+    alerts={"on_critical": ["checkpoint", "stop"]},
+    sinks={"enabled": ["store"]},
+)
 world_sums = []
 
 
@@ -113,15 +162,23 @@ def world_metric():
     return {"test/world_sum": t}
 
 
-mon = FineLineMonitor(model=model, optimizer=opt, config=cfg, checkpoint_fn=checkpoints.append, tokenizer=tok,
-                      step_metrics_fn=world_metric if scenario == "indicator_raise" else None)
+mon = FineLineMonitor(
+    model=model,
+    optimizer=opt,
+    config=cfg,
+    checkpoint_fn=checkpoints.append,
+    tokenizer=tok,
+    step_metrics_fn=world_metric if scenario == "indicator_raise" else None,
+)
 if scenario == "indicator_raise":
     orig_collect, collects = mon.indicators.collect, [0]
 
     def failing_collect(step):
         collects[0] += 1
         if rank == 1 and collects[0] == 2:
-            mon.indicators.run_collectives(step)  # what collect runs first; then the local part fails
+            mon.indicators.run_collectives(
+                step
+            )  # what collect runs first; then the local part fails
             raise RuntimeError("indicator bug on rank 1 (injected)")
         return orig_collect(step)
 
@@ -164,9 +221,19 @@ for step in range(STEPS):
         stop_seen_at = step
 mon.close()
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-    json.dump({"rank": rank, "losses": losses, "disabled": mon.disabled_parts, "rounds": real_rounds[0] if REAL else probes.rounds,
-               "should_stop": mon.should_stop, "stop_seen_at": stop_seen_at, "checkpoints": checkpoints,
-               "world_sums": world_sums,
-               "seconds": time.time() - t0}, f)
+    json.dump(
+        {
+            "rank": rank,
+            "losses": losses,
+            "disabled": mon.disabled_parts,
+            "rounds": real_rounds[0] if REAL else probes.rounds,
+            "should_stop": mon.should_stop,
+            "stop_seen_at": stop_seen_at,
+            "checkpoints": checkpoints,
+            "world_sums": world_sums,
+            "seconds": time.time() - t0,
+        },
+        f,
+    )
 dist.barrier()
 dist.destroy_process_group()

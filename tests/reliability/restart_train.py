@@ -19,8 +19,13 @@ import torch
 
 from fineline_monitor import FineLineMonitor, MonitorConfig
 
-out, steps, ckpt_every, alert_step, sleep = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
-                                             float(sys.argv[5]))
+out, steps, ckpt_every, alert_step, sleep = (
+    sys.argv[1],
+    int(sys.argv[2]),
+    int(sys.argv[3]),
+    int(sys.argv[4]),
+    float(sys.argv[5]),
+)
 probe_every, tokenizer_dir, requests_file = int(sys.argv[6]), sys.argv[7], sys.argv[8]
 torch.set_num_threads(1)
 ckpt = os.path.join(out, "ckpt.pt")
@@ -31,14 +36,30 @@ tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
 VOCAB, SEQ, BATCH = len(tokenizer), 64, 2
 
 torch.manual_seed(0)
-model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
-                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+model = GPT2LMHeadModel(
+    GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+)
 opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-cfg = MonitorConfig(run_name="restart", out_dir=out, probe_every=probe_every, probe_at_start=True,
-                    probe_max_overhead=0.0,  # a fixed cadence: the same rounds in every run
-                    probes={"tasks": [], "requests_files": [requests_file], "docs_per_task": 3, "batch_size": 4},
-                    indicators={"collect_every": 1}, alerts={"cooldown_rounds": 1000},
-                    sinks={"enabled": ["store", "webhook"]})
+cfg = MonitorConfig(
+    run_name="restart",
+    out_dir=out,
+    probe_every=probe_every,
+    probe_at_start=True,
+    probe_max_overhead=0.0,  # a fixed cadence: the same rounds in every run
+    probes={"tasks": [], "requests_files": [requests_file], "docs_per_task": 3, "batch_size": 4},
+    indicators={"collect_every": 1},
+    alerts={"cooldown_rounds": 1000},
+    sinks={"enabled": ["store", "webhook"]},
+)
 mon = FineLineMonitor(model=model, optimizer=opt, config=cfg, tokenizer=tokenizer)
 start = 0
 if os.path.exists(ckpt):
@@ -50,7 +71,9 @@ if os.path.exists(ckpt):
     print(f"resumed at {start}", flush=True)
 
 for step in range(start, steps):
-    g = torch.Generator().manual_seed(1000 + step)  # the batch of a step does not depend on the past
+    g = torch.Generator().manual_seed(
+        1000 + step
+    )  # the batch of a step does not depend on the past
     x = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
     out_ = model(input_ids=x, labels=x)
     out_.loss.backward()
@@ -59,8 +82,12 @@ for step in range(start, steps):
     mon.step(step=step, loss=seen, tokens=(step + 1) * BATCH * SEQ, lr=3e-3)
     opt.zero_grad(set_to_none=True)
     if step % ckpt_every == ckpt_every - 1:
-        state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "monitor": mon.state_dict()}
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "monitor": mon.state_dict(),
+        }
         torch.save(state, ckpt + ".tmp")
         os.replace(ckpt + ".tmp", ckpt)
     print(f"step {step} loss {out_.loss.item():.6f}", flush=True)

@@ -20,7 +20,6 @@ import io
 import json
 import math
 import re
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,8 +29,11 @@ from hypothesis import strategies as st
 from fineline_monitor.core.config import ConfigError, MonitorConfig
 
 AREA = "bad input (hypothesis)"
-SETTINGS = dict(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                        HealthCheck.too_slow])
+SETTINGS = dict(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -71,22 +73,49 @@ class Counter:
 
 # ---- the config loader --------------------------------------------------------------------------
 
+
 def _field_names():
     import dataclasses
 
     names = {}
     for f in dataclasses.fields(MonitorConfig):
         t = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        names[f.name] = [g.name for g in dataclasses.fields(t)] if dataclasses.is_dataclass(t) else None
+        names[f.name] = (
+            [g.name for g in dataclasses.fields(t)] if dataclasses.is_dataclass(t) else None
+        )
     return names
 
 
 FIELDS = _field_names()
-scalars = (st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True)
-           | st.text(max_size=12) | st.sampled_from(["store", "console", "stop", "checkpoint", "http", "warning",
-                                                    "default", "1e3", "", "offline", "wandb"]))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12)
+    | st.sampled_from(
+        [
+            "store",
+            "console",
+            "stop",
+            "checkpoint",
+            "http",
+            "warning",
+            "default",
+            "1e3",
+            "",
+            "offline",
+            "wandb",
+        ]
+    )
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 @st.composite
@@ -132,10 +161,14 @@ def _no_nan(cfg) -> None:
 def config_counter(fault_table):
     c = Counter()
     yield c
-    fault_table.record(AREA, "config: random nested dicts (MonitorConfig.from_dict)",
-                       c.outcome(f"parsed or ConfigError naming the key ({c.rejected} rejected); "
-                                 "no other exception type"),
-                       bad_inputs=c.tried)
+    fault_table.record(
+        AREA,
+        "config: random nested dicts (MonitorConfig.from_dict)",
+        c.outcome(
+            f"parsed or ConfigError naming the key ({c.rejected} rejected); no other exception type"
+        ),
+        bad_inputs=c.tried,
+    )
 
 
 @settings(**SETTINGS)
@@ -155,12 +188,20 @@ def test_config_from_dict(data, config_counter):
         assert again == cfg or "nan" in repr(cfg.to_dict()).lower()
 
 
-NAN_BUG = ("config.py: `validate` compares `v < min` which is False for NaN, so NaN passes every range "
-           "check (dist_timeout_s=NaN, band_sigma=NaN ...). Fix in the report.")
+NAN_BUG = (
+    "config.py: `validate` compares `v < min` which is False for NaN, so NaN passes every range "
+    "check (dist_timeout_s=NaN, band_sigma=NaN ...). Fix in the report."
+)
 
 
-@pytest.mark.parametrize("data", [{"dist_timeout_s": float("nan")}, {"alerts": {"band_sigma": float("nan")}},
-                                  {"probes": {"timeout_s": float("nan")}}])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"dist_timeout_s": float("nan")},
+        {"alerts": {"band_sigma": float("nan")}},
+        {"probes": {"timeout_s": float("nan")}},
+    ],
+)
 def test_config_rejects_nan(data):
     with pytest.raises(ConfigError, match="nan|NaN"):
         MonitorConfig.from_dict(data, where="cfg.yaml")
@@ -168,12 +209,26 @@ def test_config_rejects_nan(data):
 
 # random YAML text: mutations of a valid config, and YAML constructs that compose but do not construct
 VALID_YAML = MonitorConfig(run_name="r", probes={"docs_per_task": 10}).to_yaml()
-yaml_snippets = st.sampled_from([
-    "probe_every: 100\n", "probes:\n  batch_size: -1\n", "sinks:\n  enabled: [store, bogus]\n",
-    "probe_every: !!binary aGVsbG8=\n", "run_name: &x [*x]\n", "probes: !!set {a, b}\n", "alerts:\n  phases: 2020-01-01\n", "\t: bad\n",
-    "probe_every: 1e3\n", "strict: yes\n", "- 1\n- 2\n", "indicators:\n  collect_every: .nan\n",
-    "dist_timeout_s: .inf\n", "%YAML 1.1\n---\n", "probes: {tasks: [{a: 1}]}\n", "'\n",
-])
+yaml_snippets = st.sampled_from(
+    [
+        "probe_every: 100\n",
+        "probes:\n  batch_size: -1\n",
+        "sinks:\n  enabled: [store, bogus]\n",
+        "probe_every: !!binary aGVsbG8=\n",
+        "run_name: &x [*x]\n",
+        "probes: !!set {a, b}\n",
+        "alerts:\n  phases: 2020-01-01\n",
+        "\t: bad\n",
+        "probe_every: 1e3\n",
+        "strict: yes\n",
+        "- 1\n- 2\n",
+        "indicators:\n  collect_every: .nan\n",
+        "dist_timeout_s: .inf\n",
+        "%YAML 1.1\n---\n",
+        "probes: {tasks: [{a: 1}]}\n",
+        "'\n",
+    ]
+)
 
 
 @st.composite
@@ -193,9 +248,15 @@ def yaml_texts(draw):
 def yaml_counter(fault_table):
     c = Counter()
     yield c
-    fault_table.record(AREA, "config: random YAML text (MonitorConfig.from_yaml)",
-                       c.outcome(f"parsed or ConfigError naming file:line or the key ({c.rejected} rejected); "
-                       "no other exception type"), bad_inputs=c.tried)
+    fault_table.record(
+        AREA,
+        "config: random YAML text (MonitorConfig.from_yaml)",
+        c.outcome(
+            f"parsed or ConfigError naming file:line or the key ({c.rejected} rejected); "
+            "no other exception type"
+        ),
+        bad_inputs=c.tried,
+    )
 
 
 @settings(**SETTINGS)
@@ -215,8 +276,11 @@ def test_config_from_yaml(text, yaml_counter, tmp_path_factory):
 
 # YAML that composes but does not construct (unhashable keys, unknown or python tags). These are
 # kept out of the generator above until the bug is fixed; then add them back to yaml_snippets.
-CONSTRUCTOR_ERRORS = ["? [a, b]\n: 1\n", "a: !!python/object:os.system x\n",
-                      "run_name: !!python/name:os.system\n"]
+CONSTRUCTOR_ERRORS = [
+    "? [a, b]\n: 1\n",
+    "a: !!python/object:os.system x\n",
+    "run_name: !!python/name:os.system\n",
+]
 
 
 @pytest.mark.parametrize("text", CONSTRUCTOR_ERRORS)
@@ -226,20 +290,40 @@ def test_yaml_constructor_errors_are_config_errors(text, tmp_path, fault_table):
     with pytest.raises(ConfigError) as err:
         MonitorConfig.from_yaml(path)
     _check_config_error(err.value, str(path))
-    fault_table.record(AREA, "config: YAML that composes but cannot be constructed (python tags, "
-                       "unhashable keys)", "ConfigError naming file:line", bad_inputs=1)
+    fault_table.record(
+        AREA,
+        "config: YAML that composes but cannot be constructed (python tags, unhashable keys)",
+        "ConfigError naming file:line",
+        bad_inputs=1,
+    )
 
 
 # ---- the requests JSONL parser ------------------------------------------------------------------
 
+
 def _request_line(draw):
-    row = {"doc_id": draw(st.integers(0, 3) | st.text(max_size=3) | st.none() | st.booleans() | st.floats()),
-           "idx": draw(st.integers(-1, 3) | st.none() | st.text(max_size=2)),
-           "label": draw(st.integers(-1, 3) | st.none() | st.text(max_size=4) | st.lists(st.text(max_size=3),
-                                                                                         max_size=2)),
-           "request": draw(st.fixed_dictionaries({"context": st.text(max_size=12) | st.integers(),
-                                                  "continuation": st.text(max_size=12) | st.none()})
-                           | st.text(max_size=5) | st.none())}
+    row = {
+        "doc_id": draw(
+            st.integers(0, 3) | st.text(max_size=3) | st.none() | st.booleans() | st.floats()
+        ),
+        "idx": draw(st.integers(-1, 3) | st.none() | st.text(max_size=2)),
+        "label": draw(
+            st.integers(-1, 3)
+            | st.none()
+            | st.text(max_size=4)
+            | st.lists(st.text(max_size=3), max_size=2)
+        ),
+        "request": draw(
+            st.fixed_dictionaries(
+                {
+                    "context": st.text(max_size=12) | st.integers(),
+                    "continuation": st.text(max_size=12) | st.none(),
+                }
+            )
+            | st.text(max_size=5)
+            | st.none()
+        ),
+    }
     for k in list(row):
         if draw(st.integers(0, 9)) == 0:
             del row[k]
@@ -264,23 +348,41 @@ def requests_files(draw):
     return "\n".join(lines)
 
 
-VALID_REQUESTS = "\n".join(json.dumps({"doc_id": d, "idx": i, "label": 0, "request": {
-    "context": f"Question {d}?", "continuation": f" answer {i}"}}) for d in range(2) for i in range(2))
+VALID_REQUESTS = "\n".join(
+    json.dumps(
+        {
+            "doc_id": d,
+            "idx": i,
+            "label": 0,
+            "request": {"context": f"Question {d}?", "continuation": f" answer {i}"},
+        }
+    )
+    for d in range(2)
+    for i in range(2)
+)
 
 
 @pytest.fixture(scope="module")
 def requests_counter(fault_table):
     c = Counter()
     yield c
-    fault_table.record(AREA, "requests JSONL: random lines (probes.tasks.load_requests_file)",
-                       c.outcome(f"parsed or TaskError naming file:line and the field ({c.rejected} rejected); "
-                       "no other exception type"), bad_inputs=c.tried)
+    fault_table.record(
+        AREA,
+        "requests JSONL: random lines (probes.tasks.load_requests_file)",
+        c.outcome(
+            f"parsed or TaskError naming file:line and the field ({c.rejected} rejected); "
+            "no other exception type"
+        ),
+        bad_inputs=c.tried,
+    )
 
 
 @settings(**SETTINGS)
 @given(text=requests_files())
 @example(text=VALID_REQUESTS)
-@example(text='{"doc_id": 0, "idx": 0, "label": 0, "request": {"context": "a", "continuation": "b"}}')
+@example(
+    text='{"doc_id": 0, "idx": 0, "label": 0, "request": {"context": "a", "continuation": "b"}}'
+)
 @example(text='{"doc_id": 1e400}')
 @example(text="\ud800")
 def test_requests_jsonl(text, requests_counter, tmp_path_factory):
@@ -295,7 +397,9 @@ def test_requests_jsonl(text, requests_counter, tmp_path_factory):
             requests_counter.rejected += 1
             msg = str(e)
             assert msg.startswith(str(path)), msg
-            assert re.match(re.escape(str(path)) + r"(:\d+)?: \S", msg), f"no file[:line]: what: {msg!r}"
+            assert re.match(re.escape(str(path)) + r"(:\d+)?: \S", msg), (
+                f"no file[:line]: what: {msg!r}"
+            )
             return
         assert tasks and all(t for t in tasks)
 
@@ -303,15 +407,37 @@ def test_requests_jsonl(text, requests_counter, tmp_path_factory):
 # ---- the trajectory CSV parser ------------------------------------------------------------------
 
 HEADER = ["source", "model", "params", "step", "tokens", "task", "metric", "value", "stderr"]
-cells = (st.sampled_from(["", "0", "1", "100", "1e9", "nan", "inf", "-1", "0.5", "x", "hellaswag", "acc",
-                          "a,b", '"q"', "1.5e", "NaN"]) | st.text(max_size=6))
+cells = st.sampled_from(
+    [
+        "",
+        "0",
+        "1",
+        "100",
+        "1e9",
+        "nan",
+        "inf",
+        "-1",
+        "0.5",
+        "x",
+        "hellaswag",
+        "acc",
+        "a,b",
+        '"q"',
+        "1.5e",
+        "NaN",
+    ]
+) | st.text(max_size=6)
 
 
 @st.composite
 def trajectory_texts(draw):
     header = list(HEADER)
     if draw(st.integers(0, 4)) == 0:
-        header = draw(st.permutations(HEADER)) if draw(st.booleans()) else header[:draw(st.integers(0, 8))]
+        header = (
+            draw(st.permutations(HEADER))
+            if draw(st.booleans())
+            else header[: draw(st.integers(0, 8))]
+        )
     if draw(st.integers(0, 9)) == 0:
         header.append(draw(st.sampled_from(["extra", "step"])))
     buf = io.StringIO()
@@ -321,13 +447,22 @@ def trajectory_texts(draw):
         if draw(st.integers(0, 6)) == 0:
             w.writerow([draw(cells) for _ in range(draw(st.integers(0, 11)))])
         else:
-            w.writerow([draw(st.sampled_from(["ref", "x"])), draw(st.sampled_from(["m1", "m2"])), draw(cells),
-                        draw(st.integers(0, 5).map(str) | cells), draw(st.integers(0, 10**6).map(str) | cells),
-                        draw(st.sampled_from(["hellaswag", "arc_easy"]) | cells), draw(st.sampled_from(["acc", "bpb"])),
-                        draw(st.floats(0, 1).map(repr) | cells), draw(cells)])
+            w.writerow(
+                [
+                    draw(st.sampled_from(["ref", "x"])),
+                    draw(st.sampled_from(["m1", "m2"])),
+                    draw(cells),
+                    draw(st.integers(0, 5).map(str) | cells),
+                    draw(st.integers(0, 10**6).map(str) | cells),
+                    draw(st.sampled_from(["hellaswag", "arc_easy"]) | cells),
+                    draw(st.sampled_from(["acc", "bpb"])),
+                    draw(st.floats(0, 1).map(repr) | cells),
+                    draw(cells),
+                ]
+            )
     text = buf.getvalue()
     if draw(st.integers(0, 6)) == 0:
-        text = text[:draw(st.integers(0, len(text)))] + draw(st.text(max_size=8))
+        text = text[: draw(st.integers(0, len(text)))] + draw(st.text(max_size=8))
     return text
 
 
@@ -335,15 +470,25 @@ def trajectory_texts(draw):
 def trajectory_counter(fault_table):
     c = Counter()
     yield c
-    fault_table.record(AREA, "trajectory CSV: random tables (core.trajectory.read_trajectory)",
-                       c.outcome(f"parsed or TrajectoryError naming file:line and the column ({c.rejected} rejected); "
-                       "no other exception type"), bad_inputs=c.tried)
+    fault_table.record(
+        AREA,
+        "trajectory CSV: random tables (core.trajectory.read_trajectory)",
+        c.outcome(
+            f"parsed or TrajectoryError naming file:line and the column ({c.rejected} rejected); "
+            "no other exception type"
+        ),
+        bad_inputs=c.tried,
+    )
 
 
 @settings(**SETTINGS)
 @given(text=trajectory_texts())
-@example(text="source,model,params,step,tokens,task,metric,value,stderr\nr,m,,1,100,hellaswag,acc,0.5,\n")
-@example(text="source,model,params,step,tokens,task,metric,value,stderr\nr,m,,1,100,hellaswag,acc,nan,\n")
+@example(
+    text="source,model,params,step,tokens,task,metric,value,stderr\nr,m,,1,100,hellaswag,acc,0.5,\n"
+)
+@example(
+    text="source,model,params,step,tokens,task,metric,value,stderr\nr,m,,1,100,hellaswag,acc,nan,\n"
+)
 @example(text="\x00")
 def test_trajectory_csv(text, trajectory_counter, tmp_path_factory):
     from fineline_monitor.core.trajectory import TrajectoryError, read_trajectory
@@ -356,4 +501,6 @@ def test_trajectory_csv(text, trajectory_counter, tmp_path_factory):
         except TrajectoryError as e:
             trajectory_counter.rejected += 1
             msg = str(e)
-            assert re.match(re.escape(str(path)) + r"(:\d+)?: \S", msg), f"no file[:line]: what: {msg!r}"
+            assert re.match(re.escape(str(path)) + r"(:\d+)?: \S", msg), (
+                f"no file[:line]: what: {msg!r}"
+            )

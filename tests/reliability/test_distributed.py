@@ -49,12 +49,27 @@ def _launch(tmp_path: Path, scenario: str, fault_table, what: str, pg_timeout_s:
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", REL_STEPS=str(STEPS), PYTHONUNBUFFERED="1",
-                   REL_PG_TIMEOUT=str(pg_timeout_s))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            REL_STEPS=str(STEPS),
+            PYTHONUNBUFFERED="1",
+            REL_PG_TIMEOUT=str(pg_timeout_s),
+        )
         log = open(tmp_path / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), scenario], env=env,
-                                      stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(tmp_path), scenario],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     t0 = time.monotonic()
     deadline = t0 + HARD_LIMIT_S
     hung = False
@@ -81,12 +96,15 @@ def _launch(tmp_path: Path, scenario: str, fault_table, what: str, pg_timeout_s:
 
 
 def _finished(rcs, results) -> bool:
-    return rcs == [0, 0] and all(results[r] is not None and len(results[r]["losses"]) == STEPS for r in (0, 1))
+    return rcs == [0, 0] and all(
+        results[r] is not None and len(results[r]["losses"]) == STEPS for r in (0, 1)
+    )
 
 
 def _same_probe_decision(results) -> bool:
-    return (("probes" in results[0]["disabled"]) == ("probes" in results[1]["disabled"])
-            and results[0]["rounds"] == results[1]["rounds"])
+    return ("probes" in results[0]["disabled"]) == ("probes" in results[1]["disabled"]) and results[
+        0
+    ]["rounds"] == results[1]["rounds"]
 
 
 def _tail(logs):
@@ -104,9 +122,17 @@ def test_actions_come_from_the_logging_rank(tmp_path, fault_table):
         assert res[r]["rounds"] == len(range(0, STEPS, 3))
         assert res[r]["should_stop"] is True and res[r]["stop_seen_at"] == 4, res[r]
         assert res[r]["checkpoints"] == [], "rank 1's local `checkpoint` wish must not count"
-    assert res[0]["losses"] != res[1]["losses"]  # different data per rank: the check above is not vacuous
-    fault_table.record(AREA, what, "the logging rank's `stop` reaches both ranks on the same step; the other "
-                       "rank's local wish is ignored", injected=1, survived=1)
+    assert (
+        res[0]["losses"] != res[1]["losses"]
+    )  # different data per rank: the check above is not vacuous
+    fault_table.record(
+        AREA,
+        what,
+        "the logging rank's `stop` reaches both ranks on the same step; the other "
+        "rank's local wish is ignored",
+        injected=1,
+        survived=1,
+    )
 
 
 @pytest.mark.timeout(HARD_LIMIT_S + 30)
@@ -121,8 +147,14 @@ def test_indicators_failing_on_one_rank_keep_joining_their_collectives(tmp_path,
     n_collects = len(range(0, STEPS, 2))
     for r in (0, 1):
         assert res[r]["world_sums"] == [2.0] * n_collects, (r, res[r]["world_sums"])
-    fault_table.record(AREA, what, "indicators disabled on rank 1 alone; rank 1 still joins the collective "
-                       "metric at every collect step; training finishes on both", injected=1, survived=1)
+    fault_table.record(
+        AREA,
+        what,
+        "indicators disabled on rank 1 alone; rank 1 still joins the collective "
+        "metric at every collect step; training finishes on both",
+        injected=1,
+        survived=1,
+    )
 
 
 @pytest.mark.timeout(HARD_LIMIT_S + 30)
@@ -133,8 +165,14 @@ def test_one_rank_raises_inside_a_probe_round(tmp_path, fault_table):
     for r in (0, 1):
         assert "probes" in res[r]["disabled"], (r, res[r]["disabled"])
         assert res[r]["rounds"] == 2, "probes must stop on both ranks after the failed round"
-    fault_table.record(AREA, what, "both ranks agree (all-reduce of the failure flag) and disable probes; "
-                       "training finishes on both", injected=1, survived=1)
+    fault_table.record(
+        AREA,
+        what,
+        "both ranks agree (all-reduce of the failure flag) and disable probes; "
+        "training finishes on both",
+        injected=1,
+        survived=1,
+    )
 
 
 @pytest.mark.timeout(HARD_LIMIT_S + 30)
@@ -150,8 +188,14 @@ def test_real_probe_runner_one_rank_raises(tmp_path, fault_table):
         assert res[r]["rounds"] == 2, res[r]["rounds"]
     assert _same_probe_decision(res), res
     assert "out of memory on rank 1" in logs[1]
-    fault_table.record(AREA, what, "the runner gathers the error on every rank; both disable probes after round 2 "
-                       "and finish training", injected=1, survived=1)
+    fault_table.record(
+        AREA,
+        what,
+        "the runner gathers the error on every rank; both disable probes after round 2 "
+        "and finish training",
+        injected=1,
+        survived=1,
+    )
 
 
 @pytest.mark.timeout(HARD_LIMIT_S + 30)
@@ -169,14 +213,22 @@ def test_one_rank_raises_before_a_probe_collective(tmp_path, fault_table):
     rcs, res, wall, logs = _launch(tmp_path, "raise_before", fault_table, what, pg_timeout_s=pg)
     if _finished(rcs, res):
         assert all("probes" in res[r]["disabled"] for r in (0, 1)) and _same_probe_decision(res)
-        fault_table.record(AREA, what, "probes disabled on both ranks, training finished", injected=1, survived=1)
+        fault_table.record(
+            AREA, what, "probes disabled on both ranks, training finished", injected=1, survived=1
+        )
         return
     fast = all(rc != 0 for rc in rcs) and wall < pg + 60
     assert fast, f"exit codes {rcs} after {wall:.0f}s\n{_tail(logs)}"
     assert "probe failed on rank 1" in logs[1]  # rank 1 reported the real cause once
     # the wall time varies from run to run; the generated table states the bound, not a figure
-    fault_table.record(AREA, what, f"job failed fast: both ranks exited non-zero within {pg + 60:.0f}s "
-                       f"(process-group timeout {pg:.0f}s), no hang", injected=1, survived=0)
+    fault_table.record(
+        AREA,
+        what,
+        f"job failed fast: both ranks exited non-zero within {pg + 60:.0f}s "
+        f"(process-group timeout {pg:.0f}s), no hang",
+        injected=1,
+        survived=0,
+    )
 
 
 @pytest.mark.timeout(HARD_LIMIT_S + 30)
@@ -185,11 +237,19 @@ def test_slow_rank_does_not_hold_the_other_forever(tmp_path, fault_table):
     rcs, res, wall, logs = _launch(tmp_path, "slow", fault_table, what)
     assert _finished(rcs, res), _tail(logs)
     # Whatever the ranks decided, they decided the same: no rank may go on probing alone.
-    assert _same_probe_decision(res), (res[0]["disabled"], res[1]["disabled"], res[0]["rounds"], res[1]["rounds"])
-    fault_table.record(AREA, what, "both ranks finished with the same probe decision", injected=1, survived=1)
+    assert _same_probe_decision(res), (
+        res[0]["disabled"],
+        res[1]["disabled"],
+        res[0]["rounds"],
+        res[1]["rounds"],
+    )
+    fault_table.record(
+        AREA, what, "both ranks finished with the same probe decision", injected=1, survived=1
+    )
 
 
 # ---- cadence: decisions that lead into collectives depend only on step and tokens -------------
+
 
 @contextlib.contextmanager
 def _as_another_rank(rank: int):
@@ -197,7 +257,9 @@ def _as_another_rank(rank: int):
     in the environment, the clocks, the RNG state. A decision that leads into a collective
     must not read any of them."""
     shift = 7919.37 * rank  # not a round number: a clock read modulo anything still differs
-    clocks = {name: getattr(time, name) for name in ("time", "monotonic", "perf_counter", "process_time")}
+    clocks = {
+        name: getattr(time, name) for name in ("time", "monotonic", "perf_counter", "process_time")
+    }
     env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "NODE_RANK": str(rank)}
     random.seed(rank)
     with mock.patch.dict(os.environ, env), contextlib.ExitStack() as stack:
@@ -206,8 +268,17 @@ def _as_another_rank(rank: int):
         yield
 
 
-def _documented_should_probe(step, *, every, tokens=None, every_tokens=0, last_probe_tokens=None,
-                             at_start=True, first_step=None, not_before=None):
+def _documented_should_probe(
+    step,
+    *,
+    every,
+    tokens=None,
+    every_tokens=0,
+    last_probe_tokens=None,
+    at_start=True,
+    first_step=None,
+    not_before=None,
+):
     """The rule as the docstring and the README state it, written independently of the code."""
     if every <= 0 and every_tokens <= 0:
         return False
@@ -226,16 +297,31 @@ def _documented_should_probe(step, *, every, tokens=None, every_tokens=0, last_p
 def test_cadence_functions_take_only_step_and_token_numbers():
     for fn in (cadence.should_probe, cadence.should_collect):
         params = set(inspect.signature(fn).parameters)
-        assert params <= {"step", "every", "tokens", "every_tokens", "last_probe_tokens", "at_start",
-                          "first_step", "not_before"}, params
+        assert params <= {
+            "step",
+            "every",
+            "tokens",
+            "every_tokens",
+            "last_probe_tokens",
+            "at_start",
+            "first_step",
+            "not_before",
+        }, params
 
 
 def test_probe_budget_decision_is_the_same_on_every_rank():
     """The budget decision reads timings, so the monitor all-reduces them first; the function
     itself must then give every rank the same answer whatever its clock, rank, RNG or
     environment, and the answer must be the first step that keeps the share within budget."""
-    kw = dict(every=500, max_overhead=0.015, monitor_seconds=30.0, train_seconds=900.0, round_seconds=15.0,
-              step_seconds=0.3, monitor_step_seconds=0.001)
+    kw = dict(
+        every=500,
+        max_overhead=0.015,
+        monitor_seconds=30.0,
+        train_seconds=900.0,
+        round_seconds=15.0,
+        step_seconds=0.3,
+        monitor_step_seconds=0.001,
+    )
     answers = []
     for rank in (0, 1, 7):
         with _as_another_rank(rank):
@@ -252,12 +338,27 @@ def test_probe_budget_decision_is_the_same_on_every_rank():
 
 
 @settings(max_examples=200, deadline=None)
-@given(step=st.integers(0, 10**9), every=st.integers(0, 10**4), tokens=st.none() | st.integers(0, 10**13),
-       every_tokens=st.integers(0, 10**9), last=st.none() | st.integers(0, 10**13), at_start=st.booleans(),
-       first=st.none() | st.integers(0, 10**9), rank=st.integers(1, 63))
-def test_cadence_follows_its_rule_on_every_rank(step, every, tokens, every_tokens, last, at_start, first, rank):
-    kw = dict(every=every, tokens=tokens, every_tokens=every_tokens, last_probe_tokens=last, at_start=at_start,
-              first_step=first)
+@given(
+    step=st.integers(0, 10**9),
+    every=st.integers(0, 10**4),
+    tokens=st.none() | st.integers(0, 10**13),
+    every_tokens=st.integers(0, 10**9),
+    last=st.none() | st.integers(0, 10**13),
+    at_start=st.booleans(),
+    first=st.none() | st.integers(0, 10**9),
+    rank=st.integers(1, 63),
+)
+def test_cadence_follows_its_rule_on_every_rank(
+    step, every, tokens, every_tokens, last, at_start, first, rank
+):
+    kw = dict(
+        every=every,
+        tokens=tokens,
+        every_tokens=every_tokens,
+        last_probe_tokens=last,
+        at_start=at_start,
+        first_step=first,
+    )
     with _as_another_rank(0):
         a = cadence.should_probe(step, **kw)
     with _as_another_rank(rank):

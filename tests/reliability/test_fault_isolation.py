@@ -54,11 +54,16 @@ class Recorder(Sink):
 
 def _cfg(tmp_path: Path, **kw) -> MonitorConfig:
     req = write_requests(tmp_path / "requests.jsonl")
-    base = dict(run_name="rel", out_dir=str(tmp_path / "out"), probe_every=PROBE_EVERY, probe_at_start=True,
-                probe_max_overhead=0.0,  # fixed cadence: the tests count rounds
-                indicators={"collect_every": COLLECT},
-                probes={"tasks": [], "requests_files": [str(req)], "docs_per_task": 3, "batch_size": 4},
-                sinks={"enabled": ["store", "console"], "console_every": 1})
+    base = dict(
+        run_name="rel",
+        out_dir=str(tmp_path / "out"),
+        probe_every=PROBE_EVERY,
+        probe_at_start=True,
+        probe_max_overhead=0.0,  # fixed cadence: the tests count rounds
+        indicators={"collect_every": COLLECT},
+        probes={"tasks": [], "requests_files": [str(req)], "docs_per_task": 3, "batch_size": 4},
+        sinks={"enabled": ["store", "console"], "console_every": 1},
+    )
     for k, v in kw.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
             base[k] = {**base[k], **v}
@@ -84,8 +89,13 @@ def _run(tmp_path, tokenizer, vocab, cfg, *, inject=None, before_build=None, rec
     def monitor_fn(model, opt):
         if before_build is not None:
             before_build(model)
-        return FineLineMonitor(model=model, optimizer=opt, config=cfg, tokenizer=tokenizer,
-                               sinks=[recorder] if recorder is not None else None)
+        return FineLineMonitor(
+            model=model,
+            optimizer=opt,
+            config=cfg,
+            tokenizer=tokenizer,
+            sinks=[recorder] if recorder is not None else None,
+        )
 
     return train(lambda: tiny_gpt2(vocab), STEPS, vocab, monitor_fn=monitor_fn, on_step=inject)
 
@@ -98,7 +108,9 @@ def _db(mon):
 
 
 def _error_logs(caplog, part):
-    return [r for r in caplog.records if r.getMessage().startswith(f"fineline_monitor: {part} failed")]
+    return [
+        r for r in caplog.records if r.getMessage().startswith(f"fineline_monitor: {part} failed")
+    ]
 
 
 def _assert_reported_once(mon, caplog, part, *, store_alive=True):
@@ -112,6 +124,7 @@ def _assert_reported_once(mon, caplog, part, *, store_alive=True):
 
 
 # ---- in-process faults: reported once, part disabled, training bit-identical ------------------
+
 
 def _raise_in_probe_forward(step, mon):
     """From step 0 on (after the monitor attached and its scorer checked the model), a model
@@ -129,29 +142,55 @@ def _raise_in_probe_forward(step, mon):
 def test_probe_forward_raises(tmp_path, tiny_tokenizer, vocab, baseline, caplog, fault_table):
     rec = Recorder()
     with caplog.at_level(logging.ERROR, logger="fineline_monitor"):
-        losses, mon = _run(tmp_path, tiny_tokenizer, vocab, _cfg(tmp_path), inject=_raise_in_probe_forward,
-                           recorder=rec)
-    assert mon.probes is not None, "the probe runner was not built (is fineline_monitor.probes.ProbeRunner there?)"
+        losses, mon = _run(
+            tmp_path,
+            tiny_tokenizer,
+            vocab,
+            _cfg(tmp_path),
+            inject=_raise_in_probe_forward,
+            recorder=rec,
+        )
+    assert mon.probes is not None, (
+        "the probe runner was not built (is fineline_monitor.probes.ProbeRunner there?)"
+    )
     assert losses == baseline
     _assert_reported_once(mon, caplog, "probes")
-    assert "out of memory" in mon.disabled_parts["probes"] or "probe round" in mon.disabled_parts["probes"]
+    assert (
+        "out of memory" in mon.disabled_parts["probes"]
+        or "probe round" in mon.disabled_parts["probes"]
+    )
     assert _db(mon).probe_rounds() == []  # the failed round recorded nothing half-done
     # indicators and the store went on for every collect step
     assert len(_db(mon).series("train/loss")) == STEPS // COLLECT
-    fault_table.record(AREA, "exception in a probe forward (model hook raising under no_grad)",
-                       "probes disabled after the first round, reported once; loss bit-identical",
-                       injected=1, survived=1, rows_lost=STEPS // COLLECT - len(_db(mon).series("train/loss")))
+    fault_table.record(
+        AREA,
+        "exception in a probe forward (model hook raising under no_grad)",
+        "probes disabled after the first round, reported once; loss bit-identical",
+        injected=1,
+        survived=1,
+        rows_lost=STEPS // COLLECT - len(_db(mon).series("train/loss")),
+    )
 
 
 def test_probe_forward_raises_strict(tmp_path, tiny_tokenizer, vocab, fault_table):
     with pytest.raises(RuntimeError, match="out of memory"):
-        _run(tmp_path, tiny_tokenizer, vocab, _cfg(tmp_path, strict=True), inject=_raise_in_probe_forward)
-    fault_table.record(AREA, "same faults with strict=True", "raises to the caller", injected=1, survived=1)
+        _run(
+            tmp_path,
+            tiny_tokenizer,
+            vocab,
+            _cfg(tmp_path, strict=True),
+            inject=_raise_in_probe_forward,
+        )
+    fault_table.record(
+        AREA, "same faults with strict=True", "raises to the caller", injected=1, survived=1
+    )
 
 
-COLLECT_BUG = ("monitor.py FineLineMonitor._collect: when indicators.collect raises, the error guard returns {} and "
-               "that collect step logs nothing (its loss row is lost); the no-indicator fallback starts only at "
-               "the next collect. Fix in the report.")
+COLLECT_BUG = (
+    "monitor.py FineLineMonitor._collect: when indicators.collect raises, the error guard returns {} and "
+    "that collect step logs nothing (its loss row is lost); the no-indicator fallback starts only at "
+    "the next collect. Fix in the report."
+)
 
 
 @pytest.mark.parametrize("method", ["on_step", "collect", "probe_context", "probe_round_metrics"])
@@ -169,7 +208,9 @@ def test_indicator_raises(tmp_path, tiny_tokenizer, vocab, baseline, caplog, fau
             setattr(mon.indicators, method, boom)
 
     with caplog.at_level(logging.ERROR, logger="fineline_monitor"):
-        losses, mon = _run(tmp_path, tiny_tokenizer, vocab, _cfg(tmp_path), inject=inject, recorder=rec)
+        losses, mon = _run(
+            tmp_path, tiny_tokenizer, vocab, _cfg(tmp_path), inject=inject, recorder=rec
+        )
     steps_with_loss = {s for s, _, _ in _db(mon).series("train/loss")}
     lost = len(set(range(0, STEPS, COLLECT)) - steps_with_loss)
     assert losses == baseline
@@ -179,19 +220,27 @@ def test_indicator_raises(tmp_path, tiny_tokenizer, vocab, baseline, caplog, fau
     # The loss still reaches the store on every collect step (from the monitor's own fallback),
     # including the step whose indicator collection failed.
     assert lost == 0, sorted(steps_with_loss)
-    fault_table.record(AREA, "exception in an indicator (on_step, collect, probe hooks, probe metrics)",
-                       "indicators disabled, reported once; loss still logged, probes go on; loss bit-identical",
-                       injected=1, survived=1)
+    fault_table.record(
+        AREA,
+        "exception in an indicator (on_step, collect, probe hooks, probe metrics)",
+        "indicators disabled, reported once; loss still logged, probes go on; loss bit-identical",
+        injected=1,
+        survived=1,
+    )
 
 
 def test_indicator_raises_strict(tmp_path, tiny_tokenizer, vocab, fault_table):
     def inject(step, mon):
         if step == 3:
-            mon.indicators.collect = lambda *a, **k: (_ for _ in ()).throw(ValueError("indicator bug"))
+            mon.indicators.collect = lambda *a, **k: (_ for _ in ()).throw(
+                ValueError("indicator bug")
+            )
 
     with pytest.raises(ValueError, match="indicator bug"):
         _run(tmp_path, tiny_tokenizer, vocab, _cfg(tmp_path, strict=True), inject=inject)
-    fault_table.record(AREA, "same faults with strict=True", "raises to the caller", injected=1, survived=1)
+    fault_table.record(
+        AREA, "same faults with strict=True", "raises to the caller", injected=1, survived=1
+    )
 
 
 def test_store_breaks_mid_run(tmp_path, tiny_tokenizer, vocab, baseline, caplog, fault_table):
@@ -202,16 +251,23 @@ def test_store_breaks_mid_run(tmp_path, tiny_tokenizer, vocab, baseline, caplog,
             mon.store._db.close()  # the database goes away under the monitor (disk gone, fd closed)
 
     with caplog.at_level(logging.ERROR, logger="fineline_monitor"):
-        losses, mon = _run(tmp_path, tiny_tokenizer, vocab, _cfg(tmp_path), inject=inject, recorder=rec)
+        losses, mon = _run(
+            tmp_path, tiny_tokenizer, vocab, _cfg(tmp_path), inject=inject, recorder=rec
+        )
     assert losses == baseline
     _assert_reported_once(mon, caplog, "sink:store", store_alive=False)
     # the other sinks still get every collect step, with the error counted
     loss_rows = [(s, m) for s, m in rec.metrics if "train/loss" in m]
     assert [s for s, _ in loss_rows] == list(range(0, STEPS, COLLECT))
     assert loss_rows[-1][1]["fineline/internal_error"] >= 1.0
-    fault_table.record(AREA, "store: SQLite connection closed mid-run", "store sink disabled, reported once "
-                       "(log + metric in the other sinks); other sinks get every row; loss bit-identical",
-                       injected=1, survived=1)
+    fault_table.record(
+        AREA,
+        "store: SQLite connection closed mid-run",
+        "store sink disabled, reported once "
+        "(log + metric in the other sinks); other sinks get every row; loss bit-identical",
+        injected=1,
+        survived=1,
+    )
 
 
 def test_store_breaks_strict(tmp_path, tiny_tokenizer, vocab, fault_table):
@@ -221,7 +277,9 @@ def test_store_breaks_strict(tmp_path, tiny_tokenizer, vocab, fault_table):
 
     with pytest.raises(Exception, match="closed"):
         _run(tmp_path, tiny_tokenizer, vocab, _cfg(tmp_path, strict=True), inject=inject)
-    fault_table.record(AREA, "same faults with strict=True", "raises to the caller", injected=1, survived=1)
+    fault_table.record(
+        AREA, "same faults with strict=True", "raises to the caller", injected=1, survived=1
+    )
 
 
 def test_console_stream_closed(tmp_path, tiny_tokenizer, vocab, baseline, caplog, fault_table):
@@ -238,20 +296,28 @@ def test_console_stream_closed(tmp_path, tiny_tokenizer, vocab, baseline, caplog
     assert losses == baseline
     _assert_reported_once(mon, caplog, "sink:console")
     assert len(_db(mon).series("train/loss")) == STEPS // COLLECT
-    fault_table.record(AREA, "console: output stream closed mid-run", "console sink disabled, reported once; "
-                       "store complete; loss bit-identical", injected=1, survived=1,
-                       rows_lost=STEPS // COLLECT - len(_db(mon).series("train/loss")))
+    fault_table.record(
+        AREA,
+        "console: output stream closed mid-run",
+        "console sink disabled, reported once; store complete; loss bit-identical",
+        injected=1,
+        survived=1,
+        rows_lost=STEPS // COLLECT - len(_db(mon).series("train/loss")),
+    )
 
 
-def test_prometheus_port_taken_does_not_take_the_store_down(tmp_path, tiny_tokenizer, vocab, baseline, caplog,
-                                                             fault_table):
+def test_prometheus_port_taken_does_not_take_the_store_down(
+    tmp_path, tiny_tokenizer, vocab, baseline, caplog, fault_table
+):
     pytest.importorskip("prometheus_client")
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", 0))
     squatter.listen(1)
     port = squatter.getsockname()[1]
     try:
-        cfg = _cfg(tmp_path, sinks={"enabled": ["store", "console", "prometheus"], "prometheus_port": port})
+        cfg = _cfg(
+            tmp_path, sinks={"enabled": ["store", "console", "prometheus"], "prometheus_port": port}
+        )
         with caplog.at_level(logging.ERROR, logger="fineline_monitor"):
             losses, mon = _run(tmp_path, tiny_tokenizer, vocab, cfg)
     finally:
@@ -260,11 +326,17 @@ def test_prometheus_port_taken_does_not_take_the_store_down(tmp_path, tiny_token
     assert losses == baseline
     # The exporter failing to bind is reported, but the store and console still work.
     assert any("prometheus" in p or p == "sinks" for p in mon.disabled_parts), mon.disabled_parts
-    assert mon.store is not None, f"a Prometheus port clash took the run store down too: {mon.disabled_parts}"
+    assert mon.store is not None, (
+        f"a Prometheus port clash took the run store down too: {mon.disabled_parts}"
+    )
     assert rows == STEPS // COLLECT
-    fault_table.record(AREA, "prometheus: exporter port already in use",
-                       "exporter reported and disabled; store and console go on; loss bit-identical",
-                       injected=1, survived=1)
+    fault_table.record(
+        AREA,
+        "prometheus: exporter port already in use",
+        "exporter reported and disabled; store and console go on; loss bit-identical",
+        injected=1,
+        survived=1,
+    )
 
 
 def _closed_port() -> int:
@@ -294,11 +366,16 @@ def _timed_run(tmp_path, tokenizer, vocab, cfg, inject=None):
     return losses, mon, durations
 
 
-def test_pushgateway_unreachable_never_blocks(tmp_path, tiny_tokenizer, vocab, baseline, caplog, monkeypatch,
-                                              fault_table):
+def test_pushgateway_unreachable_never_blocks(
+    tmp_path, tiny_tokenizer, vocab, baseline, caplog, monkeypatch, fault_table
+):
     pytest.importorskip("prometheus_client")
     monkeypatch.setenv("FINELINE_PUSHGATEWAY_URL", f"http://127.0.0.1:{_closed_port()}")
-    cfg = _cfg(tmp_path, probe_every=0, sinks={"enabled": ["store", "prometheus"], "prometheus_mode": "pushgateway"})
+    cfg = _cfg(
+        tmp_path,
+        probe_every=0,
+        sinks={"enabled": ["store", "prometheus"], "prometheus_mode": "pushgateway"},
+    )
     with caplog.at_level(logging.WARNING, logger="fineline_monitor"):
         losses, mon, durations = _timed_run(tmp_path, tiny_tokenizer, vocab, cfg)
     assert losses == baseline
@@ -308,13 +385,19 @@ def test_pushgateway_unreachable_never_blocks(tmp_path, tiny_tokenizer, vocab, b
     assert stats["failed"] + stats["retries"] >= 1, stats  # it did try, and failed
     assert max(durations) < 0.5, f"a step waited on the dead push gateway: {max(durations):.2f}s"
     assert len(_db(mon).series("train/loss")) == STEPS // COLLECT
-    fault_table.record(AREA, "prometheus: push gateway unreachable (connection refused)",
-                       "retried with backoff on the sink's thread, logged; no step blocked; loss bit-identical",
-                       injected=1, survived=1, rows_lost=STEPS // COLLECT - len(_db(mon).series("train/loss")))
+    fault_table.record(
+        AREA,
+        "prometheus: push gateway unreachable (connection refused)",
+        "retried with backoff on the sink's thread, logged; no step blocked; loss bit-identical",
+        injected=1,
+        survived=1,
+        rows_lost=STEPS // COLLECT - len(_db(mon).series("train/loss")),
+    )
 
 
-def test_webhook_unreachable_never_blocks_and_is_redacted(tmp_path, tiny_tokenizer, vocab, baseline, caplog,
-                                                          monkeypatch, fault_table):
+def test_webhook_unreachable_never_blocks_and_is_redacted(
+    tmp_path, tiny_tokenizer, vocab, baseline, caplog, monkeypatch, fault_table
+):
     secret = "s3cr3t-T0KEN-abcdef"
     monkeypatch.setenv("FINELINE_WEBHOOK_URL", f"http://127.0.0.1:{_closed_port()}/hook/{secret}")
     cfg = _cfg(tmp_path, probe_every=0, sinks={"enabled": ["store", "webhook"]})
@@ -323,7 +406,12 @@ def test_webhook_unreachable_never_blocks_and_is_redacted(tmp_path, tiny_tokeniz
     def inject(step, mon):
         # Alerts go through the real sinks; the alert engine is another test's concern.
         if step == 6:
-            a = Alert(rule="nonfinite_loss", severity="critical", step=step, message="loss is NaN (injected)")
+            a = Alert(
+                rule="nonfinite_loss",
+                severity="critical",
+                step=step,
+                message="loss is NaN (injected)",
+            )
             mon._handle_alerts([a])
             sent.append(a)
 
@@ -338,12 +426,18 @@ def test_webhook_unreachable_never_blocks_and_is_redacted(tmp_path, tiny_tokeniz
     text = "\n".join(r.getMessage() for r in caplog.records) + repr(hook[0]) + str(stats)
     assert secret not in text
     assert secret.encode() not in (Path(cfg.out_dir) / "run.db").read_bytes()
-    fault_table.record(AREA, "webhook: endpoint unreachable (connection refused)",
-                       "retried with backoff on the sink's thread, URL redacted in logs; no step blocked",
-                       injected=1, survived=1)
+    fault_table.record(
+        AREA,
+        "webhook: endpoint unreachable (connection refused)",
+        "retried with backoff on the sink's thread, URL redacted in logs; no step blocked",
+        injected=1,
+        survived=1,
+    )
 
 
-def test_wandb_unreachable(tmp_path, tiny_tokenizer, vocab, baseline, caplog, monkeypatch, fault_table):
+def test_wandb_unreachable(
+    tmp_path, tiny_tokenizer, vocab, baseline, caplog, monkeypatch, fault_table
+):
     wandb = pytest.importorskip("wandb")
 
     def dead_init(*a, **k):
@@ -358,6 +452,11 @@ def test_wandb_unreachable(tmp_path, tiny_tokenizer, vocab, baseline, caplog, mo
     msgs = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert 1 <= len(msgs) <= 2, msgs  # reported, not once per step
     assert len(_db(mon).series("train/loss")) == STEPS // COLLECT
-    fault_table.record(AREA, "wandb: wandb.init raises (service unreachable)",
-                       "reported once on the sink's thread; store complete; loss bit-identical",
-                       injected=1, survived=1, rows_lost=STEPS // COLLECT - len(_db(mon).series("train/loss")))
+    fault_table.record(
+        AREA,
+        "wandb: wandb.init raises (service unreachable)",
+        "reported once on the sink's thread; store complete; loss bit-identical",
+        injected=1,
+        survived=1,
+        rows_lost=STEPS // COLLECT - len(_db(mon).series("train/loss")),
+    )

@@ -32,7 +32,9 @@ def _bench():
 
 
 def test_memory_is_bounded_and_the_store_is_complete(tmp_path, fault_table):
-    figs = _bench().simulate(STEPS, str(tmp_path), [EARLY, STEPS], probe_every=10_000, one_param_model=False)
+    figs = _bench().simulate(
+        STEPS, str(tmp_path), [EARLY, STEPS], probe_every=10_000, one_param_model=False
+    )
     growth_kib = (figs[STEPS]["py_heap_mb"] - figs[EARLY]["py_heap_mb"]) * 1024
     store = RunStore(tmp_path / "run.db", run="long", readonly=True)
     loss_rows = len(store.series("train/loss"))
@@ -41,9 +43,17 @@ def test_memory_is_bounded_and_the_store_is_complete(tmp_path, fault_table):
     expected_rows = STEPS // 10
     lost = expected_rows - loss_rows + (STEPS // 10_000 - rounds)
     assert figs[-1]["disabled"] == 0, "a part of the monitor failed during the long run"
-    assert loss_rows == expected_rows and rounds == STEPS // 10_000 and lost == 0, (loss_rows, rounds)
-    assert growth_kib < BOUND_KIB, f"the monitor's heap grew {growth_kib:.1f} KiB over {STEPS - EARLY:,} steps"
+    assert loss_rows == expected_rows and rounds == STEPS // 10_000 and lost == 0, (
+        loss_rows,
+        rounds,
+    )
+    assert growth_kib < BOUND_KIB, (
+        f"the monitor's heap grew {growth_kib:.1f} KiB over {STEPS - EARLY:,} steps"
+    )
     # the growth figure varies from run to run; the generated table states the bound
-    fault_table.record("long runs", f"{STEPS:,} simulated steps (collect every 10, alert engine on, probe every 10k)",
-                       f"Python heap growth from step {EARLY:,} to {STEPS:,} under {BOUND_KIB} KiB; store holds "
-                       f"all {loss_rows:,} loss rows and {rounds} probe rounds")
+    fault_table.record(
+        "long runs",
+        f"{STEPS:,} simulated steps (collect every 10, alert engine on, probe every 10k)",
+        f"Python heap growth from step {EARLY:,} to {STEPS:,} under {BOUND_KIB} KiB; store holds "
+        f"all {loss_rows:,} loss rows and {rounds} probe rounds",
+    )

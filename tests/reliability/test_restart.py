@@ -35,10 +35,23 @@ PROBE_EVERY = 4  # probe rounds at steps 0, 4, 8, ...
 # Kill points: seed 0 kills between the alert's page and the next checkpoint (the resumed run
 # replays the alert's step); seeds 1, 3, 5, 6 kill anywhere (steps 5, 8, 20, 26: right after a
 # checkpoint, right after a probe round, and twice after the alert's checkpoint).
-SEEDS = (0, pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=(
-    "the first collect step after a resume has no optim/update_ratio rows: the parameter snapshot "
-    "taken the step before is not part of monitor.state_dict(); a later kill hides it because the "
-    "killed run already wrote that step's rows"))), 3, 5, 6)
+SEEDS = (
+    0,
+    pytest.param(
+        1,
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason=(
+                "the first collect step after a resume has no optim/update_ratio rows: the parameter snapshot "
+                "taken the step before is not part of monitor.state_dict(); a later kill hides it because the "
+                "killed run already wrote that step's rows"
+            ),
+        ),
+    ),
+    3,
+    5,
+    6,
+)
 
 
 def kill_step(seed: int) -> int:
@@ -46,6 +59,8 @@ def kill_step(seed: int) -> int:
     if seed == 0:
         return rng.randint(ALERT_STEP, (ALERT_STEP // CKPT + 1) * CKPT - 2)
     return rng.randint(1, STEPS - 2)
+
+
 AREA = "restarts (SIGKILL + resume)"
 # Wall-clock metrics differ between any two runs; everything else must match exactly.
 TIMING = ("per_s", "seconds", "time", "monitor/overhead")  # wall-clock figures differ run to run
@@ -88,10 +103,26 @@ def probe_inputs(tmp_path_factory, tiny_tokenizer):
 
 
 def _run(out: Path, pager: Pager, probe_inputs, *, kill_after_step=None, sleep=0.0, timeout=150):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", FINELINE_WEBHOOK_URL=pager.url)
-    p = subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(STEPS), str(CKPT), str(ALERT_STEP), str(sleep),
-                          str(PROBE_EVERY), *probe_inputs],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = dict(
+        os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", FINELINE_WEBHOOK_URL=pager.url
+    )
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPT),
+            str(out),
+            str(STEPS),
+            str(CKPT),
+            str(ALERT_STEP),
+            str(sleep),
+            str(PROBE_EVERY),
+            *probe_inputs,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + timeout
     try:
         while time.time() < deadline:
@@ -136,13 +167,17 @@ def _snapshot(db: Path):
         tables, dups = {}, 0
         for table, (key, values) in TABLES.items():
             nk = len(key.split(","))
-            rows = s.query(f"SELECT {key}, {values} FROM {table} WHERE run='restart' ORDER BY {key}")
+            rows = s.query(
+                f"SELECT {key}, {values} FROM {table} WHERE run='restart' ORDER BY {key}"
+            )
             if table == "metrics":
                 rows = [r for r in rows if not any(t in r[1] for t in TIMING)]
             tables[table] = {tuple(r[:nk]): tuple(r[nk:]) for r in rows}
             dups += len(rows) - len(tables[table])
-            dups += s.query(f"SELECT COUNT(*) FROM (SELECT COUNT(*) c FROM {table} GROUP BY run, {key} "
-                            f"HAVING c > 1)")[0][0]
+            dups += s.query(
+                f"SELECT COUNT(*) FROM (SELECT COUNT(*) c FROM {table} GROUP BY run, {key} "
+                f"HAVING c > 1)"
+            )[0][0]
         return tables, dups
     finally:
         s.close()
@@ -163,13 +198,19 @@ def reference(tmp_path_factory, probe_inputs):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_sigkill_resume_keeps_every_table_and_alert_state(tmp_path, reference, probe_inputs, seed, fault_table):
+def test_sigkill_resume_keeps_every_table_and_alert_state(
+    tmp_path, reference, probe_inputs, seed, fault_table
+):
     ref, ref_pages, ref_lines = reference
     assert any(k[:2] == (ALERT_STEP, "nonfinite") for k in ref["alerts"]), ref["alerts"]
-    assert len(ref_pages) >= 1 and {(s, r) for s, r, _ in ref_pages} == {k[:2] for k in ref["alerts"]}
+    assert len(ref_pages) >= 1 and {(s, r) for s, r, _ in ref_pages} == {
+        k[:2] for k in ref["alerts"]
+    }
     # probes really ran in the reference, so their tables are part of what is compared
     assert [k[0] for k in sorted(ref["probe_rounds"])] == list(range(0, STEPS, PROBE_EVERY))
-    assert ref["probe_results"] and ref["probe_docs"] and ref["expectations"], {t: len(v) for t, v in ref.items()}
+    assert ref["probe_results"] and ref["probe_docs"] and ref["expectations"], {
+        t: len(v) for t, v in ref.items()
+    }
 
     kill_at = kill_step(seed)
     pager = Pager()
@@ -185,14 +226,28 @@ def test_sigkill_resume_keeps_every_table_and_alert_state(tmp_path, reference, p
     for table in TABLES:
         lost = sorted(set(ref[table]) - set(got[table]))
         extra = sorted(set(got[table]) - set(ref[table]))
-        assert not lost and not extra, (table, f"killed after step {kill_at}", "lost", lost[:5], "extra", extra[:5])
+        assert not lost and not extra, (
+            table,
+            f"killed after step {kill_at}",
+            "lost",
+            lost[:5],
+            "extra",
+            extra[:5],
+        )
         # Same values: the resumed run recomputed the replayed steps bit for bit.
         assert got[table] == ref[table], table
     if kill_at >= ALERT_STEP:
         assert pages_before_kill, "the alert was not paged before the kill"
     assert (tmp_path / "alerts.jsonl").read_text().splitlines() == ref_lines
-    assert sorted(pages) == sorted(ref_pages), f"re-paged after resume (killed after step {kill_at}): {pages}"
-    fault_table.record(AREA, "SIGKILL at seeded steps (probe rounds on, an alert paged), resume from the last "
-                       "checkpoint", "every store table identical to an uninterrupted run (metrics, probe rounds, "
-                       "results and documents, expectations, phases, alerts, events); no re-page",
-                       injected=1, survived=1)
+    assert sorted(pages) == sorted(ref_pages), (
+        f"re-paged after resume (killed after step {kill_at}): {pages}"
+    )
+    fault_table.record(
+        AREA,
+        "SIGKILL at seeded steps (probe rounds on, an alert paged), resume from the last "
+        "checkpoint",
+        "every store table identical to an uninterrupted run (metrics, probe rounds, "
+        "results and documents, expectations, phases, alerts, events); no re-page",
+        injected=1,
+        survived=1,
+    )

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from _alert_helpers import make_round
+
 from fineline_monitor.core.alerts import AlertEngine
 from fineline_monitor.core.config import AlertConfig
 from fineline_monitor.core.expectations import ReferenceCurves
@@ -21,9 +21,21 @@ CAPS = {"hellaswag": "commonsense", "piqa": "commonsense", "winogrande": "common
 def _reference(fix):
     r = fix["reference"]
     n = len(r["steps"])
-    return ReferenceCurves([Curve(source="pilot", model="small", params=1.0, task="piqa", metric="acc",
-                                  steps=np.array(r["steps"]), tokens=np.array(r["tokens"]),
-                                  values=np.array(r["values"]), stderr=np.full(n, np.nan))])
+    return ReferenceCurves(
+        [
+            Curve(
+                source="pilot",
+                model="small",
+                params=1.0,
+                task="piqa",
+                metric="acc",
+                steps=np.array(r["steps"]),
+                tokens=np.array(r["tokens"]),
+                values=np.array(r["values"]),
+                stderr=np.full(n, np.nan),
+            )
+        ]
+    )
 
 
 def _source(eng, name):
@@ -35,9 +47,19 @@ def _carry_on(eng, fix):
     for rd in fix["rounds_after"]:
         gold = {t: {int(d): v for d, v in g.items()} for t, g in rd["gold"].items()}
         eng.observe_metrics(rd["step"], rd["tokens"], 3e-4, rd["metrics"])
-        out += [{"step": a.step, "task": a.task, "metric": a.metric, "rule": a.rule, "severity": a.severity,
-                 "expected": a.expected}
-                for a in eng.observe_probe(make_round(rd["step"], rd["tokens"], rd["accs"], CAPS, gold=gold), {})]
+        out += [
+            {
+                "step": a.step,
+                "task": a.task,
+                "metric": a.metric,
+                "rule": a.rule,
+                "severity": a.severity,
+                "expected": a.expected,
+            }
+            for a in eng.observe_probe(
+                make_round(rd["step"], rd["tokens"], rd["accs"], CAPS, gold=gold), {}
+            )
+        ]
     return out
 
 
@@ -54,15 +76,21 @@ def test_state_v2_loads_and_the_engine_carries_on_as_it_would_have():
     # what the v2 state kept per curve is where the sources look for it now
     piqa = next(m for m in old["meta"] if m["key"] == "probe/piqa/acc")
     cal = _source(eng, "reference").calibration["probe/piqa/acc"]
-    assert piqa["offset"] is not None and (cal.offset, cal.scatter) == (piqa["offset"], piqa["s_cal"])
+    assert piqa["offset"] is not None and (cal.offset, cal.scatter) == (
+        piqa["offset"],
+        piqa["s_cal"],
+    )
     assert _source(eng, "paired").anchors == old["paired_anchor"] and old["paired_anchor"]
     assert [c.taken_off for c in eng.curves] == [m["taken"] for m in old["meta"]]
     eng.pop_expectations()
     got = _carry_on(eng, fix)
     want = fix["alerts_after"]
-    assert [(a["step"], a["task"], a["metric"], a["rule"], a["severity"]) for a in got] == \
-        [(a["step"], a["task"], a["metric"], a["rule"], a["severity"]) for a in want]
-    assert np.allclose([a["expected"] for a in got], [a["expected"] for a in want], rtol=1e-9, atol=1e-12)
+    assert [(a["step"], a["task"], a["metric"], a["rule"], a["severity"]) for a in got] == [
+        (a["step"], a["task"], a["metric"], a["rule"], a["severity"]) for a in want
+    ]
+    assert np.allclose(
+        [a["expected"] for a in got], [a["expected"] for a in want], rtol=1e-9, atol=1e-12
+    )
     rows = [r for r in eng.pop_expectations() if r["name"].startswith("probe/")]
     want_rows = [r for r in fix["expectations_after"] if r["name"].startswith("probe/")]
     assert len(want_rows) >= 15 * 3

@@ -1,9 +1,10 @@
 """The alert-quality benchmark's own arithmetic: fault sizing where a fault lands."""
+
 import sys
 
 import numpy as np
-
 from _alert_helpers import REPO
+
 from fineline_monitor.core.trajectory import Curve
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -13,8 +14,16 @@ import alert_quality as aq  # noqa: E402
 def _curve(values):
     n = len(values)
     steps = np.arange(1, n + 1, dtype=np.int64) * 100
-    return Curve(source="t", model="m", task="arc_easy", metric="acc", steps=steps,
-                 tokens=steps.astype(float) * 1e6, values=np.asarray(values, float), stderr=np.full(n, np.nan))
+    return Curve(
+        source="t",
+        model="m",
+        task="arc_easy",
+        metric="acc",
+        steps=steps,
+        tokens=steps.astype(float) * 1e6,
+        values=np.asarray(values, float),
+        stderr=np.full(n, np.nan),
+    )
 
 
 def test_local_size_measures_the_deficit_in_local_noise_sigmas():
@@ -46,7 +55,10 @@ def test_local_size_is_infinite_on_a_noiseless_curve():
 
 def test_split_auto_is_heldout_on_the_dev_table_and_all_on_an_unseen_one():
     dev_like = [("pythia-v1/0shot", "pythia-70m"), ("pythia-v1/0shot", "pythia-410m")]
-    unseen = [("acme/pretrain", "acme-7B"), ("acme/pretrain", "acme-1B")]  # 1B: a held-out size name
+    unseen = [
+        ("acme/pretrain", "acme-7B"),
+        ("acme/pretrain", "acme-1B"),
+    ]  # 1B: a held-out size name
     assert aq.resolve_split("auto", dev_like) == "heldout"
     assert aq.resolve_split("auto", unseen) == "all"
     assert aq.resolve_split("tune", unseen) == "tune"
@@ -59,14 +71,19 @@ def _write_table(path, model, n=40, seed=0):
         for i in range(n):
             step = 1000 * (i + 1)
             acc = lo + (0.8 - lo) / (1 + np.exp(-(np.log(step) - 9.5) * 2)) + rng.normal(0, 0.006)
-            rows.append(f"acme/pretrain,{model},7e9,{step},{step * 4e6:.0f},{task},acc,{acc:.5f},0.006")
+            rows.append(
+                f"acme/pretrain,{model},7e9,{step},{step * 4e6:.0f},{task},acc,{acc:.5f},0.006"
+            )
     path.write_text("\n".join(rows) + "\n")
 
 
 def test_benchmark_runs_on_an_unseen_table(tmp_path, capsys):
     p = tmp_path / "unseen.csv"
     _write_table(p, "acme-7B")
-    assert aq.main(["--data", str(p), "--faults-per-kind", "3", "--replay", "alone", "--json", ""]) == 0
+    assert (
+        aq.main(["--data", str(p), "--faults-per-kind", "3", "--replay", "alone", "--json", ""])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "split=all (auto): 1 of 1 runs" in out
     assert "healthy: 40 run-rounds" in out

@@ -29,7 +29,9 @@ def test_a_failing_part_is_reported_once_disabled_and_answers_with_defaults(capl
         assert part.call("work", 2, default=-1) == -1  # disabled: not called any more
         guard.report("probes", RuntimeError("again"))
     assert part.obj.calls == 1 and not part.running
-    assert guard.disabled == {"probes": "ValueError: part bug"} and guard.error_counts == {"probes": 2}
+    assert guard.disabled == {"probes": "ValueError: part bug"} and guard.error_counts == {
+        "probes": 2
+    }
     assert first == [("probes", "part bug")]
     assert sum("probes failed and is disabled" in r.message for r in caplog.records) == 1
     assert other.call("work", 5) == 5  # the other parts go on
@@ -39,7 +41,9 @@ def test_missing_parts_and_hooks_answer_with_the_default():
     guard = ErrorGuard()
     assert Component("indicators", None, guard).call("collect", 1, default={}) == {}
     part = Component("sink:plain", object(), guard)
-    assert part.call("log_probe", None, default="skipped") == "skipped" and part.running  # a hook it lacks
+    assert (
+        part.call("log_probe", None, default="skipped") == "skipped" and part.running
+    )  # a hook it lacks
 
 
 def test_fatal_errors_and_strict_mode_raise():

@@ -66,4 +66,6 @@ def test_steps_once_per_optimizer_step_with_mean_loss(monkeypatch):
     assert [c["step"] for c in calls] == [1, 2]
     assert [float(c["loss"]) for c in calls] == pytest.approx([2.0, 5.0])
     assert [c["skipped"] for c in calls] == [False, True]
-    assert all(c["grad_norm"] == 2.5 and c["loss_scale"] == 1024.0 and c["lr"] == 0.1 for c in calls)
+    assert all(
+        c["grad_norm"] == 2.5 and c["loss_scale"] == 1024.0 and c["lr"] == 0.1 for c in calls
+    )

@@ -19,7 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _render_docs():
-    spec = importlib.util.spec_from_file_location("render_docs", REPO / "scripts" / "render_docs.py")
+    spec = importlib.util.spec_from_file_location(
+        "render_docs", REPO / "scripts" / "render_docs.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -29,8 +31,12 @@ render_docs = _render_docs()
 
 
 def _all_blocks():
-    return [(page, name, body) for page in render_docs.pages() if page.exists()
-            for name, body in render_docs.blocks(page.read_text())]
+    return [
+        (page, name, body)
+        for page in render_docs.pages()
+        if page.exists()
+        for name, body in render_docs.blocks(page.read_text())
+    ]
 
 
 def test_every_generated_block_is_current():
@@ -41,12 +47,17 @@ def test_every_generated_block_is_current():
 def test_every_renderer_is_used_and_every_block_has_one():
     used = {name for _, name, _ in _all_blocks()}
     assert used, "no generated block found in README.md or docs/*.md"
-    assert set(render_docs.RENDERERS) <= used, f"renderers no page uses: {set(render_docs.RENDERERS) - used}"
-    assert used <= set(render_docs.RENDERERS), f"blocks without a renderer: {used - set(render_docs.RENDERERS)}"
+    assert set(render_docs.RENDERERS) <= used, (
+        f"renderers no page uses: {set(render_docs.RENDERERS) - used}"
+    )
+    assert used <= set(render_docs.RENDERERS), (
+        f"blocks without a renderer: {used - set(render_docs.RENDERERS)}"
+    )
 
 
-@pytest.mark.parametrize("name", sorted(n for n, (p, _) in render_docs.RENDERERS.items()
-                                         if p and n.startswith("bench-")))
+@pytest.mark.parametrize(
+    "name", sorted(n for n, (p, _) in render_docs.RENDERERS.items() if p and n.startswith("bench-"))
+)
 def test_benchmark_json_says_where_it_came_from(name):
     path, _ = render_docs.RENDERERS[name]
     data = json.loads((REPO / path).read_text())

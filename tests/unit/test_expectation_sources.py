@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from _alert_helpers import make_round
+
 from fineline_monitor.core.alerts import AlertEngine
 from fineline_monitor.core.config import AlertConfig
 from fineline_monitor.core.sources import SOURCES, ExpectationSource, Verdict, register_source
@@ -61,7 +61,7 @@ def ceiling_source():
 def _feed(eng, bpbs):
     out = []
     for r, b in enumerate(bpbs, start=1):
-        rnd = make_round(r * 100, r * 10 ** 8, {"piqa": 0.3}, CAPS, bpb={"piqa": b})
+        rnd = make_round(r * 100, r * 10**8, {"piqa": 0.3}, CAPS, bpb={"piqa": b})
         out.append(eng.observe_probe(rnd, {}))
     return out
 
@@ -77,7 +77,7 @@ def test_a_registered_source_is_used_by_the_engine(ceiling_source):
     assert first == 1  # hysteresis 2: the second bad round
     a = fired[first][0]
     assert a.metric == "bpb" and a.expected == 1.0 and "bpb ceiling 1" in a.message
-    assert sum(len(f) for f in fired[first + 1:]) == 0  # de-duplicated like any capability rule
+    assert sum(len(f) for f in fired[first + 1 :]) == 0  # de-duplicated like any capability rule
     sd = json.loads(json.dumps(eng.state_dict()))
     assert sd["sources"]["bpb_ceiling"] == {"judged": 4}
     eng2 = AlertEngine(AlertConfig(), run="r")
@@ -120,4 +120,6 @@ def test_docs_list_the_detector_settings_as_the_code_has_them():
     from fineline_monitor.core.config import detector_markdown
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "alerts-engine.md").read_text()
-    assert detector_markdown() in doc, "docs/alerts-engine.md: paste detector_markdown() into Detector settings"
+    assert detector_markdown() in doc, (
+        "docs/alerts-engine.md: paste detector_markdown() into Detector settings"
+    )

@@ -1,32 +1,42 @@
 """Metric kinds and task tables, and the frozen-fit detector (`lagged_detect`) on synthetic and real curves."""
 
-import math
-
-import numpy as np
-
 from dataclasses import replace
 
-from fineline_monitor.core.config import DetectorParams
-from fineline_monitor.core.expectations import ACC, LOSS, base_task, capability_for, chance_for, metric_kind
-from fineline_monitor.core.trajectory import read_trajectory
-
+import numpy as np
 from _alert_helpers import dev_path
+
+from fineline_monitor.core.config import DetectorParams
+from fineline_monitor.core.expectations import (
+    ACC,
+    LOSS,
+    base_task,
+    capability_for,
+    chance_for,
+    metric_kind,
+)
+from fineline_monitor.core.trajectory import read_trajectory
 
 
 def test_metric_kinds_and_task_tables():
-    assert metric_kind("bpb") == LOSS and metric_kind("acc") == ACC and metric_kind("len_norm") == ACC
+    assert (
+        metric_kind("bpb") == LOSS and metric_kind("acc") == ACC and metric_kind("len_norm") == ACC
+    )
     assert metric_kind("pct_stereotype") is None
     assert chance_for("piqa") == 0.5 and chance_for("arc_easy_rc_5shot") == 0.25
-    assert capability_for("hendrycksTest-anatomy") == "examination" and capability_for("piqa_rc_0shot") == "commonsense"
+    assert (
+        capability_for("hendrycksTest-anatomy") == "examination"
+        and capability_for("piqa_rc_0shot") == "commonsense"
+    )
     assert base_task("arc_easy_val_rc_5shot") == base_task("arc_easy") == "arc_easy"
 
 
 def _lag_window(xs, ys, W=24):
     from fineline_monitor.core.expectations import lagged_detect
+
     X = np.full((1, W), np.nan)
     G = np.full((1, W), np.nan)
     n = len(xs)
-    X[0, W - n:], G[0, W - n:] = xs, ys
+    X[0, W - n :], G[0, W - n :] = xs, ys
     return lagged_detect(X, G, np.full((1, W), np.nan), np.isfinite(G), np.array([0.002]))
 
 
@@ -53,16 +63,23 @@ def test_lagged_detect_drop_stall_drift_and_healthy():
 def test_lagged_detect_real_curves_false_alarm_rate():
     """Healthy real OLMo ladder curves: the 3-round statistic rarely crosses 4 sigma."""
     from fineline_monitor.core.expectations import lagged_detect
+
     traj = read_trajectory(dev_path())
-    curves = [c for c in traj.curves if c.metric in ("bpb", "len_norm") and "final" in c.source and len(c) > 60][:60]
+    curves = [
+        c
+        for c in traj.curves
+        if c.metric in ("bpb", "len_norm") and "final" in c.source and len(c) > 60
+    ][:60]
     hits = total = 0
     for c in curves:
         sgn = -1.0 if c.metric == "bpb" else 1.0
         x = np.log(c.tokens + 1)
         for i in range(30, len(c), 5):
-            X = x[i - 24:i][None]
-            G = sgn * c.values[i - 24:i][None]
-            d = lagged_detect(X, G, np.full_like(X, np.nan), np.ones_like(X, bool), np.array([0.002]))
+            X = x[i - 24 : i][None]
+            G = sgn * c.values[i - 24 : i][None]
+            d = lagged_detect(
+                X, G, np.full_like(X, np.nan), np.ones_like(X, bool), np.array([0.002])
+            )
             total += 1
             hits += bool(d.z[0, 2] < -4 and d.zpt[0, 2] < -1)
     assert total > 500 and hits / total < 0.01
@@ -92,7 +109,9 @@ def test_local_noise_follows_the_local_slope_where_first_differences_do_not():
     d = np.diff(pre, axis=1)
     dev = np.abs(d - np.median(d, axis=1)[:, None])
     first = 1.4826 * np.median(dev, axis=1) / np.sqrt(2.0)
-    local = lagged_detect(X, G, V, U, np.zeros(len(G)), replace(DetectorParams(), max_calibration=0.0)).noise
+    local = lagged_detect(
+        X, G, V, U, np.zeros(len(G)), replace(DetectorParams(), max_calibration=0.0)
+    ).noise
     assert np.median(first) > 2 * np.median(local)
 
 
@@ -106,7 +125,11 @@ def test_self_calibration_widens_the_band_only_for_wandering_curves():
     x = np.log(np.arange(1, W + 1) * 1e9)
     trend = 0.05 * x
     iid = trend + rng.normal(0, 0.01, size=(n, W))
-    walk = trend + np.cumsum(rng.normal(0, 0.02, size=(n, W)), axis=1) + rng.normal(0, 0.01, size=(n, W))
+    walk = (
+        trend
+        + np.cumsum(rng.normal(0, 0.02, size=(n, W)), axis=1)
+        + rng.normal(0, 0.01, size=(n, W))
+    )
     X = np.broadcast_to(x, (n, W)).copy()
     U = np.ones((n, W), dtype=bool)
     V = np.full((n, W), np.nan)

@@ -10,8 +10,14 @@ from fineline_monitor.core.expectations import lagged_detect
 
 def _det(X, G, **params):
     n, W = G.shape
-    return lagged_detect(X, G, np.full((n, W), np.nan), np.isfinite(G), np.full(n, 1e-4),
-                         replace(DetectorParams(), **params))
+    return lagged_detect(
+        X,
+        G,
+        np.full((n, W), np.nan),
+        np.isfinite(G),
+        np.full(n, 1e-4),
+        replace(DetectorParams(), **params),
+    )
 
 
 def test_stall_is_detectable_where_the_window_pins_the_shape_down():
@@ -22,7 +28,9 @@ def test_stall_is_detectable_where_the_window_pins_the_shape_down():
     x = np.log(np.geomspace(1e9, 1e11, W))
     sig = 0.003
     G = 0.3 + 0.15 * (x - x[0]) + rng.normal(0, sig, (n, W))  # 10 sigma per round of growth
-    G[:, -3:] = (0.3 + 0.15 * (x[-4] - x[0])) + rng.normal(0, sig, (n, 3))  # stalled at round -4's level
+    G[:, -3:] = (0.3 + 0.15 * (x[-4] - x[0])) + rng.normal(
+        0, sig, (n, 3)
+    )  # stalled at round -4's level
     X = np.broadcast_to(x, G.shape).copy()
     new = _det(X, G)
     assert np.mean(new.z[:, 2] < -4) > 0.9
@@ -44,8 +52,8 @@ def test_healthy_saturating_curve_does_not_alarm():
     for _ in range(40):
         y = clean + rng.normal(0, 0.003, clean.size)
         for i in range(24, clean.size + 1, 2):
-            rows.append(y[i - 24:i])
-            xs.append(x_all[i - 24:i])
+            rows.append(y[i - 24 : i])
+            xs.append(x_all[i - 24 : i])
     G, X = np.array(rows), np.array(xs)
     d = _det(X, G)
     alarm = (d.z[:, 1:] < -4) & (d.zpt[:, 1:] < -1)
@@ -82,20 +90,26 @@ def test_fit_floor_below_one_uncovers_stalls_on_real_curves():
     import random
     import sys
 
+    from _alert_helpers import REPO, dev_path
+
     from fineline_monitor.analyze import replay_run
     from fineline_monitor.core.config import AlertConfig
     from fineline_monitor.core.trajectory import read_trajectory
-
-    from _alert_helpers import REPO, dev_path
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     import alert_quality as aq
 
     traj = read_trajectory(str(dev_path()))
-    models = ("olmo-ladder-final-190M-1xC", "olmo-ladder-final-600M-1xC", "olmo-ladder-final-760M-1xC")
+    models = (
+        "olmo-ladder-final-190M-1xC",
+        "olmo-ladder-final-600M-1xC",
+        "olmo-ladder-final-760M-1xC",
+    )
     runs = {k: v for k, v in traj.runs().items() if k[1] in models}
     assert len(runs) == len(models)
-    curves = sorted((c for cs in runs.values() for c in cs), key=lambda c: (c.model, c.task, c.metric))
+    curves = sorted(
+        (c for cs in runs.values() for c in cs), key=lambda c: (c.model, c.task, c.metric)
+    )
     faults = []
     rng = random.Random(0)
     for c in curves:
@@ -141,10 +155,14 @@ def test_backtest_all_positions_at_once_equals_fitting_each_position():
         dx = np.where(fm, X - xb[:, None], 0.0)
         sxx = (dx * dx).sum(1)
         flat = sxx <= 1e-12
-        b = np.where(flat, 0.0, (dx * np.where(fm, G - yb[:, None], 0.0)).sum(1) / np.where(flat, 1.0, sxx))
+        b = np.where(
+            flat, 0.0, (dx * np.where(fm, G - yb[:, None], 0.0)).sum(1) / np.where(flat, 1.0, sxx)
+        )
         e = G[:, j] - (yb + b * (X[:, j] - xb))
         lev = 1.0 / nn + np.where(flat, 0.0, (X[:, j] - xb) ** 2 / np.where(flat, 1.0, sxx))
-        want[:, j] = np.where(ok[:, j] & (n >= min_fit), np.minimum(e, 0.0) / (noise * np.sqrt(1.0 + lev)), np.nan)
+        want[:, j] = np.where(
+            ok[:, j] & (n >= min_fit), np.minimum(e, 0.0) / (noise * np.sqrt(1.0 + lev)), np.nan
+        )
     got = _backtest_z(X, G, ok, noise, F=F, K=K, min_fit=min_fit)
     assert np.array_equal(np.isfinite(got), np.isfinite(want))
     assert np.isfinite(want).sum() > N * 10

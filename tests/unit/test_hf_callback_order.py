@@ -39,9 +39,13 @@ def test_logged_step_gets_its_own_loss():
     for step, loss in ((1, 3.0), (2, 2.5)):
         state, control = _end(cb, step, True, tokens=100 * step)
         assert len(cb.monitor.steps) == step - 1  # waits for on_log
-        cb.on_log(None, state, control, logs={"loss": loss, "grad_norm": 1.5, "learning_rate": 1e-3})
+        cb.on_log(
+            None, state, control, logs={"loss": loss, "grad_norm": 1.5, "learning_rate": 1e-3}
+        )
     assert [(s["step"], s["loss"], s["tokens"], s["lr"]) for s in cb.monitor.steps] == [
-        (1, 3.0, 100, 1e-3), (2, 2.5, 200, 1e-3)]
+        (1, 3.0, 100, 1e-3),
+        (2, 2.5, 200, 1e-3),
+    ]
 
 
 def test_epoch_logs_go_with_the_next_step_and_eval_logs_are_ignored():
@@ -52,22 +56,35 @@ def test_epoch_logs_go_with_the_next_step_and_eval_logs_are_ignored():
     cb.on_log(None, state, control, logs={"loss": 2.0, "grad_norm": 0.5})  # from on_epoch_end
     _end(cb, 3, False)
     assert [(s["step"], s["loss"], s["grad_norm"]) for s in cb.monitor.steps] == [
-        (1, None, None), (2, None, None), (3, 2.0, 0.5)]
+        (1, None, None),
+        (2, None, None),
+        (3, 2.0, 0.5),
+    ]
 
 
 def test_a_log_that_never_comes_is_flushed_and_skips_are_passed():
     cb = _cb()
     _end(cb, 1, True, skipped=True, tokens=64)  # announced, but the Trainer did not log
     _end(cb, 2, False, tokens=128)
-    assert [(s["step"], s["tokens"], s["skipped"]) for s in cb.monitor.steps] == [(1, 64, True), (2, 128, False)]
+    assert [(s["step"], s["tokens"], s["skipped"]) for s in cb.monitor.steps] == [
+        (1, 64, True),
+        (2, 128, False),
+    ]
     _end(cb, 3, True)
-    cb.on_train_end(None, SimpleNamespace(global_step=3), SimpleNamespace(should_training_stop=False))
+    cb.on_train_end(
+        None, SimpleNamespace(global_step=3), SimpleNamespace(should_training_stop=False)
+    )
     assert [s["step"] for s in cb.monitor.steps] == [1, 2, 3]
 
 
 def test_a_late_non_finite_grad_norm_is_dropped():
     cb = _cb()
     state, control = _end(cb, 1, False, skipped=True)
-    cb.on_log(None, state, control, logs={"loss": 2.0, "grad_norm": float("inf")})  # epoch log after step 1
+    cb.on_log(
+        None, state, control, logs={"loss": 2.0, "grad_norm": float("inf")}
+    )  # epoch log after step 1
     _end(cb, 2, False)
-    assert [(s["step"], s["loss"], s["grad_norm"]) for s in cb.monitor.steps] == [(1, None, None), (2, 2.0, None)]
+    assert [(s["step"], s["loss"], s["grad_norm"]) for s in cb.monitor.steps] == [
+        (1, None, None),
+        (2, 2.0, None),
+    ]

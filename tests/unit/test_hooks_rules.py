@@ -23,8 +23,10 @@ AM_CONFIG = REPO / "hooks" / "alertmanager" / "alertmanager.yml"
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"`{name}` not installed (Debian package prometheus / prometheus-alertmanager); "
-                    f".ci/run installs it")
+        pytest.skip(
+            f"`{name}` not installed (Debian package prometheus / prometheus-alertmanager); "
+            f".ci/run installs it"
+        )
     return path
 
 
@@ -69,7 +71,9 @@ def test_every_rule_has_severity_and_runbook():
         for key in ("summary", "description", "runbook_url"):
             assert r["annotations"].get(key), (r["alert"], key)
         page, anchor = r["annotations"]["runbook_url"].split("#", 1)
-        anchors = {_slug(h) for h in re.findall(r"^#+ (.*)$", (REPO / page).read_text(), flags=re.M)}
+        anchors = {
+            _slug(h) for h in re.findall(r"^#+ (.*)$", (REPO / page).read_text(), flags=re.M)
+        }
         assert anchor in anchors, f"{r['alert']}: runbook anchor #{anchor} missing from {page}"
 
 
@@ -79,16 +83,36 @@ def test_amtool_check_config():
     assert "SUCCESS" in r.stdout
 
 
-@pytest.mark.parametrize("labels, receivers", [
-    (["service=fineline", "severity=critical", "alertname=FineLineCriticalAlert", "run=r1"],
-     "pagerduty-oncall,slack-warnings"),
-    (["service=fineline", "severity=warning", "alertname=FineLineWarningAlert", "run=r1"], "slack-warnings"),
-    (["service=other", "severity=critical"], "slack-warnings"),  # not ours: never pages on our behalf
-])
+@pytest.mark.parametrize(
+    "labels, receivers",
+    [
+        (
+            ["service=fineline", "severity=critical", "alertname=FineLineCriticalAlert", "run=r1"],
+            "pagerduty-oncall,slack-warnings",
+        ),
+        (
+            ["service=fineline", "severity=warning", "alertname=FineLineWarningAlert", "run=r1"],
+            "slack-warnings",
+        ),
+        (
+            ["service=other", "severity=critical"],
+            "slack-warnings",
+        ),  # not ours: never pages on our behalf
+    ],
+)
 def test_amtool_routes(labels, receivers):
-    r = _run(_tool("amtool"), "config", "routes", "test", f"--config.file={AM_CONFIG}",
-             f"--verify.receivers={receivers}", *labels)
-    assert r.returncode == 0, f"{labels} routed to {r.stdout.strip()}, expected {receivers}\n{r.stderr}"
+    r = _run(
+        _tool("amtool"),
+        "config",
+        "routes",
+        "test",
+        f"--config.file={AM_CONFIG}",
+        f"--verify.receivers={receivers}",
+        *labels,
+    )
+    assert r.returncode == 0, (
+        f"{labels} routed to {r.stdout.strip()}, expected {receivers}\n{r.stderr}"
+    )
 
 
 def test_alertmanager_config_keeps_secrets_out():

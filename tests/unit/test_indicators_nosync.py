@@ -21,8 +21,20 @@ from fineline_monitor.indicators import StepIndicators
 
 torch.set_num_threads(1)
 
-_VALUE_METHODS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__",
-                  "__array__", "nonzero", "masked_select", "unique")
+_VALUE_METHODS = (
+    "item",
+    "tolist",
+    "numpy",
+    "cpu",
+    "__float__",
+    "__int__",
+    "__bool__",
+    "__index__",
+    "__array__",
+    "nonzero",
+    "masked_select",
+    "unique",
+)
 
 
 class SyncCounter:
@@ -61,11 +73,22 @@ class SyncCounter:
 
 def tiny_gpt2():
     torch.manual_seed(0)
-    m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=128, n_positions=32,
-                                   bos_token_id=0, eos_token_id=0))
+    m = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            vocab_size=128,
+            n_positions=32,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
     decay = [p for n, p in m.named_parameters() if p.dim() >= 2]
     other = [p for n, p in m.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "name": "decay"}, {"params": other, "weight_decay": 0.0}], lr=1e-3)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "name": "decay"}, {"params": other, "weight_decay": 0.0}], lr=1e-3
+    )
     return m, opt
 
 
@@ -90,8 +113,16 @@ def test_no_host_sync_between_collects(monkeypatch, loss_kind):
             scale = torch.tensor(65536.0)
         counter.calls.clear()
         counter.armed = True
-        ind.on_step(step=step, loss=loss_v, lr=1e-3, tokens=step * 32, grad_norm=gn, loss_scale=scale,
-                    skipped=False, batch_tokens=32)
+        ind.on_step(
+            step=step,
+            loss=loss_v,
+            lr=1e-3,
+            tokens=step * 32,
+            grad_norm=gn,
+            loss_scale=scale,
+            skipped=False,
+            batch_tokens=32,
+        )
         counter.armed = False
         assert counter.total() == 0, f"step {step}: on_step synchronised: {dict(counter.calls)}"
         if step % K == 0:
@@ -100,8 +131,16 @@ def test_no_host_sync_between_collects(monkeypatch, loss_kind):
             counter.armed = False
             assert dict(counter.calls) == {"tolist": 1}, dict(counter.calls)
             # and the one transfer carried everything
-            for key in ("train/loss", "optim/grad_norm", "optim/param_norm", "optim/update_ratio",
-                        "optim/update_ratio/decay", "optim/update_ratio/1", "optim/loss_scale", "train/lr"):
+            for key in (
+                "train/loss",
+                "optim/grad_norm",
+                "optim/param_norm",
+                "optim/update_ratio",
+                "optim/update_ratio/decay",
+                "optim/update_ratio/1",
+                "optim/loss_scale",
+                "train/lr",
+            ):
                 assert key in out, key
         opt.zero_grad()
 
@@ -114,8 +153,13 @@ def test_monitor_step_with_indicators_does_not_sync(monkeypatch, tmp_path):
     m, opt = tiny_gpt2()
     # strict=False only so that parts other teams are still writing (the alert engine)
     # may be missing; the indicators must not be among the disabled parts.
-    cfg = MonitorConfig(out_dir=str(tmp_path), probe_every=0, strict=False,
-                        indicators=IndicatorConfig(collect_every=K), sinks={"enabled": []})
+    cfg = MonitorConfig(
+        out_dir=str(tmp_path),
+        probe_every=0,
+        strict=False,
+        indicators=IndicatorConfig(collect_every=K),
+        sinks={"enabled": []},
+    )
     mon = FineLineMonitor(model=m, optimizer=opt, config=cfg)
     counter = SyncCounter(monkeypatch)
     x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -8,7 +8,6 @@ recorded during an ordinary forward pass.
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
@@ -23,8 +22,15 @@ torch.set_num_threads(1)
 
 def gpt2(attn="eager", n_layer=3):
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=n_layer, n_head=4, n_embd=32, vocab_size=97, n_positions=32, bos_token_id=0,
-                     eos_token_id=0)
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_head=4,
+        n_embd=32,
+        vocab_size=97,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     cfg._attn_implementation = attn
     m = GPT2LMHeadModel(cfg).eval()
     # Make the logits non-trivial (init is small; scale q/k weights up a little).
@@ -36,9 +42,18 @@ def gpt2(attn="eager", n_layer=3):
 
 def llama(attn="sdpa"):
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64, bos_token_id=0,
-                      eos_token_id=0, pad_token_id=0)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     cfg._attn_implementation = attn
     m = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -93,7 +108,7 @@ def test_gpt2_attention_logits_match_explicit_qk(attn):
             q, k, _ = blk.attn.c_attn(blk.ln_1(hs[i])).split(32, dim=2)
             q = q.view(3, 12, 4, 8).transpose(1, 2)
             k = k.view(3, 12, 4, 8).transpose(1, 2)
-            per_layer.append(explicit_max(q, k, 8 ** -0.5, mask))
+            per_layer.append(explicit_max(q, k, 8**-0.5, mask))
     for i, v in enumerate(per_layer):
         assert met[f"stability/attn_logit_max/h.{i}"] == pytest.approx(v, rel=1e-4, abs=1e-5)
     assert met["stability/attn_logit_max"] == pytest.approx(max(per_layer), rel=1e-4)
@@ -102,8 +117,8 @@ def test_gpt2_attention_logits_match_explicit_qk(attn):
 
 
 def test_hooks_do_not_change_outputs_and_are_removed():
-    from transformers.models.gpt2 import modeling_gpt2
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.gpt2 import modeling_gpt2
 
     before_eager = modeling_gpt2.eager_attention_forward
     before_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -135,8 +150,10 @@ def test_llama_gqa_rope_attention_logits_match_explicit_qk(attn):
             cos, sin = m.model.rotary_emb(h, pos)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             k = k.repeat_interleave(2, dim=1)  # kv head j serves query heads 2j, 2j+1
-            want = explicit_max(q, k, 8 ** -0.5, mask)
-            assert met[f"stability/attn_logit_max/layers.{i}"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+            want = explicit_max(q, k, 8**-0.5, mask)
+            assert met[f"stability/attn_logit_max/layers.{i}"] == pytest.approx(
+                want, rel=1e-4, abs=1e-5
+            )
 
 
 def test_output_logit_stats_and_activation_rms_match_direct_computation():
@@ -155,14 +172,18 @@ def test_output_logit_stats_and_activation_rms_match_direct_computation():
             lse_sum += float(lse[keep].sum())
             lse_n += int(keep.sum())
             hs = m(input_ids=x, attention_mask=mask, output_hidden_states=True).hidden_states
-            for i in range(2):  # hidden_states[i+1] is block i's output (the last one has ln_f applied)
+            for i in range(
+                2
+            ):  # hidden_states[i+1] is block i's output (the last one has ln_f applied)
                 h = hs[i + 1].double()
                 sumsq[i] += float(h[keep].pow(2).sum())
                 count[i] += int(keep.sum()) * h.shape[-1]
     assert met["stability/output_logit_max"] == pytest.approx(zmax, rel=1e-5)
     assert met["stability/output_logsumexp_mean"] == pytest.approx(lse_sum / lse_n, rel=1e-5)
     for i in range(2):
-        assert met[f"stability/act_rms/h.{i}"] == pytest.approx(math.sqrt(sumsq[i] / count[i]), rel=1e-5)
+        assert met[f"stability/act_rms/h.{i}"] == pytest.approx(
+            math.sqrt(sumsq[i] / count[i]), rel=1e-5
+        )
     assert "stability/act_rms/h.2" in met
 
 
@@ -173,7 +194,10 @@ class MHABlock(torch.nn.Module):
         self.ff = torch.nn.Linear(16, 16)
 
     def forward(self, x, mask, kpm):
-        return self.ff(self.attn(x, x, x, attn_mask=mask, key_padding_mask=kpm, need_weights=False)[0]) + x
+        return (
+            self.ff(self.attn(x, x, x, attn_mask=mask, key_padding_mask=kpm, need_weights=False)[0])
+            + x
+        )
 
 
 class MHAModel(torch.nn.Module):
@@ -213,8 +237,10 @@ def test_multihead_attention_logits_match_explicit_qk(batch_first):
             W, bias = blk.attn.in_proj_weight, blk.attn.in_proj_bias
             q = (h @ W[:16].T + bias[:16]).view(3, 10, 4, 4).transpose(1, 2)
             k = (h @ W[16:32].T + bias[16:32]).view(3, 10, 4, 4).transpose(1, 2)
-            want = explicit_max(q, k, 4 ** -0.5, mask)
-            assert met[f"stability/attn_logit_max/blocks.{i}"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+            want = explicit_max(q, k, 4**-0.5, mask)
+            assert met[f"stability/attn_logit_max/blocks.{i}"] == pytest.approx(
+                want, rel=1e-4, abs=1e-5
+            )
             hh = h if batch_first else h.transpose(0, 1)
             hh = blk(hh, torch.ones(10, 10, dtype=torch.bool).triu(1), kpm)
             h = hh if batch_first else hh.transpose(0, 1)
@@ -224,7 +250,10 @@ def test_max_attention_logit_kernel_chunks_and_masks(monkeypatch):
     import fineline_monitor.indicators.attention as A
 
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(5, 4, 7, 8, generator=g), torch.randn(5, 2, 9, 8, generator=g)  # Tq < Tk (cache)
+    q, k = (
+        torch.randn(5, 4, 7, 8, generator=g),
+        torch.randn(5, 2, 9, 8, generator=g),
+    )  # Tq < Tk (cache)
     allowed = torch.rand(5, 1, 1, 9, generator=g) > 0.3
     ref = A.max_attention_logit(q, k, 0.3, causal=True, allowed=allowed)
     monkeypatch.setattr(A, "_CHUNK_ELEMS", 4 * 7 * 9)  # one batch element per chunk
@@ -233,10 +262,13 @@ def test_max_attention_logit_kernel_chunks_and_masks(monkeypatch):
     s = torch.einsum("bhid,bhjd->bhij", q, kk) * 0.3
     ok = torch.ones(7, 9, dtype=torch.bool).tril(diagonal=2) & allowed
     assert float(ref) == pytest.approx(float(s.masked_fill(~ok, -math.inf).max()), rel=1e-6)
-    assert float(max_attention_logit(q, k, 0.3, causal=False)) == pytest.approx(float(s.max()), rel=1e-6)
+    assert float(max_attention_logit(q, k, 0.3, causal=False)) == pytest.approx(
+        float(s.max()), rel=1e-6
+    )
 
 
 # ---- megatron-core -------------------------------------------------------------------------
+
 
 @pytest.fixture
 def megatron_cpu(monkeypatch):
@@ -253,19 +285,40 @@ def megatron_cpu(monkeypatch):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    monkeypatch.setattr(mcore_utils.GlobalMemoryBuffer, "get_tensor",
-                        lambda self, shape, dtype, name, mem_alloc_context=None: torch.empty(tuple(shape), dtype=dtype))
-    monkeypatch.setattr(mrandom.CudaRNGStatesTracker, "fork", lambda self, name="x": contextlib.nullcontext())
-    monkeypatch.setattr(mc.parallel_state, "get_global_memory_buffer", lambda: mcore_utils.GlobalMemoryBuffer())
+    monkeypatch.setattr(
+        mcore_utils.GlobalMemoryBuffer,
+        "get_tensor",
+        lambda self, shape, dtype, name, mem_alloc_context=None: torch.empty(
+            tuple(shape), dtype=dtype
+        ),
+    )
+    monkeypatch.setattr(
+        mrandom.CudaRNGStatesTracker, "fork", lambda self, name="x": contextlib.nullcontext()
+    )
+    monkeypatch.setattr(
+        mc.parallel_state, "get_global_memory_buffer", lambda: mcore_utils.GlobalMemoryBuffer()
+    )
     pg = ProcessGroupCollection()
     pg.tp = types.SimpleNamespace(size=lambda: 1, rank=lambda: 0)
 
     def build(layer_number, scaling):
-        cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                                apply_query_key_layer_scaling=scaling, masked_softmax_fusion=False,
-                                attention_softmax_in_fp32=True, attention_dropout=0.0)
-        return DotProductAttention(cfg, layer_number=layer_number, attn_mask_type=AttnMaskType.causal,
-                                   attention_type="self", pg_collection=pg)
+        cfg = TransformerConfig(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_query_groups=2,
+            apply_query_key_layer_scaling=scaling,
+            masked_softmax_fusion=False,
+            attention_softmax_in_fp32=True,
+            attention_dropout=0.0,
+        )
+        return DotProductAttention(
+            cfg,
+            layer_number=layer_number,
+            attn_mask_type=AttnMaskType.causal,
+            attention_type="self",
+            pg_collection=pg,
+        )
 
     return build, AttnMaskType
 
@@ -289,7 +342,10 @@ def test_megatron_dot_product_attention_logits_match_explicit_qk(megatron_cpu, s
     for layer in model.layers:
         layer.core_attention.register_parameter("w", torch.nn.Parameter(torch.zeros(1)))
     ind = StepIndicators(model, None, IndicatorConfig())
-    assert [(a[0], a[1]) for a in ind.attention] == [("layers.0", "megatron"), ("layers.1", "megatron")]
+    assert [(a[0], a[1]) for a in ind.attention] == [
+        ("layers.0", "megatron"),
+        ("layers.1", "megatron"),
+    ]
     g = torch.Generator().manual_seed(0)
     sq, b = 6, 2
     qs = [torch.randn(sq, b, 4, 8, generator=g) * 3 for _ in range(2)]
@@ -300,7 +356,10 @@ def test_megatron_dot_product_attention_logits_match_explicit_qk(megatron_cpu, s
     seen = {}
     for i, layer in enumerate(model.layers):
         layer.core_attention.scale_mask_softmax.register_forward_pre_hook(
-            lambda mod, args, i=i: seen.__setitem__(i, args[0].detach().clone() * (mod.scale or 1.0)))
+            lambda mod, args, i=i: seen.__setitem__(
+                i, args[0].detach().clone() * (mod.scale or 1.0)
+            )
+        )
     # megatron's mask convention: True = masked out. Causal everywhere, and in batch row 1
     # the last two keys are padding.
     causal = torch.ones(sq, sq, dtype=torch.bool).tril()
@@ -315,7 +374,11 @@ def test_megatron_dot_product_attention_logits_match_explicit_qk(megatron_cpu, s
     for i in range(2):
         q = qs[i].permute(1, 2, 0, 3).double()
         k = ks[i].permute(1, 2, 0, 3).repeat_interleave(2, dim=1).double()
-        want = float((torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(8)).masked_fill(~causal, -math.inf).max())
+        want = float(
+            (torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(8))
+            .masked_fill(~causal, -math.inf)
+            .max()
+        )
         got = met[f"stability/attn_logit_max/layers.{i}"]
         assert got == pytest.approx(want, rel=1e-5)
         # and the module's own pre-softmax logits agree
@@ -324,12 +387,18 @@ def test_megatron_dot_product_attention_logits_match_explicit_qk(megatron_cpu, s
 
 # ---- optimizer state -----------------------------------------------------------------------
 
+
 def _trained_gpt2(steps=3):
     m = gpt2("sdpa", n_layer=2).train()
     decay = [p for n, p in m.named_parameters() if p.dim() >= 2]
     other = [p for n, p in m.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "name": "decay", "eps": 1e-6},
-                             {"params": other, "weight_decay": 0.0, "eps": 1e-8}], lr=1e-3)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "name": "decay", "eps": 1e-6},
+            {"params": other, "weight_decay": 0.0, "eps": 1e-8},
+        ],
+        lr=1e-3,
+    )
     x, mask = batch(seed=5)
     for _ in range(steps):
         opt.zero_grad()
@@ -352,7 +421,8 @@ def test_grad_rms_vs_eps_and_second_moment_match_direct_computation():
         ratios.append(rms / g["eps"])
         vs = [opt.state[p]["exp_avg_sq"].double() for p in g["params"]]
         assert met[f"optim/exp_avg_sq_mean/{name}"] == pytest.approx(
-            sum(float(v.sum()) for v in vs) / n, rel=1e-5)
+            sum(float(v.sum()) for v in vs) / n, rel=1e-5
+        )
         bc = 1 - g["betas"][1] ** 3
         below = sum(int((torch.sqrt(v / bc) < g["eps"]).sum()) for v in vs)
         assert met[f"optim/v_below_eps_frac/{name}"] == pytest.approx(below / n, abs=1e-6)
@@ -367,7 +437,8 @@ def test_grad_rms_vs_eps_and_second_moment_match_direct_computation():
         n = sum(v.numel() for v in vs)
         bc = 1 - g["betas"][1] ** 3
         assert met2[f"optim/grad_rms/{name}"] == pytest.approx(
-            math.sqrt(sum(float(v.sum()) for v in vs) / n / bc), rel=1e-5)
+            math.sqrt(sum(float(v.sum()) for v in vs) / n / bc), rel=1e-5
+        )
 
 
 def test_hutchinson_trace_exact_for_diagonal_hessian():
@@ -375,7 +446,9 @@ def test_hutchinson_trace_exact_for_diagonal_hessian():
     a = torch.rand(50) * 3
     model = torch.nn.Module()
     model.w = w
-    ind = StepIndicators(model, None, IndicatorConfig(hessian_trace=True, hessian_samples=3, attention_hooks=False))
+    ind = StepIndicators(
+        model, None, IndicatorConfig(hessian_trace=True, hessian_samples=3, attention_hooks=False)
+    )
     ind.set_hessian_batch(lambda: 0.5 * (a * w * w).sum() + (w.sin()).sum() * 0)
     met = ind.probe_round_metrics(ind.probe_context())
     # v^T diag(a) v = sum(a) for every Rademacher v: exact, not just in expectation
@@ -404,7 +477,9 @@ def test_hutchinson_trace_matches_exact_trace_on_a_small_net():
     exact = float(torch.diagonal(H).sum())
     S = 2000
     sigma = math.sqrt(2 * float((H.pow(2).sum() - torch.diagonal(H).pow(2).sum())) / S)
-    ind = StepIndicators(net, None, IndicatorConfig(hessian_trace=True, hessian_samples=S, attention_hooks=False))
+    ind = StepIndicators(
+        net, None, IndicatorConfig(hessian_trace=True, hessian_samples=S, attention_hooks=False)
+    )
     ind.set_hessian_batch(loss_fn)
     est = ind.probe_round_metrics(ind.probe_context())["optim/hessian_trace"]
     assert abs(est - exact) < 4 * sigma + 1e-6, (est, exact, sigma)

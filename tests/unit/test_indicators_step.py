@@ -32,8 +32,11 @@ def make(collect_every=5, **kw):
     m = Tiny()
     decay = [p for n, p in m.named_parameters() if p.dim() >= 2]
     other = [p for n, p in m.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "name": "decay"}, {"params": other, "weight_decay": 0.0}],
-                            lr=3e-3, eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "name": "decay"}, {"params": other, "weight_decay": 0.0}],
+        lr=3e-3,
+        eps=1e-8,
+    )
     ind = StepIndicators(m, opt, IndicatorConfig(collect_every=collect_every, **kw))
     return m, opt, ind
 
@@ -67,13 +70,16 @@ def test_norms_and_update_ratios_match_direct_computation():
             # grad norm (computed by the indicators since none was given)
             assert out["optim/grad_norm"] == pytest.approx(l2(grads), rel=1e-5)
             # param norm, after the update
-            assert out["optim/param_norm"] == pytest.approx(l2([p for g in groups for p in g]), rel=1e-5)
+            assert out["optim/param_norm"] == pytest.approx(
+                l2([p for g in groups for p in g]), rel=1e-5
+            )
             # update ratio ||θ_t - θ_{t-1}|| / ||θ_t||, per group and global
             d = [[p.detach() - b for p, b in zip(g, bg)] for g, bg in zip(groups, before)]
             for name, dg, g in zip(("decay", "1"), d, groups):
                 assert out[f"optim/update_ratio/{name}"] == pytest.approx(l2(dg) / l2(g), rel=1e-4)
             assert out["optim/update_ratio"] == pytest.approx(
-                l2([t for dg in d for t in dg]) / l2([p for g in groups for p in g]), rel=1e-4)
+                l2([t for dg in d for t in dg]) / l2([p for g in groups for p in g]), rel=1e-4
+            )
             assert out["train/loss"] == pytest.approx(float(loss.detach()))
             assert out["train/lr"] == 3e-3 and out["train/tokens"] == step * 32
 
@@ -113,7 +119,7 @@ def test_loss_mean_and_z_score_match_direct_computation():
         if step % 4 == 0:
             out = ind.collect(step)
             zs = []
-            for v in losses[step - 4:step]:
+            for v in losses[step - 4 : step]:
                 h = hist[-20:]
                 if len(h) >= 10:
                     zs.append((v - np.mean(h)) / np.std(h, ddof=1))
@@ -134,14 +140,20 @@ def test_nonfinite_counts_skipped_steps_and_loss_scale():
         train_step(m, opt, step)
         skipped = step == 5
         if step in (3, 5):
-            m.l1.weight.grad[0, 0] = float("inf")  # step 3 applied it, step 5 was skipped (fp16 overflow)
-        ind.on_step(step=step, loss=torch.tensor(x), loss_scale=torch.tensor(2.0 ** (16 - step)),
-                    skipped=skipped)
+            m.l1.weight.grad[0, 0] = float(
+                "inf"
+            )  # step 3 applied it, step 5 was skipped (fp16 overflow)
+        ind.on_step(
+            step=step,
+            loss=torch.tensor(x),
+            loss_scale=torch.tensor(2.0 ** (16 - step)),
+            skipped=skipped,
+        )
     out = ind.collect(6)
     assert out["optim/nonfinite_loss"] == 2
     assert out["optim/nonfinite_grad"] == 1  # the skipped overflow step is not counted here
     assert out["optim/skipped_steps"] == 1
-    assert out["optim/loss_scale"] == 2.0 ** 10
+    assert out["optim/loss_scale"] == 2.0**10
     assert out["train/loss"] == 1.0
     # non-finite losses stay out of the rolling window
     assert out["train/loss_mean"] == 1.0
@@ -156,7 +168,9 @@ def test_nonfinite_counts_skipped_steps_and_loss_scale():
 
 def test_tokens_per_second_from_batch_tokens(monkeypatch):
     clock = iter(np.arange(0.0, 100.0, 0.5))
-    monkeypatch.setattr("fineline_monitor.indicators.step.time.perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(
+        "fineline_monitor.indicators.step.time.perf_counter", lambda: float(next(clock))
+    )
     ind = StepIndicators(Tiny(), None, IndicatorConfig(collect_every=4))
     for step in range(1, 9):
         ind.on_step(step=step, loss=1.0, batch_tokens=100)

@@ -7,15 +7,30 @@ import math
 import numpy as np
 import pytest
 
-from fineline_monitor.core.ladder import (Ladder, LadderError, coordinate, read_reference_runs,
-                                          runs_from_curves, smooth_on_grid)
-from fineline_monitor.core.trajectory import Curve, write_trajectory_csv, iter_rows
+from fineline_monitor.core.ladder import (
+    Ladder,
+    LadderError,
+    coordinate,
+    read_reference_runs,
+    runs_from_curves,
+    smooth_on_grid,
+)
+from fineline_monitor.core.trajectory import Curve, iter_rows, write_trajectory_csv
 
 SIZES = (20e6, 60e6, 180e6, 540e6)
 
 
-def synthetic_curve(params: float, *, total_tokens: float = 2e9, n: int = 40, task: str = "hellaswag",
-                    metric: str = "acc", noise: float = 0.0, seed: int = 0, model: str = "") -> Curve:
+def synthetic_curve(
+    params: float,
+    *,
+    total_tokens: float = 2e9,
+    n: int = 40,
+    task: str = "hellaswag",
+    metric: str = "acc",
+    noise: float = 0.0,
+    seed: int = 0,
+    model: str = "",
+) -> Curve:
     """Accuracy that rises with log tokens and sits higher for bigger models (log-linear in N)."""
     steps = np.arange(1, n + 1) * 100
     tokens = steps / steps[-1] * total_tokens
@@ -23,20 +38,34 @@ def synthetic_curve(params: float, *, total_tokens: float = 2e9, n: int = 40, ta
     level = 0.02 * math.log(params / 1e6)
     y = 0.25 + level + 0.25 / (1 + np.exp(-(frac + 2.0) * 1.5))
     y = y + np.random.default_rng(seed).normal(0, noise, n) if noise else y
-    return Curve("lab/ladder", model or f"m-{int(params / 1e6)}M", task, metric, steps.astype(np.int64),
-                 tokens.astype(float), y, np.full(n, np.nan), params=params)
+    return Curve(
+        "lab/ladder",
+        model or f"m-{int(params / 1e6)}M",
+        task,
+        metric,
+        steps.astype(np.int64),
+        tokens.astype(float),
+        y,
+        np.full(n, np.nan),
+        params=params,
+    )
 
 
 def test_the_prediction_across_sizes_recovers_a_run_left_out():
     runs = runs_from_curves(synthetic_curve(p) for p in SIZES[:3])
     target = synthetic_curve(SIZES[3])
     lad = Ladder(runs, align="tokens")
-    pred = lad.predict("hellaswag", "acc", steps=target.steps, tokens=target.tokens, params=SIZES[3])
+    pred = lad.predict(
+        "hellaswag", "acc", steps=target.steps, tokens=target.tokens, params=SIZES[3]
+    )
     assert np.isfinite(pred).all()
     # the level rises by 0.02 per e-fold of parameters: a line in log N extrapolates it exactly
     assert np.max(np.abs(pred - target.values)) < 0.01
     # the references' mean would sit 0.02*log(3)*2 lower: the fit across sizes is what is used
-    mean = np.mean([lad.predict("hellaswag", "acc", steps=target.steps, tokens=target.tokens, params=None)], axis=0)
+    mean = np.mean(
+        [lad.predict("hellaswag", "acc", steps=target.steps, tokens=target.tokens, params=None)],
+        axis=0,
+    )
     assert np.median(target.values - mean) > 0.03
 
 
@@ -50,7 +79,9 @@ def test_no_prediction_outside_the_references_span():
 
 def test_auto_alignment_takes_the_schedule_fraction_for_runs_of_other_lengths():
     # the same curve shape on each run's own schedule: only `fraction` lines them up
-    runs = runs_from_curves([synthetic_curve(p, total_tokens=t) for p, t in zip(SIZES[:3], (1e9, 3e9, 9e9))])
+    runs = runs_from_curves(
+        [synthetic_curve(p, total_tokens=t) for p, t in zip(SIZES[:3], (1e9, 3e9, 9e9))]
+    )
     lad = Ladder(runs, align="auto", target_total_tokens=27e9)
     assert lad.align == "fraction"
     assert "aligned on fraction" in lad.describe()
@@ -105,10 +136,23 @@ def test_reading_reference_runs_from_a_csv_and_a_run_db(tmp_path):
     store = RunStore(db, run="pilot")
     store.start_run("pilot", {}, {"params": 1e6})
     for step, v in ((10, 0.3), (20, 0.35), (30, 0.4)):
-        res = TaskResult(task="hellaswag", capability="commonsense", n_docs=8, metrics={"acc": v},
-                         stderr={"acc": 0.01})
-        store.log_probe(ProbeRound(step=step, tokens=step * 1000, tasks={"hellaswag": res}, requests=[],
-                                   seconds=1.0, tokens_scored=1))
+        res = TaskResult(
+            task="hellaswag",
+            capability="commonsense",
+            n_docs=8,
+            metrics={"acc": v},
+            stderr={"acc": 0.01},
+        )
+        store.log_probe(
+            ProbeRound(
+                step=step,
+                tokens=step * 1000,
+                tasks={"hellaswag": res},
+                requests=[],
+                seconds=1.0,
+                tokens_scored=1,
+            )
+        )
     store.close()
     (run,) = read_reference_runs([str(db)])
     assert run.curves[("hellaswag", "acc")].values.tolist() == [0.3, 0.35, 0.4]

@@ -43,10 +43,18 @@ SCRIPT = textwrap.dedent("""
 
 def _run(tmp_path, how):
     out = tmp_path / how
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(out), how], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
-    finished = [line for line in (out / "metrics.prom").read_text().splitlines()
-                if line.startswith("fineline_run_finished")]
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(out), how],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    finished = [
+        line
+        for line in (out / "metrics.prom").read_text().splitlines()
+        if line.startswith("fineline_run_finished")
+    ]
     return r, finished
 
 

@@ -17,7 +17,9 @@ from fineline_monitor import metric_names as names
 REPO = Path(__file__).resolve().parents[2]
 PROM_NAME = re.compile(r"\b(fineline_[a-z0-9_]+)\b(?!\s*\()")
 # a monitor metric name as the docs write it: `optim/grad_norm`, `probe/<task>/<metric>`
-METRIC_NAME = re.compile(r"^(?:train|optim|stability|monitor|probe|capability|fineline|alerts)/[\w<>./:-]+$")
+METRIC_NAME = re.compile(
+    r"^(?:train|optim|stability|monitor|probe|capability|fineline|alerts)/[\w<>./:-]+$"
+)
 
 
 def _unregistered_prometheus(text: str) -> Set[str]:
@@ -33,13 +35,24 @@ def test_registry_is_consistent():
     for m in names.METRICS.values():
         assert m.help.endswith(".") and m.help[0].isupper(), m.name
         assert m.family is None or re.fullmatch(r"fineline_[a-z0-9_]+", m.family), m.family
-    for name in ("optim/grad_norm", "optim/update_ratio/matrices", "stability/attn_logit_max/h.3",
-                 "probe/arc_easy:rc_0shot/acc", "capability/math/bpb", "fineline/internal_error/sink_store",
-                 "alerts/critical", "capability/math/acc_above_chance_expected", "probe_math/gsm8k/bpb_low"):
+    for name in (
+        "optim/grad_norm",
+        "optim/update_ratio/matrices",
+        "stability/attn_logit_max/h.3",
+        "probe/arc_easy:rc_0shot/acc",
+        "capability/math/bpb",
+        "fineline/internal_error/sink_store",
+        "alerts/critical",
+        "capability/math/acc_above_chance_expected",
+        "probe_math/gsm8k/bpb_low",
+    ):
         assert names.is_registered(name), name
     for name in ("optim/grad_nrom", "train/los", "probe/only_task", "stability/act_rms_max"):
         assert not names.is_registered(name), name
-    assert names.lookup("optim/update_ratio/matrices") == (names.METRICS[names.UPDATE_RATIO], "matrices")
+    assert names.lookup("optim/update_ratio/matrices") == (
+        names.METRICS[names.UPDATE_RATIO],
+        "matrices",
+    )
     assert names.lookup("probe/gsm8k/acc") == (names.METRICS[names.PROBE_METRIC], "acc")
     assert names.split_probe_key("probe/arc_easy:rc_0shot/acc") == ("arc_easy:rc_0shot", "acc")
 
@@ -62,8 +75,12 @@ def test_the_exporter_declares_every_registered_family():
     for line in text.splitlines():
         if line.startswith("# TYPE "):
             _, _, family, kind = line.split()
-            declared.add(family + "_total" if kind == "counter" and not family.endswith("_total") else family)
-    assert set(names.prometheus_sample_names()) <= declared, set(names.prometheus_sample_names()) - declared
+            declared.add(
+                family + "_total" if kind == "counter" and not family.endswith("_total") else family
+            )
+    assert set(names.prometheus_sample_names()) <= declared, (
+        set(names.prometheus_sample_names()) - declared
+    )
     assert not _unregistered_prometheus(text), _unregistered_prometheus(text)
 
 
@@ -91,7 +108,9 @@ def test_wandb_workspace_uses_only_registered_keys():
     pytest.importorskip("wandb_workspaces")
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fl_ws", REPO / "dashboards" / "wandb_workspace.py")
+    spec = importlib.util.spec_from_file_location(
+        "fl_ws", REPO / "dashboards" / "wandb_workspace.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     keys = mod.panel_keys(mod.build_workspace("team", "project"))
@@ -112,7 +131,7 @@ def _runbook_sections() -> Dict[str, str]:
             if not m or not re.search(r"runbook|when paged", m.group(2), re.I):
                 continue
             level, body = len(m.group(1)), []
-            for nxt in lines[i + 1:]:
+            for nxt in lines[i + 1 :]:
                 h = re.match(r"^(#+)\s", nxt)
                 if h and len(h.group(1)) <= level:
                     break
@@ -122,7 +141,11 @@ def _runbook_sections() -> Dict[str, str]:
 
 
 def _names_in_prose(text: str) -> List[str]:
-    return [t for t in re.findall(r"`([^`\n]+)`", text) if METRIC_NAME.match(t) or PROM_NAME.fullmatch(t)]
+    return [
+        t
+        for t in re.findall(r"`([^`\n]+)`", text)
+        if METRIC_NAME.match(t) or PROM_NAME.fullmatch(t)
+    ]
 
 
 def test_runbook_uses_only_registered_names():
@@ -138,9 +161,15 @@ def test_runbook_uses_only_registered_names():
 def _round():
     from fineline_monitor import ProbeRound, TaskResult
 
-    return ProbeRound(step=1, tokens=10, tasks={"gsm8k": TaskResult("gsm8k", "math", 4, {"acc": 0.1, "bpb": 1.2},
-                                                                    {"acc": 0.05})},
-                      requests=[], seconds=1.0, tokens_scored=100, capability_scores={"math/bpb": 2.1, "math/headline": 2.1})
+    return ProbeRound(
+        step=1,
+        tokens=10,
+        tasks={"gsm8k": TaskResult("gsm8k", "math", 4, {"acc": 0.1, "bpb": 1.2}, {"acc": 0.05})},
+        requests=[],
+        seconds=1.0,
+        tokens_scored=100,
+        capability_scores={"math/bpb": 2.1, "math/headline": 2.1},
+    )
 
 
 def test_producers_write_only_registered_names():

@@ -33,8 +33,13 @@ class Recorder(Sink):
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(run_name="t", out_dir=str(tmp_path), probe_every=0, indicators={"collect_every": 1},
-                sinks={"enabled": ["store"]})
+    base = dict(
+        run_name="t",
+        out_dir=str(tmp_path),
+        probe_every=0,
+        indicators={"collect_every": 1},
+        sinks={"enabled": ["store"]},
+    )
     base.update(kw)
     return MonitorConfig(**base)
 
@@ -50,7 +55,9 @@ def test_failing_sink_is_disabled_alone_and_reported_once(tmp_path, caplog):
     assert sum("sink:boom failed" in r.getMessage() for r in caplog.records) == 1
     assert "sink:boom" in mon.disabled_parts
     # The failure is visible in the data: an event row and the internal_error metric.
-    assert any(e["kind"] == "internal_error" and e["key"] == "sink:boom" for e in mon.store.events())
+    assert any(
+        e["kind"] == "internal_error" and e["key"] == "sink:boom" for e in mon.store.events()
+    )
     assert rec.metrics[-1][1]["fineline/internal_error"] == 1.0
     mon.close()
 
@@ -70,7 +77,9 @@ def test_failing_indicator_part_does_not_stop_steps(tmp_path, monkeypatch):
     import torch
 
     model = torch.nn.Linear(2, 2)
-    mon = FineLineMonitor(model=model, config=_cfg(tmp_path, probes={"tasks": ["default"]}), sinks=[Recorder()])
+    mon = FineLineMonitor(
+        model=model, config=_cfg(tmp_path, probes={"tasks": ["default"]}), sinks=[Recorder()]
+    )
     for step in range(5):
         mon.step(step=step, loss=1.0, tokens=step, lr=1e-3)
     assert "indicators" in mon.disabled_parts
@@ -90,7 +99,9 @@ def test_failing_probe_round_disables_probes_and_training_continues(tmp_path, mo
     monkeypatch.setattr(FineLineMonitor, "_build_probes", lambda self, scorer: BadProbes())
     import torch
 
-    mon = FineLineMonitor(model=torch.nn.Linear(2, 2), config=_cfg(tmp_path, probe_every=2), sinks=[])
+    mon = FineLineMonitor(
+        model=torch.nn.Linear(2, 2), config=_cfg(tmp_path, probe_every=2), sinks=[]
+    )
     for step in range(10):
         mon.step(step=step, loss=1.0, tokens=step, lr=1e-3)
     assert BadProbes.calls == 1 and "probes" in mon.disabled_parts
@@ -126,7 +137,9 @@ def test_expensive_probe_rounds_are_spaced_to_the_budget(tmp_path, monkeypatch):
             if mon is not None:
                 shares.append((mon._monitor_seconds + 0.2, mon._train_seconds))
             _time.sleep(0.2)
-            return ProbeRound(step=step, tokens=tokens, tasks={}, requests=[], seconds=0.2, tokens_scored=0)
+            return ProbeRound(
+                step=step, tokens=tokens, tasks={}, requests=[], seconds=0.2, tokens_scored=0
+            )
 
     monkeypatch.setattr(FineLineMonitor, "_build_probes", lambda self, scorer: SlowProbes())
     import torch
@@ -150,7 +163,9 @@ def test_expensive_probe_rounds_are_spaced_to_the_budget(tmp_path, monkeypatch):
     assert 0.25 <= share <= 0.55, (share, steps)
 
     SlowProbes.steps = []
-    cfg = _cfg(tmp_path / "fixed", probe_every=10, probe_max_overhead=0.0, indicators={"enabled": False})
+    cfg = _cfg(
+        tmp_path / "fixed", probe_every=10, probe_max_overhead=0.0, indicators={"enabled": False}
+    )
     mon = FineLineMonitor(model=torch.nn.Linear(2, 2), config=cfg, sinks=[])
     for step in range(50):
         mon.step(step=step, loss=1.0, tokens=step, lr=1e-3)
@@ -160,7 +175,9 @@ def test_expensive_probe_rounds_are_spaced_to_the_budget(tmp_path, monkeypatch):
     # A run that starts at step 1 (DeepSpeed counts from 1) anchors at 1 and then keeps the
     # plain multiples of probe_every while within budget.
     SlowProbes.steps = []
-    cfg = _cfg(tmp_path / "from1", probe_every=2, probe_max_overhead=0.9, indicators={"enabled": False})
+    cfg = _cfg(
+        tmp_path / "from1", probe_every=2, probe_max_overhead=0.9, indicators={"enabled": False}
+    )
     mon = FineLineMonitor(model=torch.nn.Linear(2, 2), config=cfg, sinks=[])
     for step in range(1, 7):
         _time.sleep(0.5)  # steps far slower than the 0.2 s round: within budget
@@ -180,7 +197,11 @@ def test_probe_budget_survives_restart(tmp_path):
     again = FineLineMonitor(config=_cfg(tmp_path / "again", probe_every=10), sinks=[])
     again.load_state_dict(sd)
     assert (again._monitor_seconds, again._train_seconds, again._train_steps) == (12.0, 600.0, 300)
-    assert (again._probe_seconds, again._last_round_seconds, again._next_probe_step) == (10.0, 5.0, 900)
+    assert (again._probe_seconds, again._last_round_seconds, again._next_probe_step) == (
+        10.0,
+        5.0,
+        900,
+    )
     again.close()
 
 
@@ -194,10 +215,16 @@ def test_bad_probe_config_fails_at_attach(tmp_path):
     from fineline_monitor.probes.tasks import TaskError
 
     with pytest.raises(TaskError, match="unknown probe task 'hellaswagg'.*did you mean"):
-        FineLineMonitor(model=torch.nn.Linear(2, 2), tokenizer=object(),
-                        config=_cfg(tmp_path, probe_every=10, probes={"tasks": ["hellaswagg"]}), sinks=[])
+        FineLineMonitor(
+            model=torch.nn.Linear(2, 2),
+            tokenizer=object(),
+            config=_cfg(tmp_path, probe_every=10, probes={"tasks": ["hellaswagg"]}),
+            sinks=[],
+        )
     with pytest.raises(ScoringError, match="probes need a tokenizer"):
-        FineLineMonitor(model=torch.nn.Linear(2, 2), config=_cfg(tmp_path, probe_every=10), sinks=[])
+        FineLineMonitor(
+            model=torch.nn.Linear(2, 2), config=_cfg(tmp_path, probe_every=10), sinks=[]
+        )
 
 
 def test_without_the_store_nothing_is_written_and_the_user_is_told(tmp_path, caplog):
@@ -211,13 +238,20 @@ def test_without_the_store_nothing_is_written_and_the_user_is_told(tmp_path, cap
 
 def test_checkpoint_action_without_a_callback_is_flagged_at_attach(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fineline_monitor"):
-        FineLineMonitor(config=_cfg(tmp_path, alerts={"on_critical": ["checkpoint"]}), sinks=[]).close()
-        FineLineMonitor(config=_cfg(tmp_path / "b", alerts={"on_critical": ["checkpoint"]}), sinks=[],
-                        checkpoint_fn=lambda step: None).close()
+        FineLineMonitor(
+            config=_cfg(tmp_path, alerts={"on_critical": ["checkpoint"]}), sinks=[]
+        ).close()
+        FineLineMonitor(
+            config=_cfg(tmp_path / "b", alerts={"on_critical": ["checkpoint"]}),
+            sinks=[],
+            checkpoint_fn=lambda step: None,
+        ).close()
     assert sum("no checkpoint_fn" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_probe_self_check_failure_is_isolated_and_fatal_errors_close_the_sinks(tmp_path, monkeypatch):
+def test_probe_self_check_failure_is_isolated_and_fatal_errors_close_the_sinks(
+    tmp_path, monkeypatch
+):
     """A scorer whose fast path disagrees with the model's own forward is a monitor
     problem, not the user's setting: probes are disabled and training goes on. A fatal
     set-up error closes the sinks already started before it raises."""
@@ -231,8 +265,12 @@ def test_probe_self_check_failure_is_isolated_and_fatal_errors_close_the_sinks(t
 
     with monkeypatch.context() as mp:
         mp.setattr(ProbeRunner, "__init__", disagree)
-        mon = FineLineMonitor(model=torch.nn.Linear(2, 2), tokenizer=object(), config=_cfg(tmp_path, probe_every=10),
-                              sinks=[])
+        mon = FineLineMonitor(
+            model=torch.nn.Linear(2, 2),
+            tokenizer=object(),
+            config=_cfg(tmp_path, probe_every=10),
+            sinks=[],
+        )
     assert mon.probes is None and "probes" in mon.disabled_parts
     mon.close()
 
@@ -243,8 +281,12 @@ def test_probe_self_check_failure_is_isolated_and_fatal_errors_close_the_sinks(t
             Closing.closed += 1
 
     with pytest.raises(Exception, match="unknown probe task"):
-        FineLineMonitor(model=torch.nn.Linear(2, 2), tokenizer=object(), sinks=[Closing()],
-                        config=_cfg(tmp_path / "b", probe_every=10, probes={"tasks": ["hellaswagg"]}))
+        FineLineMonitor(
+            model=torch.nn.Linear(2, 2),
+            tokenizer=object(),
+            sinks=[Closing()],
+            config=_cfg(tmp_path / "b", probe_every=10, probes={"tasks": ["hellaswagg"]}),
+        )
     assert Closing.closed == 1
 
 
@@ -256,24 +298,64 @@ def test_unreadable_reference_run_fails_at_attach(tmp_path, caplog):
     from fineline_monitor.core.trajectory import TrajectoryError, write_trajectory_csv
 
     with pytest.raises(TrajectoryError, match="no such file"):
-        FineLineMonitor(config=_cfg(tmp_path, alerts={"reference_csv": str(tmp_path / "missing.csv")}), sinks=[])
+        FineLineMonitor(
+            config=_cfg(tmp_path, alerts={"reference_csv": str(tmp_path / "missing.csv")}), sinks=[]
+        )
     ref = tmp_path / "ref.csv"
-    write_trajectory_csv(ref, [{"source": "s", "model": m, "params": 1, "step": st, "tokens": st * 1000, "task": "piqa",
-                                "metric": "acc", "value": 0.5 + st / 1000, "stderr": None}
-                               for m in ("a", "b") for st in (100, 200, 300)])
+    write_trajectory_csv(
+        ref,
+        [
+            {
+                "source": "s",
+                "model": m,
+                "params": 1,
+                "step": st,
+                "tokens": st * 1000,
+                "task": "piqa",
+                "metric": "acc",
+                "value": 0.5 + st / 1000,
+                "stderr": None,
+            }
+            for m in ("a", "b")
+            for st in (100, 200, 300)
+        ],
+    )
     with caplog.at_level("WARNING", logger="fineline_monitor"):
-        mon = FineLineMonitor(config=_cfg(tmp_path / "m", alerts={"reference_csv": str(ref)}), sinks=[])
+        mon = FineLineMonitor(
+            config=_cfg(tmp_path / "m", alerts={"reference_csv": str(ref)}), sinks=[]
+        )
     assert mon.engine is not None and mon.engine.ladder is None
     assert "at least two sizes" in caplog.text and "own-run detector only" in caplog.text
     mon.close()
     caplog.clear()
     with caplog.at_level("WARNING", logger="fineline_monitor"):
-        mon = FineLineMonitor(config=_cfg(tmp_path / "f", alerts={"reference_csv": str(ref), "reference_model": "s/a",
-                                                                  "reference_align": "fraction"}), sinks=[])
+        mon = FineLineMonitor(
+            config=_cfg(
+                tmp_path / "f",
+                alerts={
+                    "reference_csv": str(ref),
+                    "reference_model": "s/a",
+                    "reference_align": "fraction",
+                },
+            ),
+            sinks=[],
+        )
     assert mon.engine.ladder is None and "planned training tokens" in caplog.text
     mon.close()
-    mon = FineLineMonitor(config=_cfg(tmp_path / "ok", alerts={"reference": {
-        "files": [str(ref)], "runs": ["s/a"], "align": "fraction", "total_tokens": 6e5}}), sinks=[])
+    mon = FineLineMonitor(
+        config=_cfg(
+            tmp_path / "ok",
+            alerts={
+                "reference": {
+                    "files": [str(ref)],
+                    "runs": ["s/a"],
+                    "align": "fraction",
+                    "total_tokens": 6e5,
+                }
+            },
+        ),
+        sinks=[],
+    )
     lad = mon.engine.ladder
     assert lad.names == ["s/a"] and lad.align == "fraction"
     # half way through this run is half way through the reference's: step 150 there
@@ -308,8 +390,11 @@ def test_checkpointing_does_not_wait_for_a_hanging_network_sink(tmp_path):
         # the store was flushed: another connection sees every step already
         import sqlite3
 
-        rows = sqlite3.connect(tmp_path / "run.db").execute(
-            "select count(distinct step) from metrics where name='train/loss'").fetchone()[0]
+        rows = (
+            sqlite3.connect(tmp_path / "run.db")
+            .execute("select count(distinct step) from metrics where name='train/loss'")
+            .fetchone()[0]
+        )
         assert rows == 3
     finally:
         gate.set()
@@ -349,11 +434,18 @@ class TwoRanks:
 
 def test_user_sinks_only_on_the_logging_rank(tmp_path):
     rec = Recorder()
-    mon = FineLineMonitor(config=_cfg(tmp_path, indicators={"enabled": False}), sinks=[rec], dist=TwoRanks.make(1))
-    assert mon.sinks == [] and mon.store is None and mon.engine is None  # judging and paging: logging rank
+    mon = FineLineMonitor(
+        config=_cfg(tmp_path, indicators={"enabled": False}), sinks=[rec], dist=TwoRanks.make(1)
+    )
+    assert (
+        mon.sinks == [] and mon.store is None and mon.engine is None
+    )  # judging and paging: logging rank
     mon.close()
-    mon = FineLineMonitor(config=_cfg(tmp_path / "r0", indicators={"enabled": False}), sinks=[rec],
-                          dist=TwoRanks.make(0))
+    mon = FineLineMonitor(
+        config=_cfg(tmp_path / "r0", indicators={"enabled": False}),
+        sinks=[rec],
+        dist=TwoRanks.make(0),
+    )
     assert rec in mon.sinks and mon.engine is not None
     mon.close()
 
@@ -370,11 +462,19 @@ def test_ranks_agree_on_the_outcome_of_attach(tmp_path, monkeypatch):
 
     monkeypatch.setattr(FineLineMonitor, "_build_probes", lambda self, scorer: FakeProbes())
     model = torch.nn.Linear(2, 2)
-    mon = FineLineMonitor(model=model, config=_cfg(tmp_path, probe_every=10), sinks=[],
-                          dist=TwoRanks.make(0, other=[0.0, 1.0, 1.0]))
+    mon = FineLineMonitor(
+        model=model,
+        config=_cfg(tmp_path, probe_every=10),
+        sinks=[],
+        dist=TwoRanks.make(0, other=[0.0, 1.0, 1.0]),
+    )
     assert mon.probes is None and mon.indicators is None
     assert {"probes", "indicators"} <= set(mon.disabled_parts)
     mon.close()
     with pytest.raises(RuntimeError, match="another rank failed to attach"):
-        FineLineMonitor(model=model, config=_cfg(tmp_path / "b", probe_every=10), sinks=[],
-                        dist=TwoRanks.make(1, other=[1.0, 0.0, 0.0]))
+        FineLineMonitor(
+            model=model,
+            config=_cfg(tmp_path / "b", probe_every=10),
+            sinks=[],
+            dist=TwoRanks.make(1, other=[1.0, 0.0, 0.0]),
+        )

@@ -92,7 +92,10 @@ def test_lr_rising_from_step_zero_is_warmup_from_the_start():
     lr = lambda s: 1e-3 * min(1.0, (s + 1) / 20)  # noqa: E731 - warmup from step 0, 20 steps
     phases = run(t, range(0, 60, 5), lr)
     ch = t.pop_changes()
-    assert [(c["step"], c["phase"], c["previous"]) for c in ch] == [(0, "warmup", None), (ch[1]["step"], "stable", "warmup")]
+    assert [(c["step"], c["phase"], c["previous"]) for c in ch] == [
+        (0, "warmup", None),
+        (ch[1]["step"], "stable", "warmup"),
+    ]
     assert phases[1] == "warmup" and phases[-1] == "stable"
     # a constant LR from step 0 starts stable, with a single recorded event
     t2 = PhaseTracker()
@@ -137,8 +140,12 @@ def test_probe_round_without_lr_does_not_settle_the_provisional_first_phase():
         lr = 1e-3 * min(1.0, (s + 1) / 40)
         eng.observe_metrics(s, s * 100, lr, {"train/loss": 5.0, "train/lr": lr})
         if s % 20 == 0:
-            eng.observe_probe(ProbeRound(step=s, tokens=s * 100, tasks={}, requests=[], seconds=1.0,
-                                         tokens_scored=0), {})
+            eng.observe_probe(
+                ProbeRound(
+                    step=s, tokens=s * 100, tasks={}, requests=[], seconds=1.0, tokens_scored=0
+                ),
+                {},
+            )
         changes += eng.pop_phase_changes()
     assert [(c["step"], c["phase"]) for c in changes][:1] == [(0, "warmup")]
     assert "stable" in [c["phase"] for c in changes[1:]]

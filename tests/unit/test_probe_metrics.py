@@ -10,8 +10,16 @@ from fineline_monitor.probes import metrics as M
 
 
 def rs(lp, cont, choice=0):
-    return RequestScore(task="t", doc_id=0, choice=choice, logprob=lp, n_tokens=1,
-                        n_bytes=len(cont.encode()), is_greedy=False, n_chars=M.n_chars_of(cont))
+    return RequestScore(
+        task="t",
+        doc_id=0,
+        choice=choice,
+        logprob=lp,
+        n_tokens=1,
+        n_bytes=len(cont.encode()),
+        is_greedy=False,
+        n_chars=M.n_chars_of(cont),
+    )
 
 
 def test_n_chars_drops_one_delimiter_space():
@@ -59,7 +67,12 @@ def test_constant_baseline_is_the_share_of_the_most_common_gold_text():
     assert M.constant_baseline([]) == 0.0
     docs = [(0, 0, [rs(-1.0, " yes"), rs(-2.0, " no", 1)])]
     assert M.task_result("t", "reading", "mc", "acc", docs, 0.62)[0].constant_baseline == 0.62
-    assert M.task_result("g", "math", "bpb", "bpb", [(0, 0, [rs(-1.0, " 4")])], 0.9)[0].constant_baseline == 0.0
+    assert (
+        M.task_result("g", "math", "bpb", "bpb", [(0, 0, [rs(-1.0, " 4")])], 0.9)[
+            0
+        ].constant_baseline
+        == 0.0
+    )
 
 
 def test_bpb_task_and_single_doc_has_no_stderr():
@@ -73,25 +86,53 @@ def test_capability_series_bpb_accuracy_above_chance_and_headline():
     from fineline_monitor.core.types import TaskResult
 
     res = {
-        "a": TaskResult("a", "commonsense", 10, {"acc": 0.5, "acc_norm": 0.6, "bpb": 3.0}, {"acc_norm": 0.1, "bpb": 0.3},
-                        random_baseline=0.25, primary_metric="acc_norm"),
-        "b": TaskResult("b", "commonsense", 10, {"acc": 0.7, "bpb": 2.0}, {"acc": 0.1, "bpb": 0.4},
-                        random_baseline=0.5, primary_metric="acc"),
+        "a": TaskResult(
+            "a",
+            "commonsense",
+            10,
+            {"acc": 0.5, "acc_norm": 0.6, "bpb": 3.0},
+            {"acc_norm": 0.1, "bpb": 0.3},
+            random_baseline=0.25,
+            primary_metric="acc_norm",
+        ),
+        "b": TaskResult(
+            "b",
+            "commonsense",
+            10,
+            {"acc": 0.7, "bpb": 2.0},
+            {"acc": 0.1, "bpb": 0.4},
+            random_baseline=0.5,
+            primary_metric="acc",
+        ),
         "d": TaskResult("d", "code", 10, {"bpb": 1.5}, {"bpb": 0.1}, primary_metric="bpb"),
         "e": TaskResult("e", "code", 10, {"bpb": 2.5}, {"bpb": 0.2}, primary_metric="bpb"),
-        "f": TaskResult("f", "math", 10, {"acc": 0.27, "bpb": 4.0}, {"acc": 0.1, "bpb": 0.1},
-                        random_baseline=0.25, primary_metric="acc"),
+        "f": TaskResult(
+            "f",
+            "math",
+            10,
+            {"acc": 0.27, "bpb": 4.0},
+            {"acc": 0.1, "bpb": 0.1},
+            random_baseline=0.25,
+            primary_metric="acc",
+        ),
     }
     s, se = M.capability_series(res)
     # bits per byte: the mean over the capability's tasks; its stderr that of a mean of means
-    assert s["commonsense/bpb"] == pytest.approx(2.5) and se["commonsense/bpb"] == pytest.approx(0.25)
-    assert s["code/bpb"] == pytest.approx(2.0) and se["code/bpb"] == pytest.approx(math.sqrt(0.05) / 2)
+    assert s["commonsense/bpb"] == pytest.approx(2.5) and se["commonsense/bpb"] == pytest.approx(
+        0.25
+    )
+    assert s["code/bpb"] == pytest.approx(2.0) and se["code/bpb"] == pytest.approx(
+        math.sqrt(0.05) / 2
+    )
     # accuracy above chance: primary metric minus the random baseline, mean over MC tasks
     assert s["commonsense/acc_above_chance"] == pytest.approx(((0.6 - 0.25) + (0.7 - 0.5)) / 2)
     assert "code/acc_above_chance" not in s
     # took off (0.275 > 2 * 0.0707 + 0.02): the headline is accuracy; math (0.02 above
     # chance, stderr 0.1) has not: its headline is bits per byte
-    assert s["commonsense/took_off"] == 1.0 and s["commonsense/headline"] == s["commonsense/acc_above_chance"]
+    assert (
+        s["commonsense/took_off"] == 1.0
+        and s["commonsense/headline"] == s["commonsense/acc_above_chance"]
+    )
     assert s["math/took_off"] == 0.0 and s["math/headline"] == pytest.approx(4.0)
     assert s["code/took_off"] == 0.0 and s["code/headline"] == s["code/bpb"]
     assert M.capability_scores(res) == s

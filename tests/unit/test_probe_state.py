@@ -39,8 +39,11 @@ def test_round_leaves_training_state_untouched(hf):
     model(input_ids=x, labels=x).loss.backward()
     opt.step()  # optimizer state exists
     model(input_ids=x, labels=x).loss.backward()  # and gradients are populated
-    runner = ProbeRunner(ProbeConfig(tasks=["piqa:rc_0shot", "gsm8k:gold_bpb_5shot"], docs_per_task=4, batch_size=4),
-                         model=model, tokenizer=tok)
+    runner = ProbeRunner(
+        ProbeConfig(tasks=["piqa:rc_0shot", "gsm8k:gold_bpb_5shot"], docs_per_task=4, batch_size=4),
+        model=model,
+        tokenizer=tok,
+    )
 
     random.seed(11), np.random.seed(11), torch.manual_seed(11)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -64,7 +67,11 @@ def test_round_leaves_training_state_untouched(hf):
             assert torch.equal(new_opt["state"][pid][key], val)
     after = _rng_snapshot()
     assert after[0] == rng[0]
-    assert after[1][0] == rng[1][0] and np.array_equal(after[1][1], rng[1][1]) and after[1][2:] == rng[1][2:]
+    assert (
+        after[1][0] == rng[1][0]
+        and np.array_equal(after[1][1], rng[1][1])
+        and after[1][2:] == rng[1][2:]
+    )
     assert torch.equal(after[2], rng[2])
     # the next draws are exactly those of a run without the probe round
     got = _draws()
@@ -75,8 +82,11 @@ def test_round_leaves_training_state_untouched(hf):
 def test_state_restored_even_when_scoring_fails(hf):
     model, tok = hf
     model.train()
-    runner = ProbeRunner(ProbeConfig(tasks=["piqa:rc_0shot"], docs_per_task=2, batch_size=2), model=model,
-                         tokenizer=tok)
+    runner = ProbeRunner(
+        ProbeConfig(tasks=["piqa:rc_0shot"], docs_per_task=2, batch_size=2),
+        model=model,
+        tokenizer=tok,
+    )
     runner.scorer.score_tokens = lambda batch: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore
     torch.manual_seed(5)
     rng = torch.get_rng_state().clone()
@@ -88,8 +98,11 @@ def test_state_restored_even_when_scoring_fails(hf):
 
 def test_hooks_context_sees_the_probe_forwards(hf):
     model, tok = hf
-    runner = ProbeRunner(ProbeConfig(tasks=["arc_easy:rc_0shot"], docs_per_task=3, batch_size=2), model=model,
-                         tokenizer=tok)
+    runner = ProbeRunner(
+        ProbeConfig(tasks=["arc_easy:rc_0shot"], docs_per_task=3, batch_size=2),
+        model=model,
+        tokenizer=tok,
+    )
     seen = {"calls": 0, "entered": 0, "inference": []}
 
     @contextlib.contextmanager
@@ -123,7 +136,9 @@ def test_padding_rows_of_a_short_rank_do_not_double_scores(hf):
     ref = single.scorer.score_batches(single._batches)
     n_rows = len(single.rows)
     if n_rows % 2 == 0:  # make the row count odd so that rank 1 needs padding
-        cfg = ProbeConfig(tasks=["piqa:rc_0shot", "arc_easy:rc_0shot"], docs_per_task=2, batch_size=1)
+        cfg = ProbeConfig(
+            tasks=["piqa:rc_0shot", "arc_easy:rc_0shot"], docs_per_task=2, batch_size=1
+        )
         single = ProbeRunner(cfg, model=model, tokenizer=tok)
         single._ensure_batches()
         ref = single.scorer.score_batches(single._batches)

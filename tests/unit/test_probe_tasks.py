@@ -66,15 +66,27 @@ def _write(tmp_path, rows, name="mine.jsonl"):
 
 
 def _row(doc, idx, label, ctx="Q: 2+2=", cont=" 4", **kw):
-    d = {"doc_id": doc, "idx": idx, "label": label, "request": {"context": ctx, "continuation": cont}}
+    d = {
+        "doc_id": doc,
+        "idx": idx,
+        "label": label,
+        "request": {"context": ctx, "continuation": cont},
+    }
     d.update(kw)
     return d
 
 
 def test_user_file_ok(tmp_path):
-    p = _write(tmp_path, [_row(0, 0, 1, cont=" 3"), _row(0, 1, 1, cont=" 4"),
-                          _row(1, 0, 0, cont=" yes"), _row(1, 1, 0, cont=" no"),
-                          _row(0, 0, None, cont=" gold", task_name="mybpb", capability="math")])
+    p = _write(
+        tmp_path,
+        [
+            _row(0, 0, 1, cont=" 3"),
+            _row(0, 1, 1, cont=" 4"),
+            _row(1, 0, 0, cont=" yes"),
+            _row(1, 1, 0, cont=" no"),
+            _row(0, 0, None, cont=" gold", task_name="mybpb", capability="math"),
+        ],
+    )
     tasks = T.load_requests_file(p)
     assert set(tasks) == {"mine", "mybpb"}
     assert tasks["mine"].kind == "mc" and [d.gold for d in tasks["mine"].docs] == [1, 0]
@@ -100,22 +112,37 @@ def test_first_n_follows_file_order_and_the_seeded_subset_does_not(tmp_path):
     assert back.file_order == [30, 10, 20]
 
 
-@pytest.mark.parametrize("rows,pattern", [
-    (["{not json"], r"mine.jsonl:1: not valid JSON"),
-    ([_row(0, 0, 0), {"doc_id": 0, "idx": 1, "label": 0}], r"mine.jsonl:2: field `request`"),
-    ([_row("a", 0, 0)], r"mine.jsonl:1: field `doc_id` must be an integer"),
-    ([_row(0, 0, 0), _row(0, 1, 0, cont="")], r"mine.jsonl:2: field `request.continuation` is empty"),
-    ([_row(0, 0, 0), _row(0, 1, 0, cont=5)], r"mine.jsonl:2: field `request.continuation` must be a string"),
-    ([_row(0, 0, 0), _row(1, 0, 0), _row(1, 1, 0)], r"mine.jsonl:1: doc_id 0 has only one choice"),
-    ([_row(0, 0, 2), _row(0, 1, 2)], r"mine.jsonl:1: field `label` of doc_id 0 is 2, out of range"),
-    ([_row(0, 0, 0), _row(0, 1, 1)], r"doc_id 0 has different `label` values"),
-    ([_row(0, 0, 0), _row(0, 2, 0)], r"choice indices \[0, 2\]"),
-    ([_row(0, 0, 0), _row(0, 0, 0)], r"mine.jsonl:2: duplicate choice"),
-    ([_row(0, 0, 0), _row(0, 1, 0), _row(1, 0, None)], r"mixes integer labels"),
-    ([_row(0, 0, None), _row(0, 1, None)], r"gold-bpb task .* exactly one"),
-    ([_row(0, 0, 0, capability="vibes")], r"mine.jsonl:1: field `capability` is 'vibes'"),
-    ([], r"no requests found"),
-])
+@pytest.mark.parametrize(
+    "rows,pattern",
+    [
+        (["{not json"], r"mine.jsonl:1: not valid JSON"),
+        ([_row(0, 0, 0), {"doc_id": 0, "idx": 1, "label": 0}], r"mine.jsonl:2: field `request`"),
+        ([_row("a", 0, 0)], r"mine.jsonl:1: field `doc_id` must be an integer"),
+        (
+            [_row(0, 0, 0), _row(0, 1, 0, cont="")],
+            r"mine.jsonl:2: field `request.continuation` is empty",
+        ),
+        (
+            [_row(0, 0, 0), _row(0, 1, 0, cont=5)],
+            r"mine.jsonl:2: field `request.continuation` must be a string",
+        ),
+        (
+            [_row(0, 0, 0), _row(1, 0, 0), _row(1, 1, 0)],
+            r"mine.jsonl:1: doc_id 0 has only one choice",
+        ),
+        (
+            [_row(0, 0, 2), _row(0, 1, 2)],
+            r"mine.jsonl:1: field `label` of doc_id 0 is 2, out of range",
+        ),
+        ([_row(0, 0, 0), _row(0, 1, 1)], r"doc_id 0 has different `label` values"),
+        ([_row(0, 0, 0), _row(0, 2, 0)], r"choice indices \[0, 2\]"),
+        ([_row(0, 0, 0), _row(0, 0, 0)], r"mine.jsonl:2: duplicate choice"),
+        ([_row(0, 0, 0), _row(0, 1, 0), _row(1, 0, None)], r"mixes integer labels"),
+        ([_row(0, 0, None), _row(0, 1, None)], r"gold-bpb task .* exactly one"),
+        ([_row(0, 0, 0, capability="vibes")], r"mine.jsonl:1: field `capability` is 'vibes'"),
+        ([], r"no requests found"),
+    ],
+)
 def test_bad_requests_files(tmp_path, rows, pattern):
     p = _write(tmp_path, rows)
     with pytest.raises(T.TaskError, match=pattern):

@@ -23,8 +23,14 @@ from fineline_monitor.core.types import CAPABILITIES, Alert, ProbeRound, TaskRes
 from fineline_monitor.report import render_report
 from fineline_monitor.report.cli import add_parser
 
-TASKS = {"commonsense": ["hellaswag", "piqa"], "knowledge": ["arc_easy"], "reading": ["boolq"],
-         "math": ["gsm8k"], "code": ["codex_humaneval"], "examination": ["mmlu"]}
+TASKS = {
+    "commonsense": ["hellaswag", "piqa"],
+    "knowledge": ["arc_easy"],
+    "reading": ["boolq"],
+    "math": ["gsm8k"],
+    "code": ["codex_humaneval"],
+    "examination": ["mmlu"],
+}
 
 
 def make_store(out: Path, run: str = "report-run", steps: int = 120) -> Path:
@@ -36,11 +42,17 @@ def make_store(out: Path, run: str = "report-run", steps: int = 120) -> Path:
     st.log_phase(96, 96 * 1024, "decay", "stable")
     for s in range(0, steps, 5):
         tok = (s + 1) * 1024
-        m = {"train/loss": 7.5 * (1 + s) ** -0.08 + (1.5 if s == 70 else 0.0), "train/lr": min(1.0, (s + 1) / 12) * 1e-3,
-             "train/tokens": tok, "optim/grad_norm": 1.0 + 0.2 * math.sin(s / 7) + (20 if s == 70 else 0),
-             "optim/update_ratio": 1e-3 * (1.2 if s < 60 else 0.8), "optim/update_ratio/matrices": 1.1e-3,
-             "optim/update_ratio/vectors": 3e-4, "optim/nonfinite_loss": 0.0,
-             "train/loss_z": 9.0 if s == 70 else 0.1 * math.sin(s)}
+        m = {
+            "train/loss": 7.5 * (1 + s) ** -0.08 + (1.5 if s == 70 else 0.0),
+            "train/lr": min(1.0, (s + 1) / 12) * 1e-3,
+            "train/tokens": tok,
+            "optim/grad_norm": 1.0 + 0.2 * math.sin(s / 7) + (20 if s == 70 else 0),
+            "optim/update_ratio": 1e-3 * (1.2 if s < 60 else 0.8),
+            "optim/update_ratio/matrices": 1.1e-3,
+            "optim/update_ratio/vectors": 3e-4,
+            "optim/nonfinite_loss": 0.0,
+            "train/loss_z": 9.0 if s == 70 else 0.1 * math.sin(s),
+        }
         for layer in range(4):
             m[f"stability/attn_logit_max/{layer}"] = 5.0 + layer + s / 30
         st.log_metrics(s, tok, m)
@@ -53,22 +65,68 @@ def make_store(out: Path, run: str = "report-run", steps: int = 120) -> Path:
                 acc = 0.25 + 0.3 * (1 - math.exp(-s / 60)) + 0.01 * ci
                 if t == "gsm8k" and s >= 80:
                     acc -= 0.12  # the regression the warning is about
-                tasks[t] = TaskResult(t, cap, 16, {"acc": acc, "bpb": 2.0 - acc}, {"acc": 0.05, "bpb": 0.02})
-            caps[f"{cap}/acc_above_chance"] = sum(tasks[t].metrics["acc"] for t in names) / len(names) - 0.25
-        st.log_probe(ProbeRound(step=s, tokens=(s + 1) * 1024, tasks=tasks, requests=[], seconds=1.5,
-                                tokens_scored=9000, capability_scores=caps))
-        rows = [{"name": f"capability/{c}", "expected": v + 0.01, "low": v - 0.05, "high": v + 0.07}
-                for c, v in caps.items()]
-        rows += [{"name": f"probe/{t}/acc", "expected": tasks[t].metrics["acc"] + (0.12 if t == "gsm8k" and s >= 80 else 0),
-                  "low": tasks[t].metrics["acc"] - 0.05 + (0.09 if t == "gsm8k" and s >= 80 else 0),
-                  "high": tasks[t].metrics["acc"] + 0.18} for t in tasks]
+                tasks[t] = TaskResult(
+                    t, cap, 16, {"acc": acc, "bpb": 2.0 - acc}, {"acc": 0.05, "bpb": 0.02}
+                )
+            caps[f"{cap}/acc_above_chance"] = (
+                sum(tasks[t].metrics["acc"] for t in names) / len(names) - 0.25
+            )
+        st.log_probe(
+            ProbeRound(
+                step=s,
+                tokens=(s + 1) * 1024,
+                tasks=tasks,
+                requests=[],
+                seconds=1.5,
+                tokens_scored=9000,
+                capability_scores=caps,
+            )
+        )
+        rows = [
+            {"name": f"capability/{c}", "expected": v + 0.01, "low": v - 0.05, "high": v + 0.07}
+            for c, v in caps.items()
+        ]
+        rows += [
+            {
+                "name": f"probe/{t}/acc",
+                "expected": tasks[t].metrics["acc"] + (0.12 if t == "gsm8k" and s >= 80 else 0),
+                "low": tasks[t].metrics["acc"] - 0.05 + (0.09 if t == "gsm8k" and s >= 80 else 0),
+                "high": tasks[t].metrics["acc"] + 0.18,
+            }
+            for t in tasks
+        ]
         st.log_expectations(s, rows)
-    st.log_alert(Alert("capability_regression", "warning", 100, "math/gsm8k acc 0.42 fell below the expected "
-                       "band [0.45, 0.72] for phase stable (expected 0.56)", tokens=101 * 1024, run=run,
-                       capability="math", task="gsm8k", metric="acc", observed=0.42, expected=0.56,
-                       band=[0.45, 0.72], phase="stable"))
-    st.log_alert(Alert("nonfinite_loss", "critical", 75, "loss is NaN at step 75 <script>alert(1)</script>",
-                       tokens=76 * 1024, run=run, metric="train/loss", observed=float("nan"), phase="stable"))
+    st.log_alert(
+        Alert(
+            "capability_regression",
+            "warning",
+            100,
+            "math/gsm8k acc 0.42 fell below the expected "
+            "band [0.45, 0.72] for phase stable (expected 0.56)",
+            tokens=101 * 1024,
+            run=run,
+            capability="math",
+            task="gsm8k",
+            metric="acc",
+            observed=0.42,
+            expected=0.56,
+            band=[0.45, 0.72],
+            phase="stable",
+        )
+    )
+    st.log_alert(
+        Alert(
+            "nonfinite_loss",
+            "critical",
+            75,
+            "loss is NaN at step 75 <script>alert(1)</script>",
+            tokens=76 * 1024,
+            run=run,
+            metric="train/loss",
+            observed=float("nan"),
+            phase="stable",
+        )
+    )
     st.log_event(40, "internal_error", "sink:wandb", "ConnectionError: W&B unreachable")
     st.close()
     return out
@@ -91,8 +149,13 @@ def test_report_contents(report_dir):
         assert f'aria-label="{cap} · accuracy above chance, higher is better"' in text, cap
     for t in ("hellaswag", "gsm8k", "mmlu"):
         assert f"{t} · acc" in text
-    for title in ("training loss", "gradient norm", "update / parameter ratio per group",
-                  "max attention logit per layer", "learning rate"):
+    for title in (
+        "training loss",
+        "gradient norm",
+        "update / parameter ratio per group",
+        "max attention logit per layer",
+        "learning rate",
+    ):
         assert f'aria-label="{title}' in text, title
     # expected bands and phase shading are drawn
     assert text.count("<title>expected band</title></polygon>") >= len(CAPABILITIES)
@@ -100,11 +163,13 @@ def test_report_contents(report_dir):
     # alerts table with explanations, escaped
     assert "capability_regression" in text and "fell below the expected band" in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "<script>alert(1)" not in text
-    table = text[text.index('<table id="alerts"'):]
+    table = text[text.index('<table id="alerts"') :]
     assert table.index("nonfinite_loss") < table.index("capability_regression")  # sorted by step
     # the What happened box (no injection recorded here) names the capability that left its band
-    box = text[text.index('id="what-happened"'):text.index('<h2 id="alerts-h">')]
-    assert "math task gsm8k left its band at step 100" in box and "observed 0.42, expected 0.56" in box
+    box = text[text.index('id="what-happened"') : text.index('<h2 id="alerts-h">')]
+    assert (
+        "math task gsm8k left its band at step 100" in box and "observed 0.42, expected 0.56" in box
+    )
     # internal errors are listed; zero-only indicators are summarised, not charted
     assert "W&amp;B unreachable" in text
     assert "Zero throughout the run: non-finite losses" in text
@@ -137,17 +202,29 @@ def test_report_of_empty_run(tmp_path):
 
 # ---- headless Chromium ---------------------------------------------------------------------
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed (Debian package chromium); .ci/run installs it")
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _png_pixels(path: Path):
@@ -156,8 +233,8 @@ def _png_pixels(path: Path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, idat, w = 8, b"", 0
     while pos < len(data):
-        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + n]
+        n, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + n]
         if kind == b"IHDR":
             w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", body)
             assert depth == 8 and ctype in (2, 6) and interlace == 0
@@ -170,7 +247,7 @@ def _png_pixels(path: Path):
     rows, prev = [], bytearray(stride)
     for y in range(h):
         f = raw[y * (stride + 1)]
-        line = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        line = bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
         for i in range(stride):
             a = line[i - bpp] if i >= bpp else 0
             b = prev[i]
@@ -195,17 +272,28 @@ def test_report_renders_in_chromium_without_errors(report_dir, tmp_path):
     path = render_report(report_dir)
     url = path.resolve().as_uri()
     # 1) console: Chromium logs JS exceptions and console.error to stderr with --enable-logging
-    dom = _chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000", "--dump-dom", url)
+    dom = _chromium(
+        tmp_path,
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=3000",
+        "--dump-dom",
+        url,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
     # 2) the page's own error trap saw nothing, and the script ran over all charts
-    assert re.search(r'<pre id="js-errors" data-count="0">\s*</pre>', dom.stdout), dom.stdout[-1500:]
+    assert re.search(r'<pre id="js-errors" data-count="0">\s*</pre>', dom.stdout), dom.stdout[
+        -1500:
+    ]
     m = re.search(r'data-rendered="(\d+)"', dom.stdout)
     assert m and int(m.group(1)) >= 6 + 7 + 3, "inline script did not run over the charts"
     # 3) a real, non-blank render
     shot = tmp_path / "report.png"
-    r = _chromium(tmp_path, "--window-size=1400,2200", "--hide-scrollbars", f"--screenshot={shot}", url)
+    r = _chromium(
+        tmp_path, "--window-size=1400,2200", "--hide-scrollbars", f"--screenshot={shot}", url
+    )
     assert r.returncode == 0 and shot.exists(), r.stderr[-2000:]
     w, h, bpp, rows = _png_pixels(shot)
     assert (w, h) == (1400, 2200)
@@ -214,7 +302,7 @@ def test_report_renders_in_chromium_without_errors(report_dir, tmp_path):
     for y in range(0, h, 7):
         row = rows[y]
         for x in range(0, w, 5):
-            px = row[x * bpp:x * bpp + 3]
+            px = row[x * bpp : x * bpp + 3]
             colours.add(px)
             dark += sum(px) < 200
     assert len(colours) > 50, f"only {len(colours)} distinct colours: blank page?"
@@ -230,4 +318,6 @@ def test_chromium_check_catches_a_broken_page(tmp_path):
     bad = tmp_path / "bad.html"
     bad.write_text("<html><body><script>undefinedFunction();</script><p>x</p></body></html>")
     dom = _chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--dump-dom", bad.as_uri())
-    assert any("Uncaught" in line or "CONSOLE" in line for line in dom.stderr.splitlines()), dom.stderr[-2000:]
+    assert any("Uncaught" in line or "CONSOLE" in line for line in dom.stderr.splitlines()), (
+        dom.stderr[-2000:]
+    )

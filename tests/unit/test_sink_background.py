@@ -46,8 +46,13 @@ def test_gives_up_after_max_retries_and_redacts():
     def down(item):
         raise ConnectionError("cannot reach https://hooks.example/SECRET-TOKEN")
 
-    w = BackgroundWorker("t-fail", down, max_retries=2, backoff_s=0.01,
-                         redact=lambda s: s.replace("SECRET-TOKEN", "<redacted>"))
+    w = BackgroundWorker(
+        "t-fail",
+        down,
+        max_retries=2,
+        backoff_s=0.01,
+        redact=lambda s: s.replace("SECRET-TOKEN", "<redacted>"),
+    )
     w.submit(1)
     w.submit(2)
     assert w.flush(5)

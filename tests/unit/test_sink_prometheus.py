@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -36,8 +35,14 @@ def test_name_mapping():
     assert prom_name("train/loss") == ("fineline_train_loss", {})
     assert prom_name("train/tokens_per_s") == ("fineline_train_tokens_per_second", {})
     assert prom_name("optim/update_ratio") == ("fineline_optim_update_ratio", {"group": "all"})
-    assert prom_name("optim/update_ratio/matrices") == ("fineline_optim_update_ratio", {"group": "matrices"})
-    assert prom_name("stability/attn_logit_max/7") == ("fineline_stability_attn_logit_max", {"layer": "7"})
+    assert prom_name("optim/update_ratio/matrices") == (
+        "fineline_optim_update_ratio",
+        {"group": "matrices"},
+    )
+    assert prom_name("stability/attn_logit_max/7") == (
+        "fineline_stability_attn_logit_max",
+        {"layer": "7"},
+    )
     assert prom_name("stability/act_rms/3") == ("fineline_stability_act_rms", {"layer": "3"})
     assert prom_name("optim/grad_rms/vectors") == ("fineline_optim_grad_rms", {"group": "vectors"})
     assert prom_name("some thing/odd-name") == ("fineline_some_thing_odd_name", {})
@@ -48,38 +53,140 @@ def test_snapshot_at_scrape_time_with_labels():
     s = PrometheusSink("r1", mode="http", registry=reg, port=0)
     try:
         s.start_run("r1", {"probe_every": 50}, {})
-        s.log_metrics(10, 1000, {"train/loss": 2.5, "stability/attn_logit_max/0": 12.0, "train/lr": float("nan")})
-        s.log_probe(ProbeRound(step=10, tokens=1000, tasks={
-            "gsm8k": TaskResult("gsm8k", "math", 16, {"acc": 0.1, "bpb": 1.4}, {"acc": 0.07})},
-            requests=[], seconds=2.0, tokens_scored=100, capability_scores={"math/bpb": 0.02}))
+        s.log_metrics(
+            10,
+            1000,
+            {"train/loss": 2.5, "stability/attn_logit_max/0": 12.0, "train/lr": float("nan")},
+        )
+        s.log_probe(
+            ProbeRound(
+                step=10,
+                tokens=1000,
+                tasks={
+                    "gsm8k": TaskResult(
+                        "gsm8k", "math", 16, {"acc": 0.1, "bpb": 1.4}, {"acc": 0.07}
+                    )
+                },
+                requests=[],
+                seconds=2.0,
+                tokens_scored=100,
+                capability_scores={"math/bpb": 0.02},
+            )
+        )
         # the flat probe names the monitor also logs: the exporter takes probes from the round itself
         s.log_metrics(10, 1000, {"probe/gsm8k/acc": 0.125, "capability/math/bpb": 0.03})
-        s.log_expectations(10, [{"name": "capability/math/bpb", "expected": 0.04, "low": 0.01, "high": 0.07},
-                                {"name": "probe/gsm8k/acc", "expected": 0.12, "low": 0.05, "high": 0.2}])
+        s.log_expectations(
+            10,
+            [
+                {"name": "capability/math/bpb", "expected": 0.04, "low": 0.01, "high": 0.07},
+                {"name": "probe/gsm8k/acc", "expected": 0.12, "low": 0.05, "high": 0.2},
+            ],
+        )
         s.log_phase(10, 1000, "stable", "warmup")
-        s.log_alert(Alert("capability_regression", "critical", 10, "m", run="r1", capability="math", task="gsm8k",
-                          metric="acc"))
+        s.log_alert(
+            Alert(
+                "capability_regression",
+                "critical",
+                10,
+                "m",
+                run="r1",
+                capability="math",
+                task="gsm8k",
+                metric="acc",
+            )
+        )
         with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/metrics", timeout=5) as r:
             text = r.read().decode()
         got = samples(text)
         assert got[("fineline_train_loss", lab(run="r1"))] == 2.5
         assert got[("fineline_stability_attn_logit_max", lab(run="r1", layer="0"))] == 12.0
-        assert got[("fineline_probe_value", lab(run="r1", capability="math", task="gsm8k", metric="acc"))] == 0.1
-        assert got[("fineline_probe_stderr", lab(run="r1", capability="math", task="gsm8k", metric="acc"))] == 0.07
-        assert got[("fineline_capability_score", lab(run="r1", capability="math", series="bpb"))] == 0.02
-        assert not any(name.startswith(("fineline_probe_gsm8k", "fineline_capability_math")) for name, _ in got)
-        assert got[("fineline_expected_low", lab(run="r1", name="capability/math/bpb", capability="math", task="",
-                                                 metric="bpb"))] == 0.01
-        assert got[("fineline_expected_high", lab(run="r1", name="probe/gsm8k/acc", capability="math",
-                                                  task="gsm8k", metric="acc"))] == 0.2
+        assert (
+            got[
+                (
+                    "fineline_probe_value",
+                    lab(run="r1", capability="math", task="gsm8k", metric="acc"),
+                )
+            ]
+            == 0.1
+        )
+        assert (
+            got[
+                (
+                    "fineline_probe_stderr",
+                    lab(run="r1", capability="math", task="gsm8k", metric="acc"),
+                )
+            ]
+            == 0.07
+        )
+        assert (
+            got[("fineline_capability_score", lab(run="r1", capability="math", series="bpb"))]
+            == 0.02
+        )
+        assert not any(
+            name.startswith(("fineline_probe_gsm8k", "fineline_capability_math")) for name, _ in got
+        )
+        assert (
+            got[
+                (
+                    "fineline_expected_low",
+                    lab(
+                        run="r1",
+                        name="capability/math/bpb",
+                        capability="math",
+                        task="",
+                        metric="bpb",
+                    ),
+                )
+            ]
+            == 0.01
+        )
+        assert (
+            got[
+                (
+                    "fineline_expected_high",
+                    lab(
+                        run="r1",
+                        name="probe/gsm8k/acc",
+                        capability="math",
+                        task="gsm8k",
+                        metric="acc",
+                    ),
+                )
+            ]
+            == 0.2
+        )
         assert got[("fineline_phase", lab(run="r1", phase="stable"))] == 1.0
         assert got[("fineline_phase", lab(run="r1", phase="warmup"))] == 0.0
-        assert got[("fineline_alert_active", lab(run="r1", rule="capability_regression", severity="critical",
-                                                 capability="math", task="gsm8k", metric="acc"))] == 1.0
-        assert got[("fineline_alerts_total", lab(run="r1", rule="capability_regression", severity="critical"))] == 1
+        assert (
+            got[
+                (
+                    "fineline_alert_active",
+                    lab(
+                        run="r1",
+                        rule="capability_regression",
+                        severity="critical",
+                        capability="math",
+                        task="gsm8k",
+                        metric="acc",
+                    ),
+                )
+            ]
+            == 1.0
+        )
+        assert (
+            got[
+                (
+                    "fineline_alerts_total",
+                    lab(run="r1", rule="capability_regression", severity="critical"),
+                )
+            ]
+            == 1
+        )
         assert got[("fineline_probe_every_steps", lab(run="r1"))] == 50
         assert abs(got[("fineline_last_step_timestamp_seconds", lab(run="r1"))] - time.time()) < 60
-        assert got[("fineline_train_lr", lab(run="r1"))] != got[("fineline_train_lr", lab(run="r1"))]  # NaN kept
+        assert (
+            got[("fineline_train_lr", lab(run="r1"))] != got[("fineline_train_lr", lab(run="r1"))]
+        )  # NaN kept
     finally:
         s.close()
     # the port is released on close
@@ -91,8 +198,17 @@ def test_alert_resolves_after_hold_time():
     s = PrometheusSink("r", mode="http", registry=CollectorRegistry(), port=0, alert_hold_s=0.3)
     try:
         s.log_alert(Alert("nonfinite_loss", "critical", 1, "nan"))
-        key = ("fineline_alert_active", lab(run="r", rule="nonfinite_loss", severity="critical", capability="",
-                                            task="", metric=""))
+        key = (
+            "fineline_alert_active",
+            lab(
+                run="r",
+                rule="nonfinite_loss",
+                severity="critical",
+                capability="",
+                task="",
+                metric="",
+            ),
+        )
         assert samples(s.exposition())[key] == 1.0
         time.sleep(0.4)
         assert samples(s.exposition())[key] == 0.0
@@ -117,7 +233,9 @@ def test_textfile_mode_from_config_is_atomic_and_final(tmp_path):
 
 def test_log_metrics_is_cheap(tmp_path):
     """The training thread only records numbers; formatting happens at scrape/write time."""
-    s = PrometheusSink("perf", mode="textfile", textfile=tmp_path / "m.prom", registry=CollectorRegistry())
+    s = PrometheusSink(
+        "perf", mode="textfile", textfile=tmp_path / "m.prom", registry=CollectorRegistry()
+    )
     m = {f"stability/act_rms/{i}": 1.0 for i in range(48)}
     m.update({"train/loss": 1.0, "optim/grad_norm": 1.0})
     t0 = time.perf_counter()
@@ -145,8 +263,11 @@ def test_pushgateway_mode_pushes_to_a_real_pushgateway(monkeypatch, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    p = subprocess.Popen([PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 20

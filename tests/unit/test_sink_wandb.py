@@ -30,9 +30,9 @@ def read_records(path: Path):
         if left < 7:
             pos += left
             continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
         pos += 7
-        chunk = data[pos:pos + n]
+        chunk = data[pos : pos + n]
         pos += n
         buf = chunk if kind in (1, 2) else buf + chunk
         if kind in (1, 4):
@@ -57,15 +57,31 @@ def test_offline_run_has_axes_metrics_config_and_no_alerts(tmp_path, monkeypatch
     s = WandbSink.from_config(cfg, out_dir=tmp_path, run="wb-test")
     s.start_run("wb-test", cfg.to_dict(), {"params": 1234})
     for step in range(0, 30, 10):
-        s.log_metrics(step, step * 100, {"train/loss": 3.0 - step / 100, "train/tokens": step * 100,
-                                         "optim/grad_norm": 1.0})
-    r = ProbeRound(step=20, tokens=2000, tasks={"gsm8k": TaskResult("gsm8k", "math", 8, {"acc": 0.25}, {"acc": 0.1})},
-                   requests=[], seconds=1.0, tokens_scored=10, capability_scores={"math": 0.05})
+        s.log_metrics(
+            step,
+            step * 100,
+            {"train/loss": 3.0 - step / 100, "train/tokens": step * 100, "optim/grad_norm": 1.0},
+        )
+    r = ProbeRound(
+        step=20,
+        tokens=2000,
+        tasks={"gsm8k": TaskResult("gsm8k", "math", 8, {"acc": 0.25}, {"acc": 0.1})},
+        requests=[],
+        seconds=1.0,
+        tokens_scored=10,
+        capability_scores={"math": 0.05},
+    )
     s.log_probe(r)
     s.log_metrics(20, 2000, {"probe/gsm8k/acc": 0.25, "capability/math": 0.05})
-    s.log_expectations(20, [{"name": "capability/math", "expected": 0.06, "low": 0.01, "high": 0.1}])
+    s.log_expectations(
+        20, [{"name": "capability/math", "expected": 0.06, "low": 0.01, "high": 0.1}]
+    )
     s.log_phase(20, 2000, "stable", "warmup")
-    s.log_alert(Alert("capability_regression", "critical", 20, "math fell", run="wb-test", capability="math"))
+    s.log_alert(
+        Alert(
+            "capability_regression", "critical", 20, "math fell", run="wb-test", capability="math"
+        )
+    )
     s.close()
     assert s.stats["failed"] == 0 and s.stats["dropped"] == 0
     assert s.writer.alerts_not_sent == 1 and s.writer.alerts_sent == 0  # offline: no wandb.alert
@@ -81,16 +97,29 @@ def test_offline_run_has_axes_metrics_config_and_no_alerts(tmp_path, monkeypatch
         if "exit" in kinds or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    metric_defs = {(m.metric.name or m.metric.glob_name): m.metric.step_metric for m in recs if m.HasField("metric")}
+    metric_defs = {
+        (m.metric.name or m.metric.glob_name): m.metric.step_metric
+        for m in recs
+        if m.HasField("metric")
+    }
     assert "train/tokens" in metric_defs and "train/step" in metric_defs
     assert metric_defs["*"] == "train/tokens"
     keys = set()
     for r in recs:
         if r.HasField("history"):
             keys.update("/".join(i.nested_key) or i.key for i in r.history.item)
-    for k in ("train/loss", "train/tokens", "train/step", "probe_math/gsm8k/acc", "probe_math/gsm8k/acc_stderr",
-              "capability/math", "capability/math_low", "capability/math_high", "train/phase_index",
-              "alerts/critical"):
+    for k in (
+        "train/loss",
+        "train/tokens",
+        "train/step",
+        "probe_math/gsm8k/acc",
+        "probe_math/gsm8k/acc_stderr",
+        "capability/math",
+        "capability/math_low",
+        "capability/math_high",
+        "train/phase_index",
+        "alerts/critical",
+    ):
         assert k in keys, (k, sorted(keys))
     run_rec = next(r for r in recs if r.HasField("run"))
     cfg_items = {i.key: i.value_json for i in run_rec.run.config.update}

@@ -55,8 +55,17 @@ def server():
 
 
 def alert(sev="critical", **kw):
-    return Alert("nonfinite_loss", sev, 42, "loss is NaN", run="r1", metric="train/loss", tokens=4200,
-                 phase="stable", **kw)
+    return Alert(
+        "nonfinite_loss",
+        sev,
+        42,
+        "loss is NaN",
+        run="r1",
+        metric="train/loss",
+        tokens=4200,
+        phase="stable",
+        **kw,
+    )
 
 
 def make(monkeypatch, url, kind, **kw):
@@ -146,10 +155,14 @@ def test_missing_env_fails_at_attach_naming_the_variable(monkeypatch):
     cfg = MonitorConfig(sinks={"enabled": ["webhook"], "webhook_kind": "slack"})
     with pytest.raises(ConfigError, match="FINELINE_WEBHOOK_URL"):
         WebhookSink.from_config(cfg, out_dir=None, run="r")
-    cfg = MonitorConfig(sinks={"enabled": ["webhook"], "webhook_kind": "pagerduty", "pagerduty_key_env": "MY_KEY"})
+    cfg = MonitorConfig(
+        sinks={"enabled": ["webhook"], "webhook_kind": "pagerduty", "pagerduty_key_env": "MY_KEY"}
+    )
     with pytest.raises(ConfigError, match="MY_KEY"):
         WebhookSink.from_config(cfg, out_dir=None, run="r")
     monkeypatch.setenv("FINELINE_WEBHOOK_URL", "https://evil.example/x")
-    cfg = MonitorConfig(sinks={"enabled": ["webhook"], "webhook_url_allowlist": ["hooks.slack.com"]})
+    cfg = MonitorConfig(
+        sinks={"enabled": ["webhook"], "webhook_url_allowlist": ["hooks.slack.com"]}
+    )
     with pytest.raises(ConfigError, match="allowlist"):
         WebhookSink.from_config(cfg, out_dir=None, run="r")

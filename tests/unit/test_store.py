@@ -1,8 +1,8 @@
 """Run store: WAL mode, idempotent writes per (run, step, name), trajectory CSV export."""
 
 import csv
-import math
 import io
+import math
 import sqlite3
 
 import pytest
@@ -12,11 +12,28 @@ from fineline_monitor.core.types import Alert, ProbeRound, RequestScore, TaskRes
 
 
 def _round(step, acc):
-    tr = TaskResult(task="hellaswag_rc", capability="commonsense", n_docs=10,
-                    metrics={"acc": acc, "bpb": 1.5}, stderr={"acc": 0.1, "bpb": 0.02}, random_baseline=0.25)
-    reqs = [RequestScore("hellaswag_rc", d, c, -3.0 - c, 5, 20, c == 0) for d in range(10) for c in range(4)]
-    return ProbeRound(step=step, tokens=step * 1000, tasks={"hellaswag_rc": tr}, requests=reqs, seconds=1.0,
-                      tokens_scored=400, capability_scores={"commonsense": acc - 0.25})
+    tr = TaskResult(
+        task="hellaswag_rc",
+        capability="commonsense",
+        n_docs=10,
+        metrics={"acc": acc, "bpb": 1.5},
+        stderr={"acc": 0.1, "bpb": 0.02},
+        random_baseline=0.25,
+    )
+    reqs = [
+        RequestScore("hellaswag_rc", d, c, -3.0 - c, 5, 20, c == 0)
+        for d in range(10)
+        for c in range(4)
+    ]
+    return ProbeRound(
+        step=step,
+        tokens=step * 1000,
+        tasks={"hellaswag_rc": tr},
+        requests=reqs,
+        seconds=1.0,
+        tokens_scored=400,
+        capability_scores={"commonsense": acc - 0.25},
+    )
 
 
 def test_wal_and_idempotent_rewrites(tmp_path):
@@ -68,7 +85,17 @@ def test_trajectory_csv_export(tmp_path):
     n = s.export_trajectory_csv(buf)
     rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
     assert n == 4 == len(rows)
-    assert list(rows[0]) == ["source", "model", "params", "step", "tokens", "task", "metric", "value", "stderr"]
+    assert list(rows[0]) == [
+        "source",
+        "model",
+        "params",
+        "step",
+        "tokens",
+        "task",
+        "metric",
+        "value",
+        "stderr",
+    ]
     accs = [(r["step"], r["value"]) for r in rows if r["metric"] == "acc"]
     assert accs == [("10", "0.3"), ("20", "0.4")]
     assert rows[0]["params"] == "3000000" and rows[0]["model"] == "r"
@@ -97,13 +124,21 @@ def test_export_of_a_diverged_run_reads_back_for_analyze(tmp_path):
         s.log_probe(_round(step, acc))
     s.close()
     out = tmp_path / "exp.csv"
-    r = subprocess.run([sys.executable, "-m", "fineline_monitor.cli", "export", str(tmp_path), "-o", str(out)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "fineline_monitor.cli", "export", str(tmp_path), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     acc = [c for c in read_trajectory(str(out)).curves if c.metric == "acc"][0]
     assert acc.values[:2].tolist() == [0.3, 0.4] and math.isnan(acc.values[2])
-    r = subprocess.run([sys.executable, "-m", "fineline_monitor.analyze", str(out), "--out", str(tmp_path / "an")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "fineline_monitor.analyze", str(out), "--out", str(tmp_path / "an")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     bad = tmp_path / "bad.csv"
     bad.write_text(out.read_text().replace(",nan,", ",,", 1))

@@ -1,13 +1,11 @@
 """Trajectory CSV / lm-eval reading: valid input, and every kind of bad input named by file/line/column."""
 
-import gzip
 import json
 
 import pytest
+from _alert_helpers import DEV_ROWS, DEV_RUNS, dev_path
 
 from fineline_monitor.core.trajectory import TrajectoryError, read_trajectory
-
-from _alert_helpers import DEV_ROWS, DEV_RUNS, dev_path
 
 HEAD = "source,model,params,step,tokens,task,metric,value,stderr\n"
 
@@ -19,21 +17,30 @@ def write(tmp_path, body, name="t.csv"):
 
 
 def test_reads_unsorted_rows_sorted_and_drops_exact_duplicates(tmp_path):
-    p = write(tmp_path, "s,m,1,20,200,piqa,acc,0.6,\ns,m,1,10,100,piqa,acc,0.5,0.01\ns,m,1,10,100,piqa,acc,0.5,0.01\n")
+    p = write(
+        tmp_path,
+        "s,m,1,20,200,piqa,acc,0.6,\ns,m,1,10,100,piqa,acc,0.5,0.01\ns,m,1,10,100,piqa,acc,0.5,0.01\n",
+    )
     t = read_trajectory(p)
     (c,) = t.curves
     assert c.steps.tolist() == [10, 20] and c.values.tolist() == [0.5, 0.6]
 
 
-@pytest.mark.parametrize("body,match", [
-    ("s,m,1,x,100,piqa,acc,0.5,\n", r"t.csv:2: column `step` must be"),
-    ("s,m,1,10,100,piqa,acc,abc,\n", r"t.csv:2: column `value`"),
-    ("s,m,1,10,100,piqa,acc,,\n", r"t.csv:2: column `value`"),
-    ("s,m,1,10,-5,piqa,acc,0.5,\n", r"t.csv:2: column `tokens`"),
-    ("s,m,1,10,100,piqa,acc,0.5,\ns,m,1,10,100,piqa,acc,0.7,\n", r"t.csv:3: duplicate step 10 .* line 2"),
-    ("s,m,1,10,100,piqa,acc,0.5,\ns,m,1,20,50,piqa,acc,0.6,\n", r"tokens go down"),
-    ("s,m,1,10,100,piqa,acc,0.5\n", r"t.csv:2: 8 fields"),
-])
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        ("s,m,1,x,100,piqa,acc,0.5,\n", r"t.csv:2: column `step` must be"),
+        ("s,m,1,10,100,piqa,acc,abc,\n", r"t.csv:2: column `value`"),
+        ("s,m,1,10,100,piqa,acc,,\n", r"t.csv:2: column `value`"),
+        ("s,m,1,10,-5,piqa,acc,0.5,\n", r"t.csv:2: column `tokens`"),
+        (
+            "s,m,1,10,100,piqa,acc,0.5,\ns,m,1,10,100,piqa,acc,0.7,\n",
+            r"t.csv:3: duplicate step 10 .* line 2",
+        ),
+        ("s,m,1,10,100,piqa,acc,0.5,\ns,m,1,20,50,piqa,acc,0.6,\n", r"tokens go down"),
+        ("s,m,1,10,100,piqa,acc,0.5\n", r"t.csv:2: 8 fields"),
+    ],
+)
 def test_bad_values_name_line_and_column(tmp_path, body, match):
     with pytest.raises(TrajectoryError, match=match):
         read_trajectory(write(tmp_path, body))
@@ -42,8 +49,11 @@ def test_bad_values_name_line_and_column(tmp_path, body, match):
 def test_missing_and_extra_columns(tmp_path):
     p = tmp_path / "h.csv"
     p.write_text("source,model,step,tokens,task,metric,value,stderr,foo\ns,m,1,1,t,acc,0.5,,x\n")
-    with pytest.raises(TrajectoryError, match=r"h.csv:1: bad header: missing columns \['params'\], unexpected "
-                                              r"columns \['foo'\]"):
+    with pytest.raises(
+        TrajectoryError,
+        match=r"h.csv:1: bad header: missing columns \['params'\], unexpected "
+        r"columns \['foo'\]",
+    ):
         read_trajectory(p)
     e = tmp_path / "e.csv"
     e.write_text("")
@@ -60,9 +70,18 @@ def test_lm_eval_results_folder(tmp_path):
     for step, acc in ((1000, 0.55), (3000, 0.6)):
         d = tmp_path / f"step{step}" / "model"
         d.mkdir(parents=True)
-        doc = {"results": {"piqa": {"alias": "piqa", "acc,none": acc, "acc_stderr,none": 0.01,
-                                    "acc_norm,none": acc + 0.01, "acc_norm_stderr,none": 0.01}},
-               "config": {"model": "hf", "model_args": "pretrained=EleutherAI/pythia-70m"}}
+        doc = {
+            "results": {
+                "piqa": {
+                    "alias": "piqa",
+                    "acc,none": acc,
+                    "acc_stderr,none": 0.01,
+                    "acc_norm,none": acc + 0.01,
+                    "acc_norm_stderr,none": 0.01,
+                }
+            },
+            "config": {"model": "hf", "model_args": "pretrained=EleutherAI/pythia-70m"},
+        }
         (d / "results_2024-01-01T00-00-00.json").write_text(json.dumps(doc))
     t = read_trajectory(tmp_path)
     acc = [c for c in t.curves if c.metric == "acc"][0]
@@ -71,8 +90,10 @@ def test_lm_eval_results_folder(tmp_path):
 
 
 def test_lm_eval_step_from_revision_and_error_without_step(tmp_path):
-    doc = {"results": {"piqa": {"acc,none": 0.5}},
-           "config": {"model_args": "pretrained=EleutherAI/pythia-70m,revision=step13000"}}
+    doc = {
+        "results": {"piqa": {"acc,none": 0.5}},
+        "config": {"model_args": "pretrained=EleutherAI/pythia-70m,revision=step13000"},
+    }
     f = tmp_path / "results_a.json"
     f.write_text(json.dumps(doc))
     assert read_trajectory(f).curves[0].steps.tolist() == [13000]
