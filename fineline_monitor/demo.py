@@ -70,7 +70,9 @@ class DemoArgs:
     n_embd: int = 128
     vocab_size: int = 2048
     lr: float = 2e-3
-    seed: int = 0
+    # seed 0 trains through a real gradient-norm spike at step 40 of warmup (the monitor flags it);
+    # seed 2 does not, so the first alert of the default run is the injected capability fault
+    seed: int = 2
     threads: int = (
         1  # a ~1M-parameter model gains little from more, and loses much on a busy machine
     )

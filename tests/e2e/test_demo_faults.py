@@ -37,6 +37,8 @@ def _demo(out, inject):
         "1",
         "--inject",
         inject,
+        "--seed",
+        "0",  # the seed these short runs were checked with (the demo's default is for 600 steps)
     ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
