@@ -239,11 +239,15 @@ class StepRules:
 
     # ---- non-finite: critical, immediately ---------------------------------------------
     def _nonfinite(self, step: int, m: Dict[str, float], phase: str) -> List[Finding]:
+        out = self._nonfinite_loss(m)
+        grad, skipped, scale = self._nonfinite_grad(m)
+        return out + grad + self._scaler_skips(step, phase, skipped, scale)
+
+    @staticmethod
+    def _nonfinite_loss(m: Dict[str, float]) -> List[Finding]:
         out = []
         loss = _f(m.get(names.LOSS))
         nf_loss = _f(m.get(names.NONFINITE_LOSS)) or 0.0
-        nf_grad = _f(m.get(names.NONFINITE_GRAD)) or 0.0
-        gn = _f(m.get(names.GRAD_NORM))
         if (loss is not None and not math.isfinite(loss)) or nf_loss > 0:
             out.append(
                 Finding(
@@ -259,6 +263,15 @@ class StepRules:
                     key="loss",
                 )
             )
+        return out
+
+    @staticmethod
+    def _nonfinite_grad(m: Dict[str, float]) -> Tuple[List[Finding], float, Optional[float]]:
+        """Non-finite gradients applied (critical), or counted as loss-scaler skips; returns
+        (findings, steps skipped in this collection, the loss scale)."""
+        out = []
+        nf_grad = _f(m.get(names.NONFINITE_GRAD)) or 0.0
+        gn = _f(m.get(names.GRAD_NORM))
         # optim/nonfinite_grad counts NaN/inf gradient norms on steps not flagged as skipped;
         # steps a dynamic loss scaler skipped for overflow are counted apart, in
         # optim/skipped_steps (steps skipped since the last collection), by the indicators.
@@ -286,6 +299,12 @@ class StepRules:
                     key="grad",
                 )
             )
+        return out, skipped, scale
+
+    def _scaler_skips(
+        self, step: int, phase: str, skipped: float, scale: Optional[float]
+    ) -> List[Finding]:
+        out = []
         # Skips are judged as a rate over the last SKIP_HORIZON steps, outside warmup: a
         # dynamic scaler in steady state skips about one step per growth interval (1000-2000
         # steps), and backs off from its initial scale with a burst of skips at start-up.
@@ -411,7 +430,6 @@ class StepRules:
     # ---- update/param ratio ------------------------------------------------------------
     def _update_ratio(self, step: int, m: Dict[str, float], phase: str) -> List[Finding]:
         out: List[Finding] = []
-        lo, hi = self.cfg.update_ratio_min, self.cfg.update_ratio_max
         lr = _f(m.get(names.LR))
         for name, v in m.items():
             metric, item = names.lookup(name)
@@ -421,56 +439,65 @@ class StepRules:
             if r is None or not math.isfinite(r):
                 continue
             w = self.ratio.setdefault(name, ScalarWindow(64))
-            group = item or "all"
-            if r > hi:
-                out.append(
-                    Finding(
-                        "update_ratio",
-                        "warning",
-                        name,
-                        r,
-                        None,
-                        [lo, hi],
-                        f"update/param ratio {r:.3g} of group `{group}` is above {hi:g}: each step "
-                        "rewrites too much of the weights. Look first at: the LR (a spike?), the "
-                        "optimizer state after a restart, weight decay.",
-                        key=name,
-                    )
-                )
-            elif r < lo and phase not in ("warmup",) and (lr is None or lr > 0):
-                out.append(
-                    Finding(
-                        "update_ratio",
-                        "warning",
-                        name,
-                        r,
-                        None,
-                        [lo, hi],
-                        f"update/param ratio {r:.3g} of group `{group}` is below {lo:g}: this group "
-                        "has stopped learning. Look first at: frozen parameters, LR of the group, "
-                        "grad RMS vs Adam eps.",
-                        key=name,
-                    )
-                )
-            elif len(w) >= self.min_points:
-                med = w.median(last=32)
-                jump = self.cfg.grad_spike_factor * (2.0 if phase in ("warmup", "rewarm") else 1.0)
-                if med > 0 and r > jump * med:
-                    out.append(
-                        Finding(
-                            "update_ratio",
-                            "warning",
-                            name,
-                            r,
-                            med,
-                            [lo, jump * med],
-                            f"update/param ratio of group `{group}` jumped to {r:.3g}, {r / med:.1f}x its "
-                            f"rolling median. Look first at: the LR at this step (a spike?), "
-                            "the loss and grad norm.",
-                            key=name,
-                        )
-                    )
+            out += self._one_update_ratio(name, item or "all", r, w, lr, phase)
             w.append(step, r)
+        return out
+
+    def _one_update_ratio(
+        self, name: str, group: str, r: float, w: "ScalarWindow", lr: Optional[float], phase: str
+    ) -> List[Finding]:
+        """One group's update ratio: out of [update_ratio_min, update_ratio_max], or a jump
+        above its rolling median."""
+        out: List[Finding] = []
+        lo, hi = self.cfg.update_ratio_min, self.cfg.update_ratio_max
+        if r > hi:
+            out.append(
+                Finding(
+                    "update_ratio",
+                    "warning",
+                    name,
+                    r,
+                    None,
+                    [lo, hi],
+                    f"update/param ratio {r:.3g} of group `{group}` is above {hi:g}: each step "
+                    "rewrites too much of the weights. Look first at: the LR (a spike?), the "
+                    "optimizer state after a restart, weight decay.",
+                    key=name,
+                )
+            )
+        elif r < lo and phase not in ("warmup",) and (lr is None or lr > 0):
+            out.append(
+                Finding(
+                    "update_ratio",
+                    "warning",
+                    name,
+                    r,
+                    None,
+                    [lo, hi],
+                    f"update/param ratio {r:.3g} of group `{group}` is below {lo:g}: this group "
+                    "has stopped learning. Look first at: frozen parameters, LR of the group, "
+                    "grad RMS vs Adam eps.",
+                    key=name,
+                )
+            )
+        elif len(w) >= self.min_points:
+            med = w.median(last=32)
+            jump = self.cfg.grad_spike_factor * (2.0 if phase in ("warmup", "rewarm") else 1.0)
+            if med > 0 and r > jump * med:
+                out.append(
+                    Finding(
+                        "update_ratio",
+                        "warning",
+                        name,
+                        r,
+                        med,
+                        [lo, jump * med],
+                        f"update/param ratio of group `{group}` jumped to {r:.3g}, {r / med:.1f}x its "
+                        f"rolling median. Look first at: the LR at this step (a spike?), "
+                        "the loss and grad norm.",
+                        key=name,
+                    )
+                )
         return out
 
     def state_dict(self) -> Dict[str, Any]:
@@ -492,8 +519,8 @@ class StepRules:
         self.first_step = sd.get("first_step")
 
 
-def probe_extra_rules(cfg: Any, extra: Dict[str, float]) -> List[Finding]:
-    """Stability indicators measured during probe rounds (Wortsman et al. 2023)."""
+def _attention_logit_findings(cfg: Any, extra: Dict[str, float]) -> List[Finding]:
+    """The largest attention logit of the round, and its worst layer."""
     out: List[Finding] = []
     attn = _f(extra.get(names.ATTN_LOGIT_MAX))
     if attn is not None:
@@ -531,6 +558,12 @@ def probe_extra_rules(cfg: Any, extra: Dict[str, float]) -> List[Finding]:
                     key="attn",
                 )
             )
+    return out
+
+
+def _output_logit_findings(cfg: Any, extra: Dict[str, float]) -> List[Finding]:
+    """The mean output log-partition (logit drift)."""
+    out: List[Finding] = []
     lse = _f(extra.get(names.OUTPUT_LOGSUMEXP_MEAN))
     if lse is not None and (not math.isfinite(lse) or abs(lse) > cfg.output_logit_warning):
         sev = (
@@ -552,6 +585,12 @@ def probe_extra_rules(cfg: Any, extra: Dict[str, float]) -> List[Finding]:
                 key="lse",
             )
         )
+    return out
+
+
+def _grad_rms_findings(cfg: Any, extra: Dict[str, float]) -> List[Finding]:
+    """Gradient RMS against Adam eps, per param group."""
+    out: List[Finding] = []
     ratio = _f(extra.get(names.GRAD_RMS_OVER_EPS_MIN))
     if ratio is not None and math.isfinite(ratio) and ratio < cfg.grad_rms_eps_factor:
         groups = names.items_of(names.GRAD_RMS, extra)
@@ -579,3 +618,12 @@ def probe_extra_rules(cfg: Any, extra: Dict[str, float]) -> List[Finding]:
             )
         )
     return out
+
+
+def probe_extra_rules(cfg: Any, extra: Dict[str, float]) -> List[Finding]:
+    """Stability indicators measured during probe rounds (Wortsman et al. 2023)."""
+    return (
+        _attention_logit_findings(cfg, extra)
+        + _output_logit_findings(cfg, extra)
+        + _grad_rms_findings(cfg, extra)
+    )

@@ -247,16 +247,7 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
         ),
         line_of,
     )
-    params = _numeric_column(path, rows, 2, "params", optional=True, line_of=line_of, nonneg=True)
-    steps = _numeric_column(
-        path, rows, 3, "step", optional=False, line_of=line_of, nonneg=True, integer=True
-    )
-    tokens = _numeric_column(path, rows, 4, "tokens", optional=True, line_of=line_of, nonneg=True)
-    values = _numeric_column(
-        path, rows, 7, "value", optional=False, line_of=line_of, nonfinite=True
-    )
-    stderr = _numeric_column(path, rows, 8, "stderr", optional=True, line_of=line_of, nonneg=True)
-    istep = steps.astype(np.int64)
+    params, istep, tokens, values, stderr = _numeric_columns(path, rows, line_of)
     order = np.lexsort((istep, met, tsk, mod, src))
     key = np.stack([src[order], mod[order], tsk[order], met[order]], axis=1)
     s_sorted = istep[order]
@@ -267,6 +258,33 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
     if dup.any():
         _check_duplicates_agree(path, rows, order, dup, s_sorted, values, stderr, line_of)
         order, new_curve, key = order[~dup], new_curve[~dup], key[~dup]
+    names_of = (src_names, mod_names, tsk_names, met_names)
+    columns = (params, istep, tokens, values, stderr)
+    curves = _curves(order, new_curve, key, names_of, columns)
+    _check_tokens_monotone(path, curves, rows, order, line_of)
+    return Trajectory(path=path, curves=curves)
+
+
+def _numeric_columns(path: str, rows: List[List[str]], line_of) -> Tuple[np.ndarray, ...]:
+    """params, step (int64), tokens, value, stderr, validated (errors name file:line)."""
+    params = _numeric_column(path, rows, 2, "params", optional=True, line_of=line_of, nonneg=True)
+    steps = _numeric_column(
+        path, rows, 3, "step", optional=False, line_of=line_of, nonneg=True, integer=True
+    )
+    tokens = _numeric_column(path, rows, 4, "tokens", optional=True, line_of=line_of, nonneg=True)
+    values = _numeric_column(
+        path, rows, 7, "value", optional=False, line_of=line_of, nonfinite=True
+    )
+    stderr = _numeric_column(path, rows, 8, "stderr", optional=True, line_of=line_of, nonneg=True)
+    return params, steps.astype(np.int64), tokens, values, stderr
+
+
+def _curves(
+    order: np.ndarray, new_curve: np.ndarray, key: np.ndarray, names_of, columns
+) -> List[Curve]:
+    """One Curve per run of equal keys in the sorted order."""
+    src_names, mod_names, tsk_names, met_names = names_of
+    params, istep, tokens, values, stderr = columns
     starts = np.flatnonzero(new_curve)
     ends = np.append(starts[1:], len(order))
     curves: List[Curve] = []
@@ -287,8 +305,7 @@ def _from_rows(path: str, rows: List[List[str]], header_line: Optional[int]) -> 
                 params=None if math.isnan(pv) else float(pv),
             )
         )
-    _check_tokens_monotone(path, curves, rows, order, line_of)
-    return Trajectory(path=path, curves=curves)
+    return curves
 
 
 def _codes(rows: List[List[str]], j: int) -> Tuple[np.ndarray, List[str]]:
@@ -407,67 +424,86 @@ def _lm_eval_rows(p: Path) -> List[List[str]]:
             raise TrajectoryError(
                 f"{f}: no `results` mapping; is this an lm-eval-harness results file?"
             )
-        cfg = doc.get("config") or {}
-        margs = cfg.get("model_args") or ""
-        if isinstance(margs, dict):
-            margs_text = ",".join(f"{k}={v}" for k, v in margs.items())
-        else:
-            margs_text = str(margs)
-        rev = re.search(r"revision=([^,]+)", margs_text)
-        step = _find_step(rev.group(1)) if rev else _find_step(margs_text)
-        tokens = _find_tokens(rev.group(1)) if rev else None
-        if step is None:
-            rel = f.parent.relative_to(p) if p.is_dir() else f.parent
-            for part in reversed([f.stem] + list(rel.parts)):
-                step = _find_step(part)
-                if step is not None:
-                    tokens = tokens if tokens is not None else _find_tokens(part)
-                    break
-        if step is None:
-            raise TrajectoryError(
-                f"{f}: cannot tell the training step: put `revision=stepN` in model_args or name a folder "
-                "`stepN` / `global_stepN` / `checkpoint-N` / `iter_N`"
-            )
-        model = cfg.get("model_name") or ""
-        if not model:
-            m = re.search(r"pretrained=([^,]+)", margs_text)
-            model = m.group(1) if m else (str(cfg.get("model") or "model"))
-        model = re.sub(r"[/_-]?(global_)?step[_-]?\d+.*$", "", model) or model
-        for task, res in sorted(doc["results"].items()):
-            if not isinstance(res, dict):
-                continue
-            for key, val in res.items():
-                if (
-                    "," not in key
-                    or "_stderr" in key
-                    or not isinstance(val, (int, float))
-                    or isinstance(val, bool)
-                ):
-                    continue
-                metric, filt = key.split(",", 1)
-                name = metric if filt == "none" else f"{metric}/{filt}"
-                se = res.get(f"{metric}_stderr,{filt}")
-                se_s = (
-                    ""
-                    if not isinstance(se, (int, float)) or isinstance(se, bool)
-                    else repr(float(se))
-                )
-                rows.append(
-                    [
-                        "lm-eval",
-                        model,
-                        "",
-                        str(step),
-                        "" if tokens is None else repr(tokens),
-                        task,
-                        name,
-                        repr(float(val)),
-                        se_s,
-                        f"{f}",
-                    ]
-                )
+        margs_text, step, tokens = _lm_eval_step(p, f, doc)
+        model = _lm_eval_model(doc, margs_text)
+        rows += _lm_eval_metric_rows(f, doc, model, step, tokens)
     if not rows:
         raise TrajectoryError(f"{p}: lm-eval results files hold no numeric metrics")
+    return rows
+
+
+def _lm_eval_step(p: Path, f: Path, doc: Dict) -> Tuple[str, int, Optional[float]]:
+    """(model_args as text, training step, tokens or None) of one lm-eval results file."""
+    cfg = doc.get("config") or {}
+    margs = cfg.get("model_args") or ""
+    if isinstance(margs, dict):
+        margs_text = ",".join(f"{k}={v}" for k, v in margs.items())
+    else:
+        margs_text = str(margs)
+    rev = re.search(r"revision=([^,]+)", margs_text)
+    step = _find_step(rev.group(1)) if rev else _find_step(margs_text)
+    tokens = _find_tokens(rev.group(1)) if rev else None
+    if step is None:
+        rel = f.parent.relative_to(p) if p.is_dir() else f.parent
+        for part in reversed([f.stem] + list(rel.parts)):
+            step = _find_step(part)
+            if step is not None:
+                tokens = tokens if tokens is not None else _find_tokens(part)
+                break
+    if step is None:
+        raise TrajectoryError(
+            f"{f}: cannot tell the training step: put `revision=stepN` in model_args or name a folder "
+            "`stepN` / `global_stepN` / `checkpoint-N` / `iter_N`"
+        )
+    return margs_text, step, tokens
+
+
+def _lm_eval_model(doc: Dict, margs_text: str) -> str:
+    cfg = doc.get("config") or {}
+    model = cfg.get("model_name") or ""
+    if not model:
+        m = re.search(r"pretrained=([^,]+)", margs_text)
+        model = m.group(1) if m else (str(cfg.get("model") or "model"))
+    model = re.sub(r"[/_-]?(global_)?step[_-]?\d+.*$", "", model) or model
+    return model
+
+
+def _lm_eval_metric_rows(
+    f: Path, doc: Dict, model: str, step: int, tokens: Optional[float]
+) -> List[List[str]]:
+    """Every `<metric>,<filter>` of the file with its `<metric>_stderr,<filter>`, as rows."""
+    rows: List[List[str]] = []
+    for task, res in sorted(doc["results"].items()):
+        if not isinstance(res, dict):
+            continue
+        for key, val in res.items():
+            if (
+                "," not in key
+                or "_stderr" in key
+                or not isinstance(val, (int, float))
+                or isinstance(val, bool)
+            ):
+                continue
+            metric, filt = key.split(",", 1)
+            name = metric if filt == "none" else f"{metric}/{filt}"
+            se = res.get(f"{metric}_stderr,{filt}")
+            se_s = (
+                "" if not isinstance(se, (int, float)) or isinstance(se, bool) else repr(float(se))
+            )
+            rows.append(
+                [
+                    "lm-eval",
+                    model,
+                    "",
+                    str(step),
+                    "" if tokens is None else repr(tokens),
+                    task,
+                    name,
+                    repr(float(val)),
+                    se_s,
+                    f"{f}",
+                ]
+            )
     return rows
 
 
