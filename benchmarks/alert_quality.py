@@ -151,6 +151,19 @@ def local_noise(y: np.ndarray, t0: int) -> float:
     return float(1.4826 * np.median(np.abs(d2 - np.median(d2))) / math.sqrt(6))
 
 
+def _judgeable(c: Curve) -> Optional[Tuple[int, np.ndarray, float, np.ndarray]]:
+    """(metric kind, values, noise sigma, running median) of a curve faults can be put in: a
+    metric with a direction, >= 12 points, a finite positive noise; else None."""
+    k = metric_kind(c.metric)
+    if k not in (ACC, LOSS) or len(c) < 12:
+        return None
+    y = c.values.astype(float)
+    sig = curve_noise(y)
+    if not np.isfinite(sig) or sig <= 0:
+        return None
+    return k, y, sig, running_median(y)
+
+
 def inject(
     c: Curve,
     kind: str,
@@ -160,14 +173,10 @@ def inject(
     stall_past: bool = True,
 ) -> Optional[Tuple[Curve, int]]:
     """Return (faulted curve truncated at t0+2, t0) or None when the curve is not eligible."""
-    k = metric_kind(c.metric)
-    if k not in (ACC, LOSS) or len(c) < 12:
+    got = _judgeable(c)
+    if got is None:
         return None
-    y = c.values.astype(float)
-    sig = curve_noise(y)
-    if not np.isfinite(sig) or sig <= 0:
-        return None
-    sm = running_median(y)
+    k, y, sig, sm = got
     R = float(np.percentile(sm, 95) - np.percentile(sm, 5))
     bad = -1.0 if k == ACC else 1.0
     start = 0
@@ -390,14 +399,10 @@ def inject_sized(c: Curve, kind: str, rng: random.Random) -> Optional[Tuple[Curv
     reaching that size at t0+2 and growing on), stall (the level of t0-1 held where the healthy
     curve gains >= 6 sigmas over t0-1..t0+2; its size is that gain). Returns the faulted curve
     truncated at t0+2, t0 and the size in sigmas; None when not eligible."""
-    k = metric_kind(c.metric)
-    if k not in (ACC, LOSS) or len(c) < 12:
+    got = _judgeable(c)
+    if got is None:
         return None
-    y = c.values.astype(float)
-    sig = curve_noise(y)
-    if not np.isfinite(sig) or sig <= 0:
-        return None
-    sm = running_median(y)
+    k, y, sig, sm = got
     bad = -1.0 if k == ACC else 1.0
     start = 0
     if k == ACC:
