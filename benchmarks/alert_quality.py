@@ -254,6 +254,19 @@ def head(c: Curve, n: int, values: Optional[np.ndarray] = None) -> Curve:
     return replace(c, steps=c.steps[:n], tokens=c.tokens[:n], values=v[:n], stderr=c.stderr[:n])
 
 
+def rounds_after_fault(alerts, fc: Curve, t0: int) -> List[int]:
+    """For each alert on the faulted curve at or after round t0, its round minus t0."""
+    steps = fc.steps.tolist()
+    return [
+        steps.index(a.step) - t0
+        for a in alerts
+        if a.step in steps
+        and steps.index(a.step) >= t0
+        and a.task == fc.task
+        and a.metric == fc.metric
+    ]
+
+
 def with_run(run_curves: List[Curve], fc: Curve) -> List[Curve]:
     """The faulted curve in place of its healthy original, with the run's other curves (and
     per-step rows: the LR that drives the phases) truncated at the faulted curve's last step:
@@ -480,15 +493,7 @@ def ladder_quality(runs, ladders, cfg, n_per_kind: int, seed: int) -> Dict[str, 
             for mode in ("off", "on"):
                 ref = ladders.get(key) if mode == "on" else None
                 alerts, _ = replay_run(with_run(runs[key], fc), cfg, ladder=ref)
-                steps = fc.steps.tolist()
-                hit = [
-                    steps.index(a.step) - t0i
-                    for a in alerts
-                    if a.step in steps
-                    and steps.index(a.step) >= t0i
-                    and a.task == fc.task
-                    and a.metric == fc.metric
-                ]
+                hit = rounds_after_fault(alerts, fc, t0i)
                 cell = table[mode].setdefault(b, [0, 0])
                 cell[0] += bool(hit and min(hit) <= 2)
                 cell[1] += 1
@@ -691,15 +696,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 alerts, _ = replay_run([fc], cfg)
             else:
                 alerts, _ = replay_run(with_run(runs[(fc.source, fc.model)], fc), cfg)
-            steps = fc.steps.tolist()
-            hit = [
-                steps.index(a.step) - t0i
-                for a in alerts
-                if a.step in steps
-                and steps.index(a.step) >= t0i
-                and a.task == fc.task
-                and a.metric == fc.metric
-            ]
+            hit = rounds_after_fault(alerts, fc, t0i)
             got_it = bool(hit and min(hit) <= 2)
             if got_it:
                 caught += 1

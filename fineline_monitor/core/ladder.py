@@ -33,6 +33,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -67,17 +68,13 @@ class ReferenceRun:
     params: Optional[float]
     curves: Dict[Key, Curve] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def total_tokens(self) -> Optional[float]:
-        """The run's last tokens (its length); computed once, the curves do not change."""
-        if "_total" not in self.__dict__:
-            last = [
-                float(np.nanmax(c.tokens))
-                for c in self.curves.values()
-                if np.isfinite(c.tokens).any()
-            ]
-            self.__dict__["_total"] = max(last) if last else None
-        return self.__dict__["_total"]
+        """The run's last tokens (its length); its curves do not change once read."""
+        last = [
+            float(np.nanmax(c.tokens)) for c in self.curves.values() if np.isfinite(c.tokens).any()
+        ]
+        return max(last) if last else None
 
     @property
     def has_tokens(self) -> bool:
@@ -264,10 +261,6 @@ class Ladder:
     def names(self) -> List[str]:
         return [r.name for r in self.runs]
 
-    @property
-    def sizes(self) -> List[float]:
-        return sorted({r.params for r in self.runs if r.params})
-
     def keys(self) -> set:
         return {k for r in self.runs for k in r.curves}
 
@@ -303,9 +296,6 @@ class Ladder:
         )
 
     # -- prediction -------------------------------------------------------------------------
-    def _x(self, align: str, run_params, steps, tokens, total_tokens) -> np.ndarray:
-        return coordinate(align, steps, tokens, run_params, total_tokens)
-
     def _smoothed(self, key: Key, align: Optional[str] = None, runs=None) -> List[_Smoothed]:
         align = align or self.align
         use_cache = runs is None and align == self.align
@@ -316,16 +306,13 @@ class Ladder:
             c = r.curves.get(key)
             if c is None or len(c) < 2:
                 continue
-            x = self._x(align, r.params, c.steps, c.tokens, r.total_tokens)
+            x = coordinate(align, c.steps, c.tokens, r.params, r.total_tokens)
             grid, ys = smooth_on_grid(x, c.values.astype(float))
             if grid.size >= 2:
                 out.append(_Smoothed(r.params, grid, ys))
         if use_cache:
             self._cache[key] = out
         return out
-
-    def covers(self, task: str, metric: str) -> bool:
-        return bool(self._smoothed((task, metric)))
 
     def predict(
         self,
@@ -339,7 +326,7 @@ class Ladder:
     ) -> np.ndarray:
         """The ladder's value of (task, metric) at the target's points; NaN where not covered."""
         total = total_tokens if total_tokens else self.target_total_tokens
-        x = self._x(self.align, params, steps, tokens, total)
+        x = coordinate(self.align, steps, tokens, params, total)
         return _across_sizes(self._smoothed((task, metric)), x, params)
 
     # -- choosing the alignment -------------------------------------------------------------
@@ -369,7 +356,7 @@ class Ladder:
                 sm = self._smoothed(key, align, others)
                 if not sm:
                     continue
-                x = self._x(align, held.params, c.steps, c.tokens, held.total_tokens)
+                x = coordinate(align, c.steps, c.tokens, held.params, held.total_tokens)
                 pred = _across_sizes(sm, x, held.params)
                 e = _level_calibrated_errors(c.values.astype(float), pred)
                 if e is not None:

@@ -178,6 +178,22 @@ def build_sources(ctx: SourceContext) -> List[ExpectationSource]:
     return [s for s in (cls.build(ctx) for cls in SOURCES.values()) if s is not None]
 
 
+def frozen_fit_decision(
+    ctx: SourceContext, z: np.ndarray, zpt: np.ndarray, band_sigma: float
+) -> "tuple[np.ndarray, np.ndarray]":
+    """Which points a frozen-fit detection (`lagged_detect`, (N, lags) z and zpt) finds bad,
+    and the lag index each verdict is read at. Bad: for some lag k >= hysteresis the mean of
+    the k newest points is band_sigma low and every one of them at least `point_z` low; the
+    deciding lag is the most alarming such k; when nothing fired, the most frozen fit's view."""
+    K = ctx.params.lags
+    with np.errstate(invalid="ignore"):
+        cond = (z < -band_sigma) & (zpt < -ctx.params.point_z)
+    cond[:, : min(max(ctx.hysteresis, 1), K) - 1] = False
+    bad = cond.any(1)
+    kuse = np.where(bad, np.argmin(np.where(cond, z, np.inf), axis=1), K - 1)
+    return bad, kuse
+
+
 # ---- the own run's frozen fit ------------------------------------------------------------
 @register_source
 class OwnRunSource(ExpectationSource):
@@ -211,15 +227,9 @@ class OwnRunSource(ExpectationSource):
         return self._decide(det, block.kind)
 
     def _decide(self, det: Dict[str, np.ndarray], kind: np.ndarray) -> Verdict:
-        band_sigma, K = self.ctx.band_sigma, self.ctx.params.lags
-        z, zpt = det["z"], det["zpt"]
-        kmin = min(max(self.ctx.hysteresis, 1), K)
-        with np.errstate(invalid="ignore"):
-            cond = (z < -band_sigma) & (zpt < -self.ctx.params.point_z)
-        cond[:, : kmin - 1] = False
-        kbest = np.argmin(np.where(cond, z, np.inf), axis=1)
-        bad = cond.any(1)
-        kuse = np.where(bad, kbest, K - 1)  # when nothing fired, the most frozen fit's view
+        band_sigma = self.ctx.band_sigma
+        z = det["z"]
+        bad, kuse = frozen_fit_decision(self.ctx, z, det["zpt"], band_sigma)
         r = np.arange(z.shape[0])
         sgn = np.where(kind == LOSS, -1.0, 1.0)
         pg, sg = det["pred_k"][r, kuse], det["sig_k"][r, kuse]
@@ -481,13 +491,8 @@ class LadderSource(ExpectationSource):
         w = {k: v[covered] for k, v in w.items()}
         ref = w["R"]  # the ladder at the window's points, good-direction units
         d = lagged_detect(w["X"], w["G"] - ref, w["V"], w["U"] & np.isfinite(ref), w["floor"], p)
-        band, K = p.ladder_band_sigma, p.lags
-        with np.errstate(invalid="ignore"):
-            cond = (d.z < -band) & (d.zpt < -p.point_z)
-        cond[:, : min(max(self.ctx.hysteresis, 1), K) - 1] = False
-        kbest = np.argmin(np.where(cond, d.z, np.inf), axis=1)
-        bad = cond.any(1)
-        kuse = np.where(bad, kbest, K - 1)
+        band = p.ladder_band_sigma
+        bad, kuse = frozen_fit_decision(self.ctx, d.z, d.zpt, band)
         r = np.arange(jr.size)
         sgn = np.where(block.kind[jr] == LOSS, -1.0, 1.0)
         pg = d.pred_k[r, kuse] + ref[:, -1]
